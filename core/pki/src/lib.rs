@@ -1,0 +1,313 @@
+//! Tether's PKI: a certificate authority, serving and client certificates, PEM
+//! loading, node identity taken from a peer certificate, and the rustls
+//! configurations every hop uses. One crypto provider (ring) for the whole
+//! workspace: every rustls config is built through [`provider`].
+
+mod identity;
+mod tls;
+
+pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP};
+pub use tls::{
+    TlsError, client_config, load_certs, load_key, provider, server_config_client_auth,
+    server_config_no_client_auth,
+};
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use time::OffsetDateTime;
+
+/// Errors from creating or using the certificate authority.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters or could not sign.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A PEM input did not hold what was expected.
+    #[error("invalid PEM for {what}: {reason}")]
+    Pem {
+        /// Which input was being read.
+        what: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A SAN was neither an IP address nor a valid DNS name.
+    #[error("invalid subject alternative name {0:?}")]
+    San(String),
+}
+
+/// A private key in PEM form. Debug never prints the key.
+#[derive(Clone)]
+pub struct SecretPem(String);
+
+impl SecretPem {
+    /// Wraps PEM text that holds a private key.
+    pub fn new(pem: String) -> Self {
+        Self(pem)
+    }
+    /// The PEM text, for writing to a 0600 file or parsing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Parses the key for rustls.
+    pub fn to_der(&self) -> Result<PrivateKeyDer<'static>, PkiError> {
+        PrivateKeyDer::from_pem_slice(self.0.as_bytes()).map_err(|e| PkiError::Pem {
+            what: "private key",
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl fmt::Debug for SecretPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretPem(<redacted>)")
+    }
+}
+
+/// A certificate with its private key.
+#[derive(Clone, Debug)]
+pub struct CertifiedKey {
+    /// The leaf certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM.
+    pub key_pem: SecretPem,
+}
+
+impl CertifiedKey {
+    /// The certificate chain (leaf only) in DER for rustls.
+    pub fn cert_chain(&self) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+        parse_certs(self.cert_pem.as_bytes(), "certificate")
+    }
+}
+
+/// A certificate authority that signs Tether's certificates.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    key_pem: SecretPem,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+/// Default lifetime of issued leaf certificates.
+pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Tolerate clocks a little behind the issuer's.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+impl Ca {
+    /// Creates a new self-signed CA with the given common name.
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(common_name, &[]);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_LIFETIME);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let key_pem = SecretPem(key.serialize_pem());
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads an existing CA from its certificate and key in PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = parse_certs(cert_pem.as_bytes(), "CA certificate")?
+            .into_iter()
+            .next()
+            .ok_or(PkiError::Pem {
+                what: "CA certificate",
+                reason: "no certificate".into(),
+            })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            key_pem: SecretPem(key_pem.to_owned()),
+            issuer,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The CA key, PEM.
+    pub fn key_pem(&self) -> &SecretPem {
+        &self.key_pem
+    }
+
+    /// Issues a TLS serving certificate valid for `sans` (DNS names or IPs).
+    pub fn issue_server(&self, common_name: &str, sans: &[&str]) -> Result<CertifiedKey, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name, &[]);
+        params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.sign(params)
+    }
+
+    /// Issues a client certificate for an edge node: CN `system:node:<name>`,
+    /// O `system:nodes`, client-auth only, with the node's addresses as IP
+    /// SANs (the cloud routes by IP only to addresses the certificate binds).
+    pub fn issue_node_client(&self, node: &str, ips: &[IpAddr]) -> Result<CertifiedKey, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&format!("{NODE_CN_PREFIX}{node}"), &[NODES_GROUP]);
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.sign(params)
+    }
+
+    /// Issues a client certificate with the given subject, client-auth only.
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+    ) -> Result<CertifiedKey, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name, organizations);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.sign(params)
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> Result<CertifiedKey, PkiError> {
+        set_validity(&mut params, DEFAULT_LEAF_LIFETIME);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: SecretPem(key.serialize_pem()),
+        })
+    }
+}
+
+fn dn(common_name: &str, organizations: &[&str]) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    for o in organizations {
+        dn.push(DnType::OrganizationName, *o);
+    }
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn san(s: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    // rcgen accepts any IA5 string; insist on a real DNS name.
+    rustls_pki_types::DnsName::try_from(s).map_err(|_| PkiError::San(s.to_owned()))?;
+    s.to_owned()
+        .try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| PkiError::San(s.to_owned()))
+}
+
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + lifetime;
+    // A random serial so that reissued certificates never collide.
+    let mut serial = [0u8; 16];
+    serial[..8].copy_from_slice(&rand_u64().to_be_bytes());
+    serial[8..].copy_from_slice(&rand_u64().to_be_bytes());
+    serial[0] &= 0x7f;
+    params.serial_number = Some(serial.to_vec().into());
+}
+
+/// A random u64 from the process's hash seed source; good enough for serials
+/// and jitter, and it keeps `rand` out of the dependency tree.
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.finish()
+}
+
+pub(crate) fn parse_certs(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Pem {
+            what,
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(PkiError::Pem {
+            what,
+            reason: "no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificate_carries_identity() {
+        let ca = Ca::generate("tether-test-ca").unwrap();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let node = ca.issue_node_client("edge-1", &[ip]).unwrap();
+        let der = node.cert_chain().unwrap().remove(0);
+        let id = Identity::from_der(&der).unwrap();
+        assert_eq!(id.ips, vec![ip]);
+        assert_eq!(id.common_name, "system:node:edge-1");
+        assert_eq!(id.node_name(), Some("edge-1"));
+    }
+
+    #[test]
+    fn ca_round_trips_through_pem() {
+        let ca = Ca::generate("tether-test-ca").unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), ca.key_pem().expose()).unwrap();
+        let leaf = again.issue_server("cloud", &["localhost", "127.0.0.1"]).unwrap();
+        assert!(leaf.cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(!format!("{:?}", leaf.key_pem).contains("PRIVATE"));
+    }
+
+    #[test]
+    fn bad_san_is_refused() {
+        let ca = Ca::generate("tether-test-ca").unwrap();
+        assert!(matches!(
+            ca.issue_server("x", &["not a name"]),
+            Err(PkiError::San(_))
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! The edge's tunnel dialer: TCP, then TLS verifying the cloud against the
+//! pinned CA while presenting the node certificate, then the WebSocket
+//! upgrade naming the protocol version. Every stage has a deadline.
+
+use std::sync::Arc;
+
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, http::HeaderValue};
+
+use crate::{NODE_HEADER, PROTOCOL_VERSION, TUNNEL_PATH, TunnelLimits, WsStream};
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// A stage did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// TCP connect failed.
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        /// The cloud address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// TLS failed (e.g. the cloud's certificate does not verify).
+    #[error("tls handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The cloud refused the upgrade, with its reason.
+    #[error("cloud refused the tunnel ({status}): {reason}")]
+    Refused {
+        /// HTTP status of the refusal.
+        status: u16,
+        /// The cloud's explanation.
+        reason: String,
+    },
+    /// The WebSocket handshake failed otherwise.
+    #[error("websocket handshake failed: {0}")]
+    WebSocket(#[source] WsError),
+    /// Configuration is unusable.
+    #[error("invalid dialer configuration: {0}")]
+    Config(String),
+}
+
+/// Dials the cloud's tunnel listener.
+#[derive(Clone)]
+pub struct TunnelDialer {
+    addr: String,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    node: String,
+    limits: TunnelLimits,
+}
+
+impl std::fmt::Debug for TunnelDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelDialer")
+            .field("addr", &self.addr)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// The edge's tunnel transport.
+pub type EdgeTransport = WsStream<TlsStream<TcpStream>>;
+
+impl TunnelDialer {
+    /// `addr` is the cloud's `host:port`; `server_name` the name its
+    /// certificate must carry; `tls` holds the pinned CA and the node
+    /// certificate; `node` is sent so a mismatch fails loudly.
+    pub fn new(
+        addr: impl Into<String>,
+        server_name: &str,
+        tls: Arc<rustls::ClientConfig>,
+        node: impl Into<String>,
+        limits: TunnelLimits,
+    ) -> Result<Self, DialError> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|e| DialError::Config(format!("server name {server_name:?}: {e}")))?;
+        Ok(Self {
+            addr: addr.into(),
+            server_name,
+            tls: TlsConnector::from(tls),
+            node: node.into(),
+            limits,
+        })
+    }
+
+    /// The tunnel limits in use.
+    pub fn limits(&self) -> &TunnelLimits {
+        &self.limits
+    }
+
+    /// The cloud address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Opens one tunnel.
+    pub async fn dial(&self) -> Result<EdgeTransport, DialError> {
+        let timeout = self.limits.handshake_timeout;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| DialError::Timeout("connect"))?
+            .map_err(|source| DialError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(timeout, self.tls.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| DialError::Timeout("tls handshake"))?
+            .map_err(DialError::Tls)?;
+        let mut req = format!("wss://{}{}", self.addr, TUNNEL_PATH)
+            .into_client_request()
+            .map_err(|e| DialError::Config(e.to_string()))?;
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(PROTOCOL_VERSION),
+        );
+        req.headers_mut().insert(
+            NODE_HEADER,
+            HeaderValue::from_str(&self.node).map_err(|e| DialError::Config(e.to_string()))?,
+        );
+        let (ws, _resp) = tokio::time::timeout(
+            timeout,
+            tokio_tungstenite::client_async_with_config(req, tls, Some(self.limits.ws_config())),
+        )
+        .await
+        .map_err(|_| DialError::Timeout("websocket handshake"))?
+        .map_err(|e| match e {
+            WsError::Http(resp) => DialError::Refused {
+                status: resp.status().as_u16(),
+                reason: resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+            },
+            other => DialError::WebSocket(other),
+        })?;
+        Ok(WsStream::new(ws, self.limits.ws_message_size))
+    }
+}

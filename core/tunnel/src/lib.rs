@@ -1,0 +1,40 @@
+//! Tether's tunnel core: the mTLS WebSocket listener and dialer, the
+//! WebSocket-to-byte-stream adapter, the HTTP/2 session that multiplexes kubelet
+//! requests over it, the session registry, keepalive, reconnect backoff and the
+//! shutdown signal every long-running task selects on.
+//!
+//! The cloud is the HTTP/2 client and the edge the HTTP/2 server: each kubelet
+//! request is one h2 stream, so status codes, headers, trailers, per-stream flow
+//! control, resets, PING and GOAWAY come from h2. See `docs/protocol.md`.
+
+mod backoff;
+mod dialer;
+mod limits;
+mod listener;
+mod registry;
+mod session;
+mod shutdown;
+mod splice;
+pub mod wire;
+mod ws;
+
+pub use backoff::Backoff;
+pub use dialer::{DialError, EdgeTransport, TunnelDialer};
+pub use limits::TunnelLimits;
+pub use listener::{AcceptError, TunnelEvent, TunnelListener};
+pub use registry::{IpLookup, SessionRegistry};
+pub use session::{
+    Body, BoxError, H2Session, NodeSession, SessionInfo, StreamError, StreamPermit, body_empty,
+    body_from, serve_edge_session,
+};
+pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use splice::splice;
+pub use ws::WsStream;
+
+/// The WebSocket subprotocol naming the protocol version this build speaks.
+pub const PROTOCOL_VERSION: &str = "tether.v1";
+/// The HTTP path edges upgrade on.
+pub const TUNNEL_PATH: &str = "/v1/tunnel";
+/// Header in which an edge states the node name it believes it is. It must
+/// match the certificate; it exists so a misconfigured edge fails loudly.
+pub const NODE_HEADER: &str = "tether-node";

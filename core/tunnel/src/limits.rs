@@ -1,0 +1,111 @@
+//! Bounds and tuning of one tunnel session. Defaults follow the measurements in
+//! `docs/PERFORMANCE.md`: large h2 frames for throughput, ~64 KiB WebSocket
+//! messages, small idle buffers, and a connection window big enough that every
+//! stream may stall at once without starving the others.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Limits and timers of a tunnel session; every field has a default.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunnelLimits {
+    /// Concurrent streams per node session (default 128). Further requests get
+    /// a "busy" error instead of queueing.
+    pub max_streams: u32,
+    /// Per-stream flow-control window in bytes (default 2 MiB).
+    pub stream_window: u32,
+    /// Largest h2 frame a peer may send us (default 256 KiB).
+    pub max_frame_size: u32,
+    /// Largest decoded header block per request or response (default 64 KiB).
+    pub max_header_list_size: u32,
+    /// Per-stream send buffer in bytes (default 1 MiB).
+    pub max_send_buf: usize,
+    /// Payload cap of one outgoing WebSocket message (default 64 KiB).
+    pub ws_message_size: usize,
+    /// Largest incoming WebSocket message (default 1 MiB); bigger closes the session.
+    pub ws_max_incoming: usize,
+    /// Interval between h2 PINGs (default 5 s).
+    #[serde(with = "secs")]
+    pub keepalive_interval: Duration,
+    /// A PING not answered within this closes the session (default 10 s).
+    #[serde(with = "secs")]
+    pub keepalive_timeout: Duration,
+    /// Deadline for TCP connect, TLS and WebSocket handshakes (default 10 s).
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TunnelLimits {
+    fn default() -> Self {
+        Self {
+            max_streams: 128,
+            stream_window: 2 << 20,
+            max_frame_size: 256 << 10,
+            max_header_list_size: 64 << 10,
+            max_send_buf: 1 << 20,
+            ws_message_size: 64 << 10,
+            ws_max_incoming: 1 << 20,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TunnelLimits {
+    /// The connection window: every stream may hold a full stream window
+    /// without blocking the rest (see TUNNEL-NOTES on stalled readers).
+    pub fn connection_window(&self) -> u32 {
+        let w = u64::from(self.max_streams) * u64::from(self.stream_window) + (4 << 20);
+        w.min(i32::MAX as u64) as u32
+    }
+
+    /// Refuses values that cannot work, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_streams == 0 {
+            return Err("max_streams must be at least 1".into());
+        }
+        if !(16_384..=16_777_215).contains(&self.max_frame_size) {
+            return Err("max_frame_size must be within 16384..=16777215".into());
+        }
+        if self.stream_window < 65_535 {
+            return Err("stream_window must be at least 65535".into());
+        }
+        if self.ws_message_size < 1024 || self.ws_message_size > self.ws_max_incoming {
+            return Err("ws_message_size must be within 1024..=ws_max_incoming".into());
+        }
+        if self.keepalive_interval.is_zero() || self.keepalive_timeout.is_zero() {
+            return Err("keepalive_interval and keepalive_timeout must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// WebSocket settings: small idle read buffer that grows with traffic, no
+    /// write batching inside tungstenite (the adapter batches until h2 flushes).
+    pub fn ws_config(&self) -> WebSocketConfig {
+        WebSocketConfig::default()
+            .read_buffer_size(4 << 10)
+            .write_buffer_size(0)
+            .max_write_buffer_size(4 * (self.ws_message_size + 1024))
+            .max_message_size(Some(self.ws_max_incoming))
+            .max_frame_size(Some(self.ws_max_incoming))
+    }
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,271 @@
+//! The cloud's tunnel listener: accepts edges over mTLS, reads the node name
+//! from the client certificate, checks the WebSocket upgrade (path, protocol
+//! version, claimed node), starts an [`H2Session`] and registers it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use tether_pki::{Identity, IdentityError};
+
+use crate::{
+    H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, SessionInfo, SessionRegistry, Shutdown,
+    TUNNEL_PATH, TunnelLimits, WsStream,
+};
+
+/// Why an edge connection was not turned into a session.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// A handshake stage did not finish in time.
+    #[error("{0} handshake timed out")]
+    Timeout(&'static str),
+    /// TLS failed (bad or missing client certificate, wrong CA, garbage).
+    #[error("tls handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The certificate is not a node identity.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The WebSocket upgrade failed or was refused.
+    #[error("websocket upgrade failed: {0}")]
+    WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The h2 session could not start.
+    #[error("session handshake failed: {0}")]
+    Session(#[source] hyper::Error),
+}
+
+impl AcceptError {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Tls(_) => "tls",
+            Self::Identity(_) => "identity",
+            Self::WebSocket(_) => "websocket",
+            Self::Session(_) => "session",
+        }
+    }
+}
+
+/// Accepts edge tunnels and registers their sessions.
+pub struct TunnelListener {
+    tcp: TcpListener,
+    tls: TlsAcceptor,
+    limits: TunnelLimits,
+    registry: SessionRegistry,
+    handshakes: Arc<Semaphore>,
+    next_id: Arc<AtomicU64>,
+    on_event: Option<Arc<dyn Fn(TunnelEvent<'_>) + Send + Sync>>,
+}
+
+/// Lifecycle events, for metrics and logs.
+#[derive(Debug)]
+pub enum TunnelEvent<'a> {
+    /// A session was registered; `replaced` if it displaced an older one.
+    Connected {
+        /// The session.
+        info: &'a SessionInfo,
+        /// Whether an older session of the node was replaced.
+        replaced: bool,
+    },
+    /// A session ended.
+    Disconnected(&'a SessionInfo),
+    /// A connection was refused.
+    Refused(&'a AcceptError),
+}
+
+/// Handshakes in progress at once; more wait in the kernel backlog.
+const MAX_HANDSHAKES: usize = 512;
+
+impl TunnelListener {
+    /// A listener on an already bound socket. `tls` must require client
+    /// certificates from the edge CA.
+    pub fn new(
+        tcp: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        limits: TunnelLimits,
+        registry: SessionRegistry,
+    ) -> Self {
+        Self {
+            tcp,
+            tls: TlsAcceptor::from(tls),
+            limits,
+            registry,
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            next_id: Arc::new(AtomicU64::new(1)),
+            on_event: None,
+        }
+    }
+
+    /// Calls `f` on every session event.
+    pub fn on_event(mut self, f: impl Fn(TunnelEvent<'_>) + Send + Sync + 'static) -> Self {
+        self.on_event = Some(Arc::new(f));
+        self
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Accepts until shutdown, then closes every session and waits for them
+    /// to drain (bounded by the shutdown's drain deadline).
+    pub async fn run(self, shutdown: Shutdown) -> std::io::Result<()> {
+        let this = Arc::new(self);
+        let mut sessions = tokio::task::JoinSet::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = this.tcp.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "tunnel accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.triggered() => break,
+            };
+            while sessions.try_join_next().is_some() {}
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            sessions.spawn(
+                async move { this.serve(tcp, peer, shutdown).await }
+                    .instrument(info_span!("tunnel", peer.addr = %peer)),
+            );
+        }
+        this.registry.close_all();
+        let drain = async { while sessions.join_next().await.is_some() {} };
+        tokio::select! {
+            _ = drain => {}
+            _ = shutdown.drained() => sessions.abort_all(),
+        }
+        Ok(())
+    }
+
+    fn emit(&self, ev: TunnelEvent<'_>) {
+        if let Some(f) = &self.on_event {
+            f(ev);
+        }
+    }
+
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+        let session = match self.handshake(tcp, peer).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "edge refused");
+                self.emit(TunnelEvent::Refused(&e));
+                return;
+            }
+        };
+        let info = session.info().clone();
+        let replaced = self.registry.insert(session.clone()).is_some();
+        info!(node = %info.node, session.id = info.id, replaced, "edge connected");
+        self.emit(TunnelEvent::Connected {
+            info: &info,
+            replaced,
+        });
+        tokio::select! {
+            _ = session.closed() => {}
+            _ = shutdown.drained() => {}
+        }
+        self.registry.remove(&info.node, info.id);
+        info!(node = %info.node, session.id = info.id, "edge disconnected");
+        self.emit(TunnelEvent::Disconnected(&info));
+    }
+
+    async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Result<Arc<H2Session>, AcceptError> {
+        let _permit = self.handshakes.acquire().await.expect("never closed");
+        let timeout = self.limits.handshake_timeout;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(timeout, self.tls.accept(tcp))
+            .await
+            .map_err(|_| AcceptError::Timeout("tls"))?
+            .map_err(AcceptError::Tls)?;
+        let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
+        let node = identity.require_node()?.to_owned();
+        let check = {
+            let node = node.clone();
+            move |req: &Request, resp: Response| check_upgrade(req, resp, &node)
+        };
+        let ws = tokio::time::timeout(
+            timeout,
+            tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(self.limits.ws_config())),
+        )
+        .await
+        .map_err(|_| AcceptError::Timeout("websocket"))?
+        .map_err(AcceptError::WebSocket)?;
+        let info = SessionInfo {
+            node,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            ips: identity.ips.clone(),
+            connected_at: SystemTime::now(),
+        };
+        let io = WsStream::new(ws, self.limits.ws_message_size);
+        tokio::time::timeout(timeout, H2Session::start(io, info, &self.limits))
+            .await
+            .map_err(|_| AcceptError::Timeout("session"))?
+            .map_err(AcceptError::Session)
+    }
+}
+
+fn refuse(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(Some(reason));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "tether-supported-versions",
+        http::HeaderValue::from_static(PROTOCOL_VERSION),
+    );
+    resp
+}
+
+/// Validates the upgrade request; the reason text reaches the edge's log.
+#[allow(clippy::result_large_err)] // the signature is tungstenite's callback
+fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Response, ErrorResponse> {
+    if req.uri().path() != TUNNEL_PATH {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            format!("no tunnel at {}; edges connect to {TUNNEL_PATH}", req.uri().path()),
+        ));
+    }
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    if !offered.contains(&PROTOCOL_VERSION) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unsupported tunnel protocol version(s) {offered:?}; this cloud speaks {PROTOCOL_VERSION}"
+            ),
+        ));
+    }
+    if let Some(claimed) = req.headers().get(NODE_HEADER) {
+        if claimed.as_bytes() != node.as_bytes() {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "edge claims node {:?} but its certificate is for node {node:?}",
+                    String::from_utf8_lossy(claimed.as_bytes())
+                ),
+            ));
+        }
+    }
+    resp.headers_mut().insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static(PROTOCOL_VERSION),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,337 @@
+//! The multiplexed session: HTTP/2 over the WebSocket byte stream. The cloud
+//! holds an [`H2Session`] (h2 client) per node and sees it only through the
+//! [`NodeSession`] trait, so other session kinds can share the registry; the
+//! edge runs [`serve_edge_session`] (h2 server).
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::{Instrument, debug, info_span};
+
+use crate::wire::{self, StreamKind, WireError};
+use crate::{Shutdown, TunnelLimits, WsStream};
+
+/// Boxed error carried by bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type used on both sides of the tunnel.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn body_empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body from bytes.
+pub fn body_from(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Why a stream could not be opened or failed. Each variant names the side
+/// that failed so the front can map it to a status code and metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The node already has `max_streams` streams open.
+    #[error("node {node} has {limit} streams open; try again later")]
+    Busy {
+        /// The node.
+        node: String,
+        /// The configured bound.
+        limit: u32,
+    },
+    /// The session is closing or gone.
+    #[error("tunnel session to node {0} is closed")]
+    Closed(String),
+    /// The request cannot be carried (client side fault).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The edge did not enable extended CONNECT, so upgrades cannot be carried.
+    #[error("edge of node {0} does not support upgrades (extended CONNECT disabled)")]
+    NoExtendedConnect(String),
+    /// The tunnel failed while carrying the stream.
+    #[error("tunnel stream failed: {0}")]
+    Tunnel(#[source] hyper::Error),
+}
+
+/// Facts about a live session.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    /// Node name, from the certificate.
+    pub node: String,
+    /// Unique id of this session within the process.
+    pub id: u64,
+    /// The edge's address as the cloud sees it.
+    pub peer: SocketAddr,
+    /// Node addresses bound to the certificate (IP SANs).
+    pub ips: Vec<IpAddr>,
+    /// When the session was established.
+    pub connected_at: SystemTime,
+}
+
+/// Holds one of the node's stream slots; dropped when the stream ends.
+/// For upgraded and CONNECT responses it is left in the response extensions
+/// and the caller keeps it for the life of the byte stream.
+#[derive(Debug)]
+#[derive(Clone)]
+pub struct StreamPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, StreamError>> + Send>>;
+
+/// What the kubelet-API front needs from a node session, and nothing more.
+pub trait NodeSession: Send + Sync + 'static {
+    /// Who and where.
+    fn info(&self) -> &SessionInfo;
+    /// Opens one stream carrying `req` to `target` on the edge (`kubelet` or an
+    /// allow-listed `host:port`). Upgrades and CONNECT come back with a `101`
+    /// or `200` whose `hyper::upgrade::on` yields the byte stream.
+    fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture;
+    /// Stops new streams; in-flight ones finish, then the session closes.
+    fn close(&self);
+    /// True once closed or gone.
+    fn is_closed(&self) -> bool;
+}
+
+/// The cloud end of an HTTP/2 tunnel session.
+pub struct H2Session {
+    info: SessionInfo,
+    send: Mutex<Option<SendRequest<Body>>>,
+    streams: Arc<Semaphore>,
+    max_streams: u32,
+    done: watch::Receiver<bool>,
+    extended_connect: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for H2Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Session").field("info", &self.info).finish()
+    }
+}
+
+impl H2Session {
+    /// Runs the h2 client handshake over an accepted tunnel and spawns the
+    /// connection task. The task ends when the peer goes away, keepalive
+    /// fails, or after [`NodeSession::close`] once streams drain.
+    pub async fn start<S>(
+        io: WsStream<S>,
+        info: SessionInfo,
+        limits: &TunnelLimits,
+    ) -> Result<Arc<Self>, hyper::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(limits.stream_window)
+            .initial_connection_window_size(limits.connection_window())
+            .max_frame_size(limits.max_frame_size)
+            .max_header_list_size(limits.max_header_list_size)
+            .max_send_buf_size(limits.max_send_buf)
+            .max_concurrent_streams(limits.max_streams)
+            .keep_alive_interval(limits.keepalive_interval)
+            .keep_alive_timeout(limits.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
+            .await?;
+        let (done_tx, done) = watch::channel(false);
+        let (ext_tx, mut extended_connect) = watch::channel(false);
+        let span = info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
+        tokio::spawn(
+            async move {
+                // The edge advertises extended CONNECT in its SETTINGS; only the
+                // connection sees them, so publish the flag after each poll.
+                let mut conn = Box::pin(conn);
+                let ended = std::future::poll_fn(|cx| {
+                    let r = conn.as_mut().poll(cx);
+                    let on = conn.is_extended_connect_protocol_enabled();
+                    ext_tx.send_if_modified(|v| std::mem::replace(v, on) != on);
+                    r
+                });
+                match ended.await {
+                    Ok(()) => debug!("session closed"),
+                    Err(e) => debug!(error = %e, "session ended"),
+                }
+                let _ = done_tx.send(true);
+            }
+            .instrument(span),
+        );
+        // Give the edge's SETTINGS a moment to arrive so the first upgrade
+        // after connect does not race them. A Tether edge always sends them.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            extended_connect.wait_for(|on| *on),
+        )
+        .await;
+        Ok(Arc::new(Self {
+            info,
+            send: Mutex::new(Some(send)),
+            streams: Arc::new(Semaphore::new(limits.max_streams as usize)),
+            max_streams: limits.max_streams,
+            done,
+            extended_connect,
+        }))
+    }
+
+    /// Resolves when the connection task has ended.
+    pub async fn closed(&self) {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    /// Streams currently open.
+    pub fn open_streams(&self) -> usize {
+        self.max_streams as usize - self.streams.available_permits()
+    }
+}
+
+impl NodeSession for H2Session {
+    fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture {
+        let node = self.info.node.clone();
+        let sender = self.send.lock().expect("session lock").clone();
+        let permit = self.streams.clone().try_acquire_owned();
+        let limit = self.max_streams;
+        let extended_connect = *self.extended_connect.borrow();
+        let target = target.to_owned();
+        Box::pin(async move {
+            let mut sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
+            let permit = permit.map_err(|_| StreamError::Busy {
+                node: node.clone(),
+                limit,
+            })?;
+            let kind = wire::classify(&req);
+            if matches!(kind, StreamKind::Upgrade(_)) && !extended_connect {
+                return Err(StreamError::NoExtendedConnect(node));
+            }
+            let req = wire::request_to_tunnel(req, &target)?;
+            let resp = sender.send_request(req).await.map_err(|e| {
+                if e.is_closed() || sender.is_closed() {
+                    StreamError::Closed(node.clone())
+                } else {
+                    StreamError::Tunnel(e)
+                }
+            })?;
+            let permit = StreamPermit(Arc::new(permit));
+            let (resp, holds_stream) = match &kind {
+                StreamKind::Upgrade(p) => wire::upgraded_from_tunnel(resp, p),
+                StreamKind::Connect => {
+                    let ok = resp.status().is_success();
+                    (resp, ok)
+                }
+                StreamKind::Http => (resp, false),
+            };
+            let (mut parts, body) = resp.into_parts();
+            let body = if holds_stream {
+                parts.extensions.insert(permit);
+                body.map_err(BoxError::from).boxed_unsync()
+            } else {
+                PermitBody {
+                    inner: body,
+                    _permit: permit,
+                }
+                .boxed_unsync()
+            };
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+
+    fn close(&self) {
+        // Dropping the last SendRequest lets h2 send GOAWAY once in-flight
+        // streams end, then shut down the WebSocket and TLS in order.
+        self.send.lock().expect("session lock").take();
+    }
+
+    fn is_closed(&self) -> bool {
+        *self.done.borrow()
+            || self
+                .send
+                .lock()
+                .expect("session lock")
+                .as_ref()
+                .is_none_or(|s| s.is_closed())
+    }
+}
+
+/// A response body that holds its stream slot until it ends or is dropped.
+struct PermitBody {
+    inner: Incoming,
+    _permit: StreamPermit,
+}
+
+impl hyper::body::Body for PermitBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Edge side: serves tunnel streams with `handler` until the cloud closes the
+/// session, keepalive fails, or shutdown (then GOAWAY and drain).
+pub async fn serve_edge_session<S, F, Fut>(
+    io: WsStream<S>,
+    limits: &TunnelLimits,
+    handler: F,
+    shutdown: &Shutdown,
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window())
+        .max_frame_size(limits.max_frame_size)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_send_buf_size(limits.max_send_buf)
+        .max_concurrent_streams(limits.max_streams)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shutdown.triggered() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        r = conn => r,
+        _ = shutdown.drained() => Ok(()),
+    }
+}
