@@ -1,1 +1,127 @@
-//! placeholder
+//! The edge agent: dials the cloud over mTLS, verifies it against the pinned
+//! CA, and serves each tunnel stream against the local kubelet or an
+//! explicitly allow-listed local endpoint, nothing else. Reconnects with
+//! jittered exponential backoff and survives cloud restarts.
+
+mod local;
+mod metrics;
+mod streams;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_tunnel::{Backoff, DialError, EdgeTransport, Shutdown, TunnelDialer};
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use local::{KubeletEndpoint, LocalError};
+pub use metrics::EdgeMetrics;
+
+/// Everything the agent needs, already loaded (certificates parsed, etc.).
+pub struct EdgeOptions {
+    /// How to reach the cloud.
+    pub dialer: TunnelDialer,
+    /// The kubelet this agent serves.
+    pub kubelet: KubeletEndpoint,
+    /// Local endpoints (besides the kubelet) the cloud may reach, e.g. node_exporter.
+    pub allow: Vec<SocketAddr>,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// Metric families, registered by the caller.
+    pub metrics: EdgeMetrics,
+}
+
+/// A session that lasted this long counts as healthy and resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// The reconnecting client, as a state machine advanced by [`run`].
+enum State {
+    Connecting,
+    Connected(Box<EdgeTransport>),
+    Backoff(Duration),
+}
+
+/// Runs the agent until `shutdown`; then the current session sends GOAWAY and
+/// drains in-flight streams until the drain deadline.
+pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
+    let EdgeOptions {
+        dialer,
+        kubelet,
+        allow,
+        mut backoff,
+        metrics,
+    } = opts;
+    let span = info_span!("edge", node = tracing::field::Empty, cloud = %dialer.addr());
+    let handler = streams::StreamHandler::new(kubelet, allow, metrics.clone(), shutdown.clone());
+    let mut state = State::Connecting;
+    async move {
+        loop {
+            state = match state {
+                State::Connecting => {
+                    let dialed = tokio::select! {
+                        r = dialer.dial() => r,
+                        _ = shutdown.triggered() => return,
+                    };
+                    match dialed {
+                        Ok(t) => {
+                            metrics.connected(true);
+                            info!("tunnel connected");
+                            State::Connected(Box::new(t))
+                        }
+                        Err(e) => {
+                            metrics.dial_failed(&e);
+                            let delay = backoff.next_delay();
+                            match &e {
+                                DialError::Refused { .. } => {
+                                    warn!(error = %e, retry_in = ?delay, "cloud refused tunnel")
+                                }
+                                _ => warn!(error = %e, retry_in = ?delay, "tunnel dial failed"),
+                            }
+                            State::Backoff(delay)
+                        }
+                    }
+                }
+                State::Connected(t) => {
+                    let started = Instant::now();
+                    let h = handler.clone();
+                    let result = tether_tunnel::serve_edge_session(
+                        *t,
+                        dialer.limits(),
+                        move |req| {
+                            let h = h.clone();
+                            async move { h.handle(req).await }
+                        },
+                        &shutdown,
+                    )
+                    .await;
+                    metrics.connected(false);
+                    if shutdown.is_triggered() {
+                        info!("tunnel closed for shutdown");
+                        return;
+                    }
+                    if started.elapsed() >= HEALTHY_SESSION {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    match result {
+                        Ok(()) => info!(retry_in = ?delay, "tunnel closed by cloud"),
+                        Err(e) => warn!(error = %e, retry_in = ?delay, "tunnel lost"),
+                    }
+                    State::Backoff(delay)
+                }
+                State::Backoff(delay) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => State::Connecting,
+                        _ = shutdown.triggered() => return,
+                    }
+                }
+            };
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Shared handle used by tests and the binary to build options.
+pub type SharedClientConfig = Arc<rustls::ClientConfig>;

@@ -360,3 +360,52 @@ mod tests {
         assert_eq!(r.headers()["sec-websocket-accept"], "abc");
     }
 }
+
+/// A Kubernetes `Status` failure body, which kubectl prints as the error
+/// message. Both the front and the edge answer failures with it.
+pub fn status_json(code: StatusCode, reason: &str, message: &str) -> bytes::Bytes {
+    let body = format!(
+        r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":{},"reason":{},"code":{}}}"#,
+        json_string(message),
+        json_string(reason),
+        code.as_u16()
+    );
+    bytes::Bytes::from(body)
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A `Status` response with `application/json`.
+pub fn status_response(code: StatusCode, reason: &str, message: &str) -> Response<crate::Body> {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(crate::body_from(status_json(code, reason, message)))
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn status_json_escapes() {
+        let b = status_json(StatusCode::NOT_FOUND, "NotFound", "node \"x\"\n gone");
+        let s = std::str::from_utf8(&b).unwrap();
+        assert!(s.contains(r#""message":"node \"x\"\u000a gone""#), "{s}");
+        assert!(s.contains(r#""code":404"#));
+    }
+}

@@ -1,0 +1,338 @@
+//! The kubelet-API front: what kube-apiserver, metrics-server and Prometheus
+//! talk to instead of the edge kubelet. TLS with a REQUIRED client
+//! certificate from the configured CA, subject authorized per connection;
+//! every request is routed to its node's session and proxied as a stream,
+//! upgrades and CONNECT included. No body is ever buffered whole.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+
+use tether_pki::Identity;
+use tether_tunnel::wire::{self, KUBELET_TARGET, StreamKind, status_response};
+use tether_tunnel::{
+    Body, BoxError, IpLookup, NodeSession, SessionRegistry, Shutdown, StreamError, StreamPermit,
+    body_empty,
+};
+
+use crate::authz::Authorizer;
+use crate::metrics::{CloudMetrics, Kind};
+use crate::route::{self, NodeKey};
+
+/// Bounds of the front.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FrontLimits {
+    /// Concurrent client connections (default 4096); more wait in the backlog.
+    pub max_connections: usize,
+    /// Largest request header block in bytes (default 64 KiB).
+    pub max_header_bytes: usize,
+    /// TLS handshake and request-header deadline in seconds (default 10).
+    pub header_timeout_secs: u64,
+}
+
+impl Default for FrontLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_header_bytes: 64 << 10,
+            header_timeout_secs: 10,
+        }
+    }
+}
+
+pub(crate) struct KubeletFront {
+    pub(crate) tcp: TcpListener,
+    pub(crate) tls: TlsAcceptor,
+    pub(crate) registry: SessionRegistry,
+    pub(crate) authz: Authorizer,
+    pub(crate) limits: FrontLimits,
+    pub(crate) metrics: CloudMetrics,
+}
+
+/// Facts about one client connection, fixed at accept.
+struct Conn {
+    identity: Identity,
+    authorized: bool,
+    local: SocketAddr,
+    original_dst: Option<SocketAddr>,
+}
+
+impl KubeletFront {
+    pub(crate) async fn run(self, shutdown: Shutdown) {
+        let this = Arc::new(self);
+        let conns = Arc::new(Semaphore::new(this.limits.max_connections));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = conns.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.triggered() => break,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = this.tcp.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "front accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.triggered() => break,
+            };
+            while tasks.try_join_next().is_some() {}
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(
+                async move {
+                    if let Err(e) = this.serve_conn(tcp, shutdown).await {
+                        debug!(error = %e, "front connection ended");
+                    }
+                    drop(permit);
+                }
+                .instrument(info_span!("front", peer.addr = %peer)),
+            );
+        }
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        tokio::select! {
+            _ = drain => {}
+            _ = shutdown.drained() => tasks.abort_all(),
+        }
+    }
+
+    async fn serve_conn(self: Arc<Self>, tcp: TcpStream, shutdown: Shutdown) -> Result<(), BoxError> {
+        let local = tcp.local_addr()?;
+        let original_dst = original_dst(&tcp, local);
+        let _ = tcp.set_nodelay(true);
+        let timeout = Duration::from_secs(self.limits.header_timeout_secs);
+        let tls = tokio::time::timeout(timeout, self.tls.accept(tcp))
+            .await
+            .map_err(|_| "tls handshake timed out")??;
+        let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
+        let authorized = self.authz.allows(&identity);
+        if !authorized {
+            warn!(subject = %identity.common_name, "front client not authorized");
+        }
+        let conn = Arc::new(Conn {
+            identity,
+            authorized,
+            local,
+            original_dst,
+        });
+        let front = self.clone();
+        let sd = shutdown.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let front = front.clone();
+            let conn = conn.clone();
+            let sd = sd.clone();
+            async move { Ok::<_, std::convert::Infallible>(front.handle(req, &conn, &sd).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout)
+            .max_buf_size(self.limits.max_header_bytes.max(8192));
+        let http = builder.serve_connection(TokioIo::new(tls), service).with_upgrades();
+        tokio::pin!(http);
+        tokio::select! {
+            r = http.as_mut() => return r.map_err(Into::into),
+            _ = shutdown.triggered() => {}
+        }
+        // Finish the in-flight request, then close; bounded by the drain deadline.
+        http.as_mut().graceful_shutdown();
+        tokio::select! {
+            r = http => r.map_err(Into::into),
+            _ = shutdown.drained() => Ok(()),
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, conn: &Conn, shutdown: &Shutdown) -> Response<Body> {
+        let started = Instant::now();
+        let kind = match wire::classify(&req) {
+            StreamKind::Http => Kind::Http,
+            StreamKind::Upgrade(_) => Kind::Upgrade,
+            StreamKind::Connect => Kind::Connect,
+        };
+        let span = info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            node = tracing::field::Empty,
+            user = %conn.identity.common_name,
+        );
+        let resp = self.proxy(req, conn, shutdown).instrument(span).await;
+        self.metrics.request(kind, resp.status().as_u16(), started.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn proxy(&self, mut req: Request<Incoming>, conn: &Conn, shutdown: &Shutdown) -> Response<Body> {
+        if !conn.authorized {
+            return status_response(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "user {:?} (groups {:?}) may not use the kubelet API",
+                    conn.identity.common_name, conn.identity.organizations
+                ),
+            );
+        }
+        if shutdown.is_triggered() {
+            return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "tether cloud is shutting down");
+        }
+        let session = match self.route(&req, conn) {
+            Ok(s) => s,
+            Err(resp) => return resp,
+        };
+        tracing::Span::current().record("node", session.info().node.as_str());
+        let kind = wire::classify(&req);
+        let target = match &kind {
+            StreamKind::Connect => match req.uri().authority() {
+                Some(a) => a.to_string(),
+                None => {
+                    return status_response(StatusCode::BAD_REQUEST, "BadRequest", "CONNECT needs host:port");
+                }
+            },
+            _ => KUBELET_TARGET.to_owned(),
+        };
+        let client_side = (!matches!(kind, StreamKind::Http)).then(|| hyper::upgrade::on(&mut req));
+        let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+        let mut resp = match session.send(req, &target).await {
+            Ok(r) => r,
+            Err(e) => return stream_error(&e),
+        };
+        let Some(client_side) = client_side else {
+            return resp;
+        };
+        let switched = match kind {
+            StreamKind::Connect => resp.status().is_success(),
+            _ => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+        };
+        if !switched {
+            return resp;
+        }
+        let tunnel_side = hyper::upgrade::on(&mut resp);
+        let permit = resp.extensions_mut().remove::<StreamPermit>();
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let (c, t) = match tokio::join!(client_side, tunnel_side) {
+                    (Ok(c), Ok(t)) => (c, t),
+                    (c, t) => {
+                        debug!(client = ?c.err(), tunnel = ?t.err(), "upgrade failed");
+                        return;
+                    }
+                };
+                let (mut c, mut t) = (TokioIo::new(c), TokioIo::new(t));
+                match tether_tunnel::splice(&mut c, &mut t, &shutdown).await {
+                    Ok((up, down)) => debug!(up, down, "upgraded stream closed"),
+                    Err(e) => debug!(error = %e, "upgraded stream ended"),
+                }
+            }
+            .in_current_span(),
+        );
+        let (parts, _) = resp.into_parts();
+        Response::from_parts(parts, body_empty())
+    }
+
+    /// Resolves the node, in order: original destination of a DNAT'd
+    /// connection, Host header, X-Forwarded-Uri. Keys that name no live
+    /// session are reported in the error.
+    #[allow(clippy::result_large_err)]
+    fn route(&self, req: &Request<Incoming>, conn: &Conn) -> Result<Arc<dyn NodeSession>, Response<Body>> {
+        let mut keys: Vec<(&'static str, NodeKey)> = Vec::new();
+        if let Some(dst) = conn.original_dst {
+            keys.push(("original destination", NodeKey::Ip(dst.ip())));
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        if let Some(key) = host.as_deref().and_then(route::host_key) {
+            if !is_front_itself(&key, conn.local) {
+                keys.push(("host", key));
+            }
+        }
+        if let Some(name) = req
+            .headers()
+            .get("x-forwarded-uri")
+            .and_then(|v| v.to_str().ok())
+            .and_then(route::forwarded_uri_node)
+        {
+            keys.push(("x-forwarded-uri", NodeKey::Name(name)));
+        }
+        if keys.is_empty() {
+            return Err(status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "cannot tell which node this request is for: no DNAT'd destination, no node in Host, no X-Forwarded-Uri /api/v1/nodes/<name>/proxy/...",
+            ));
+        }
+        for (_, key) in &keys {
+            let found = match key {
+                NodeKey::Name(n) => self.registry.get(n),
+                NodeKey::Ip(ip) => match self.registry.by_ip(*ip) {
+                    IpLookup::One(s) => Some(s),
+                    IpLookup::None => None,
+                    IpLookup::Ambiguous(nodes) => {
+                        return Err(status_response(
+                            StatusCode::BAD_GATEWAY,
+                            "BadGateway",
+                            &format!("address {ip} is claimed by several nodes {nodes:?}; refusing to guess"),
+                        ));
+                    }
+                },
+            };
+            if let Some(s) = found {
+                return Ok(s);
+            }
+        }
+        let tried: Vec<String> = keys.iter().map(|(src, k)| format!("{src} {k}")).collect();
+        Err(status_response(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("no tunnel session for node (unknown or disconnected); tried {}", tried.join(", ")),
+        ))
+    }
+}
+
+/// Host names that are the front itself, not a node.
+fn is_front_itself(key: &NodeKey, local: SocketAddr) -> bool {
+    match key {
+        NodeKey::Ip(ip) => *ip == local.ip() || ip.is_unspecified(),
+        NodeKey::Name(n) => n == "localhost",
+    }
+}
+
+/// The pre-DNAT destination, when the connection was redirected here.
+fn original_dst(tcp: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let addr = match local.ip() {
+        IpAddr::V4(_) => sock.original_dst_v4(),
+        IpAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (addr != local).then_some(addr)
+}
+
+fn stream_error(e: &StreamError) -> Response<Body> {
+    let (code, reason) = match e {
+        StreamError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
+        StreamError::Closed(_) => (StatusCode::BAD_GATEWAY, "ServiceUnavailable"),
+        StreamError::Wire(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+        StreamError::NoExtendedConnect(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
+        StreamError::Tunnel(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
+    };
+    status_response(code, reason, &e.to_string())
+}

@@ -1,0 +1,101 @@
+//! Finding the node a front request is meant for, from what the request and
+//! its connection carry: the original destination of a DNAT'd connection,
+//! the Host header (node IP or name), and the apiserver's node-proxy path in
+//! `X-Forwarded-Uri`. Parsing here is pure and fuzzed.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// A way to name a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeKey {
+    /// A node address (matched against certificate IP SANs).
+    Ip(IpAddr),
+    /// A node name.
+    Name(String),
+}
+
+impl std::fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ip(ip) => write!(f, "{ip}"),
+            Self::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// True for a valid Kubernetes node name (RFC 1123 subdomain).
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The node a Host header value names, if any: `ip`, `ip:port`, `[v6]:port`,
+/// `name` or `name:port`.
+pub fn host_key(host: &str) -> Option<NodeKey> {
+    let host = host.trim();
+    if let Ok(sa) = host.parse::<SocketAddr>() {
+        return Some(NodeKey::Ip(sa.ip()));
+    }
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Some(NodeKey::Ip(ip));
+    }
+    let name = match host.rsplit_once(':') {
+        Some((n, port)) if port.parse::<u16>().is_ok() => n,
+        Some(_) => return None,
+        None => host,
+    };
+    let name = name.to_ascii_lowercase();
+    valid_node_name(&name).then_some(NodeKey::Name(name))
+}
+
+/// The node named by an apiserver node-proxy path:
+/// `/api/v1/nodes/<name>[:port]/proxy/...`.
+pub fn forwarded_uri_node(uri: &str) -> Option<String> {
+    let rest = uri.strip_prefix("/api/v1/nodes/")?;
+    let (segment, tail) = rest.split_once('/')?;
+    if !(tail == "proxy" || tail.starts_with("proxy/") || tail.starts_with("proxy?")) {
+        return None;
+    }
+    let name = match segment.split_once(':') {
+        Some((n, port)) if port.parse::<u16>().is_ok() || port.is_empty() => n,
+        Some(_) => return None,
+        None => segment,
+    };
+    valid_node_name(name).then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_key("10.0.0.5:10250"), Some(NodeKey::Ip("10.0.0.5".parse().unwrap())));
+        assert_eq!(host_key("10.0.0.5"), Some(NodeKey::Ip("10.0.0.5".parse().unwrap())));
+        assert_eq!(host_key("[fd00::5]:10250"), Some(NodeKey::Ip("fd00::5".parse().unwrap())));
+        assert_eq!(host_key("fd00::5"), Some(NodeKey::Ip("fd00::5".parse().unwrap())));
+        assert_eq!(host_key("Edge-1:10250"), Some(NodeKey::Name("edge-1".into())));
+        assert_eq!(host_key("edge-1"), Some(NodeKey::Name("edge-1".into())));
+        assert_eq!(host_key("edge_1"), None);
+        assert_eq!(host_key("edge:port"), None);
+        assert_eq!(host_key(""), None);
+    }
+
+    #[test]
+    fn forwarded_uris() {
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/proxy/metrics"), Some("edge-1".into()));
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1:10250/proxy/stats/summary"), Some("edge-1".into()));
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/proxy"), Some("edge-1".into()));
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/status"), None);
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/../proxy/x"), None);
+        assert_eq!(forwarded_uri_node("/api/v1/pods"), None);
+    }
+}

@@ -1,0 +1,96 @@
+//! The edge agent's metric families.
+
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use tether_tunnel::DialError;
+
+/// Stream kinds, a closed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub(crate) enum Kind {
+    Http,
+    Upgrade,
+    Connect,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub(crate) kind: Kind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Metric families of the edge agent. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct EdgeMetrics {
+    streams: Family<KindLabel, Counter>,
+    refused: Family<KindLabel, Counter>,
+    local_errors: Family<KindLabel, Counter>,
+    dial_failures: Family<ReasonLabel, Counter>,
+    connected: Gauge,
+}
+
+impl EdgeMetrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("tether_edge");
+        r.register("streams", "Tunnel streams served, by kind", m.streams.clone());
+        r.register(
+            "refused_targets",
+            "Streams refused because the target is not the kubelet or allow-listed",
+            m.refused.clone(),
+        );
+        r.register(
+            "local_errors",
+            "Streams that failed reaching the local kubelet or endpoint",
+            m.local_errors.clone(),
+        );
+        r.register("dial_failures", "Failed tunnel dials, by reason", m.dial_failures.clone());
+        r.register("connected", "1 while the tunnel to the cloud is up", m.connected.clone());
+        m
+    }
+
+    pub(crate) fn stream(&self, kind: Kind) {
+        self.streams.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub(crate) fn refused(&self, kind: Kind) {
+        self.refused.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub(crate) fn local_error(&self, kind: Kind) {
+        self.local_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// Refused targets so far (all kinds).
+    pub fn refused_total(&self) -> u64 {
+        [Kind::Http, Kind::Upgrade, Kind::Connect]
+            .into_iter()
+            .map(|kind| self.refused.get_or_create(&KindLabel { kind }).get())
+            .sum()
+    }
+
+    pub(crate) fn dial_failed(&self, e: &DialError) {
+        let reason = match e {
+            DialError::Timeout(_) => "timeout",
+            DialError::Connect { .. } => "connect",
+            DialError::Tls(_) => "tls",
+            DialError::Refused { .. } => "refused",
+            DialError::WebSocket(_) => "websocket",
+            DialError::Config(_) => "config",
+        };
+        self.dial_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub(crate) fn connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+    }
+}

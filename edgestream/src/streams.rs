@@ -1,0 +1,232 @@
+//! Serves one tunnel stream: checks the target against the kubelet and the
+//! allow-list (anything else is refused with 403 and counted), then proxies
+//! the request, replays an upgrade, or opens a raw TCP stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use tether_tunnel::wire::{self, Inbound, KUBELET_TARGET, status_response};
+use tether_tunnel::{Body, BoxError, Shutdown, body_empty};
+
+use crate::local::{self, KubeletEndpoint, LocalClient};
+use crate::metrics::{EdgeMetrics, Kind};
+
+/// Where a permitted stream goes.
+enum Local {
+    Kubelet,
+    Endpoint(SocketAddr),
+}
+
+#[derive(Clone)]
+pub(crate) struct StreamHandler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kubelet: KubeletEndpoint,
+    allow: Vec<SocketAddr>,
+    client: LocalClient,
+    metrics: EdgeMetrics,
+    shutdown: Shutdown,
+}
+
+impl StreamHandler {
+    pub(crate) fn new(
+        kubelet: KubeletEndpoint,
+        allow: Vec<SocketAddr>,
+        metrics: EdgeMetrics,
+        shutdown: Shutdown,
+    ) -> Self {
+        let client = local::client(&kubelet);
+        Self {
+            inner: Arc::new(Inner {
+                kubelet,
+                allow,
+                client,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let inbound = match wire::inbound(&req) {
+            Ok(i) => i,
+            Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let (kind, target) = match &inbound {
+            Inbound::Http { target } => (Kind::Http, target.clone()),
+            Inbound::Upgrade { target, .. } => (Kind::Upgrade, target.clone()),
+            Inbound::Connect { target } => (Kind::Connect, target.clone()),
+        };
+        let span = debug_span!("stream", kind = ?kind, target = %target, path = %req.uri().path());
+        async move {
+            let Some(local) = self.permit(&inbound) else {
+                self.inner.metrics.refused(kind);
+                warn!("refused target");
+                return status_response(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("target {target:?} is neither the kubelet nor an allow-listed local endpoint"),
+                );
+            };
+            self.inner.metrics.stream(kind.clone());
+            let resp = match inbound {
+                Inbound::Connect { .. } => self.connect(req, local).await,
+                _ => self.forward(req, &inbound, local).await,
+            };
+            if resp.status() == StatusCode::BAD_GATEWAY || resp.status() == StatusCode::GATEWAY_TIMEOUT {
+                self.inner.metrics.local_error(kind);
+            }
+            resp
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The local destination for a stream, or None when it is not allowed.
+    fn permit(&self, inbound: &Inbound) -> Option<Local> {
+        let allow = |t: &str| {
+            t.parse::<SocketAddr>()
+                .ok()
+                .filter(|a| self.inner.allow.contains(a))
+                .map(Local::Endpoint)
+        };
+        match inbound {
+            Inbound::Http { target } | Inbound::Upgrade { target, .. } => {
+                if target == KUBELET_TARGET {
+                    Some(Local::Kubelet)
+                } else {
+                    allow(target)
+                }
+            }
+            // CONNECT names the node address the apiserver dialled; only the
+            // port selects the local endpoint, so the cloud can never make the
+            // edge dial an arbitrary host.
+            Inbound::Connect { target } => {
+                let port = target.rsplit_once(':')?.1.parse::<u16>().ok()?;
+                if port == self.inner.kubelet.addr.port() {
+                    Some(Local::Endpoint(self.inner.kubelet.addr))
+                } else {
+                    self.inner.allow.iter().find(|a| a.port() == port).copied().map(Local::Endpoint)
+                }
+            }
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, inbound: &Inbound, local: Local) -> Response<Body> {
+        let base = match &local {
+            Local::Kubelet => self.inner.kubelet.base.clone(),
+            Local::Endpoint(a) => Uri::builder()
+                .scheme("http")
+                .authority(a.to_string())
+                .path_and_query("/")
+                .build()
+                .expect("socket address is a valid authority"),
+        };
+        let upgrade = matches!(inbound, Inbound::Upgrade { .. });
+        let tunnel_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let body: Body = if upgrade {
+            body_empty()
+        } else {
+            body.map_err(BoxError::from).boxed_unsync()
+        };
+        let host = base.authority().map(|a| a.as_str()).unwrap_or("localhost").to_owned();
+        let local_req = match wire::local_request(Request::from_parts(parts, body), inbound, &host) {
+            Ok(r) => r,
+            Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let (mut parts, body) = local_req.into_parts();
+        let pq = parts.uri.path_and_query().cloned();
+        let mut uri = base.into_parts();
+        uri.path_and_query = pq;
+        parts.uri = Uri::from_parts(uri).expect("base uri with a path is valid");
+        let mut resp = match self.inner.client.request(Request::from_parts(parts, body)).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "local request failed");
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("edge could not reach {host}: {e}"),
+                );
+            }
+        };
+        let Some(tunnel_side) = tunnel_side else {
+            let (mut parts, body) = resp.into_parts();
+            wire::strip_hop_by_hop(&mut parts.headers);
+            return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            if resp.status().is_success() {
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    "BadGateway",
+                    &format!("{host} answered an upgrade request with {} instead of 101", resp.status()),
+                );
+            }
+            let (mut parts, body) = resp.into_parts();
+            wire::strip_hop_by_hop(&mut parts.headers);
+            return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        }
+        let local_side = hyper::upgrade::on(&mut resp);
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(
+            async move {
+                let (t, l) = match tokio::join!(tunnel_side, local_side) {
+                    (Ok(t), Ok(l)) => (t, l),
+                    (t, l) => {
+                        debug!(tunnel = ?t.err(), local = ?l.err(), "upgrade failed");
+                        return;
+                    }
+                };
+                let (mut t, mut l) = (TokioIo::new(t), TokioIo::new(l));
+                match tether_tunnel::splice(&mut t, &mut l, &shutdown).await {
+                    Ok((up, down)) => debug!(up, down, "upgraded stream closed"),
+                    Err(e) => debug!(error = %e, "upgraded stream ended"),
+                }
+            }
+            .in_current_span(),
+        );
+        let (parts, _) = resp.into_parts();
+        wire::upgraded_to_tunnel(Response::from_parts(parts, body_empty()))
+    }
+
+    async fn connect(&self, mut req: Request<Incoming>, local: Local) -> Response<Body> {
+        let Local::Endpoint(addr) = local else {
+            unreachable!("connect targets are resolved to addresses")
+        };
+        let tcp = match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return status_response(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &format!("edge could not connect to {addr}: {e}"));
+            }
+            Err(_) => {
+                return status_response(StatusCode::GATEWAY_TIMEOUT, "Timeout", &format!("edge connect to {addr} timed out"));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let tunnel_side = hyper::upgrade::on(&mut req);
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(
+            async move {
+                let Ok(t) = tunnel_side.await else { return };
+                let (mut t, mut tcp) = (TokioIo::new(t), tcp);
+                match tether_tunnel::splice(&mut t, &mut tcp, &shutdown).await {
+                    Ok((up, down)) => debug!(up, down, "raw stream closed"),
+                    Err(e) => debug!(error = %e, "raw stream ended"),
+                }
+            }
+            .in_current_span(),
+        );
+        Response::new(body_empty())
+    }
+}
