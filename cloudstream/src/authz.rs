@@ -26,7 +26,7 @@ impl Default for Authorizer {
 impl Authorizer {
     /// True when `id` may use the front.
     pub fn allows(&self, id: &Identity) -> bool {
-        self.users.iter().any(|u| *u == id.common_name)
+        self.users.contains(&id.common_name)
             || id.organizations.iter().any(|o| self.groups.contains(o))
     }
 }

@@ -108,7 +108,11 @@ impl KubeletFront {
         }
     }
 
-    async fn serve_conn(self: Arc<Self>, tcp: TcpStream, shutdown: Shutdown) -> Result<(), BoxError> {
+    async fn serve_conn(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        shutdown: Shutdown,
+    ) -> Result<(), BoxError> {
         let local = tcp.local_addr()?;
         let original_dst = original_dst(&tcp, local);
         let _ = tcp.set_nodelay(true);
@@ -140,7 +144,9 @@ impl KubeletFront {
             .timer(TokioTimer::new())
             .header_read_timeout(timeout)
             .max_buf_size(self.limits.max_header_bytes.max(8192));
-        let http = builder.serve_connection(TokioIo::new(tls), service).with_upgrades();
+        let http = builder
+            .serve_connection(TokioIo::new(tls), service)
+            .with_upgrades();
         tokio::pin!(http);
         tokio::select! {
             r = http.as_mut() => return r.map_err(Into::into),
@@ -154,7 +160,12 @@ impl KubeletFront {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, conn: &Conn, shutdown: &Shutdown) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &Conn,
+        shutdown: &Shutdown,
+    ) -> Response<Body> {
         let started = Instant::now();
         let kind = match wire::classify(&req) {
             StreamKind::Http => Kind::Http,
@@ -169,11 +180,20 @@ impl KubeletFront {
             user = %conn.identity.common_name,
         );
         let resp = self.proxy(req, conn, shutdown).instrument(span).await;
-        self.metrics.request(kind, resp.status().as_u16(), started.elapsed().as_secs_f64());
+        self.metrics.request(
+            kind,
+            resp.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
         resp
     }
 
-    async fn proxy(&self, mut req: Request<Incoming>, conn: &Conn, shutdown: &Shutdown) -> Response<Body> {
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &Conn,
+        shutdown: &Shutdown,
+    ) -> Response<Body> {
         if !conn.authorized {
             return status_response(
                 StatusCode::FORBIDDEN,
@@ -185,7 +205,11 @@ impl KubeletFront {
             );
         }
         if shutdown.is_triggered() {
-            return status_response(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "tether cloud is shutting down");
+            return status_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "tether cloud is shutting down",
+            );
         }
         let session = match self.route(&req, conn) {
             Ok(s) => s,
@@ -197,7 +221,11 @@ impl KubeletFront {
             StreamKind::Connect => match req.uri().authority() {
                 Some(a) => a.to_string(),
                 None => {
-                    return status_response(StatusCode::BAD_REQUEST, "BadRequest", "CONNECT needs host:port");
+                    return status_response(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "CONNECT needs host:port",
+                    );
                 }
             },
             _ => KUBELET_TARGET.to_owned(),
@@ -247,7 +275,11 @@ impl KubeletFront {
     /// connection, Host header, X-Forwarded-Uri. Keys that name no live
     /// session are reported in the error.
     #[allow(clippy::result_large_err)]
-    fn route(&self, req: &Request<Incoming>, conn: &Conn) -> Result<Arc<dyn NodeSession>, Response<Body>> {
+    fn route(
+        &self,
+        req: &Request<Incoming>,
+        conn: &Conn,
+    ) -> Result<Arc<dyn NodeSession>, Response<Body>> {
         let mut keys: Vec<(&'static str, NodeKey)> = Vec::new();
         if let Some(dst) = conn.original_dst {
             keys.push(("original destination", NodeKey::Ip(dst.ip())));
@@ -258,10 +290,10 @@ impl KubeletFront {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        if let Some(key) = host.as_deref().and_then(route::host_key) {
-            if !is_front_itself(&key, conn.local) {
-                keys.push(("host", key));
-            }
+        if let Some(key) = host.as_deref().and_then(route::host_key)
+            && !is_front_itself(&key, conn.local)
+        {
+            keys.push(("host", key));
         }
         if let Some(name) = req
             .headers()
@@ -288,7 +320,9 @@ impl KubeletFront {
                         return Err(status_response(
                             StatusCode::BAD_GATEWAY,
                             "BadGateway",
-                            &format!("address {ip} is claimed by several nodes {nodes:?}; refusing to guess"),
+                            &format!(
+                                "address {ip} is claimed by several nodes {nodes:?}; refusing to guess"
+                            ),
                         ));
                     }
                 },
@@ -301,7 +335,10 @@ impl KubeletFront {
         Err(status_response(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!("no tunnel session for node (unknown or disconnected); tried {}", tried.join(", ")),
+            &format!(
+                "no tunnel session for node (unknown or disconnected); tried {}",
+                tried.join(", ")
+            ),
         ))
     }
 }
@@ -331,7 +368,7 @@ fn stream_error(e: &StreamError) -> Response<Body> {
         StreamError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
         StreamError::Closed(_) => (StatusCode::BAD_GATEWAY, "ServiceUnavailable"),
         StreamError::Wire(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
-        StreamError::NoExtendedConnect(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
+        StreamError::UpgradeRefused(..) => (StatusCode::BAD_GATEWAY, "BadGateway"),
         StreamError::Tunnel(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
     };
     status_response(code, reason, &e.to_string())

@@ -48,7 +48,9 @@ impl Default for CloudMetrics {
             sessions: Gauge::default(),
             session_events: Family::default(),
             requests: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 4.0, 10))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 4.0, 10))
+            }),
         }
     }
 }
@@ -96,7 +98,9 @@ impl CloudMetrics {
                 _ => "refused_session",
             },
         };
-        self.session_events.get_or_create(&EventLabel { event }).inc();
+        self.session_events
+            .get_or_create(&EventLabel { event })
+            .inc();
     }
 
     pub(crate) fn request(&self, kind: Kind, code: u16, seconds: f64) {
@@ -106,7 +110,14 @@ impl CloudMetrics {
             | 500 | 502 | 503 | 504 => code,
             c => c / 100 * 100,
         };
-        self.requests.get_or_create(&RequestLabels { kind: kind.clone(), code }).inc();
-        self.duration.get_or_create(&KindLabel { kind }).observe(seconds);
+        self.requests
+            .get_or_create(&RequestLabels {
+                kind: kind.clone(),
+                code,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&KindLabel { kind })
+            .observe(seconds);
     }
 }

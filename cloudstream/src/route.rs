@@ -30,7 +30,9 @@ pub fn valid_node_name(s: &str) -> bool {
         && s.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -43,7 +45,10 @@ pub fn host_key(host: &str) -> Option<NodeKey> {
     if let Ok(sa) = host.parse::<SocketAddr>() {
         return Some(NodeKey::Ip(sa.ip()));
     }
-    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Some(NodeKey::Ip(ip));
     }
@@ -78,11 +83,26 @@ mod tests {
 
     #[test]
     fn hosts() {
-        assert_eq!(host_key("10.0.0.5:10250"), Some(NodeKey::Ip("10.0.0.5".parse().unwrap())));
-        assert_eq!(host_key("10.0.0.5"), Some(NodeKey::Ip("10.0.0.5".parse().unwrap())));
-        assert_eq!(host_key("[fd00::5]:10250"), Some(NodeKey::Ip("fd00::5".parse().unwrap())));
-        assert_eq!(host_key("fd00::5"), Some(NodeKey::Ip("fd00::5".parse().unwrap())));
-        assert_eq!(host_key("Edge-1:10250"), Some(NodeKey::Name("edge-1".into())));
+        assert_eq!(
+            host_key("10.0.0.5:10250"),
+            Some(NodeKey::Ip("10.0.0.5".parse().unwrap()))
+        );
+        assert_eq!(
+            host_key("10.0.0.5"),
+            Some(NodeKey::Ip("10.0.0.5".parse().unwrap()))
+        );
+        assert_eq!(
+            host_key("[fd00::5]:10250"),
+            Some(NodeKey::Ip("fd00::5".parse().unwrap()))
+        );
+        assert_eq!(
+            host_key("fd00::5"),
+            Some(NodeKey::Ip("fd00::5".parse().unwrap()))
+        );
+        assert_eq!(
+            host_key("Edge-1:10250"),
+            Some(NodeKey::Name("edge-1".into()))
+        );
         assert_eq!(host_key("edge-1"), Some(NodeKey::Name("edge-1".into())));
         assert_eq!(host_key("edge_1"), None);
         assert_eq!(host_key("edge:port"), None);
@@ -91,9 +111,18 @@ mod tests {
 
     #[test]
     fn forwarded_uris() {
-        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/proxy/metrics"), Some("edge-1".into()));
-        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1:10250/proxy/stats/summary"), Some("edge-1".into()));
-        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/proxy"), Some("edge-1".into()));
+        assert_eq!(
+            forwarded_uri_node("/api/v1/nodes/edge-1/proxy/metrics"),
+            Some("edge-1".into())
+        );
+        assert_eq!(
+            forwarded_uri_node("/api/v1/nodes/edge-1:10250/proxy/stats/summary"),
+            Some("edge-1".into())
+        );
+        assert_eq!(
+            forwarded_uri_node("/api/v1/nodes/edge-1/proxy"),
+            Some("edge-1".into())
+        );
         assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1/status"), None);
         assert_eq!(forwarded_uri_node("/api/v1/nodes/../proxy/x"), None);
         assert_eq!(forwarded_uri_node("/api/v1/pods"), None);

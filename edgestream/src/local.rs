@@ -43,7 +43,9 @@ pub struct KubeletEndpoint {
 
 impl std::fmt::Debug for KubeletEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeletEndpoint").field("base", &self.base).finish()
+        f.debug_struct("KubeletEndpoint")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -71,7 +73,8 @@ impl KubeletEndpoint {
                 let name = server_name
                     .map(str::to_owned)
                     .unwrap_or_else(|| addr.ip().to_string());
-                let name = ServerName::try_from(name).map_err(|_| LocalError::Url(url.to_owned()))?;
+                let name =
+                    ServerName::try_from(name).map_err(|_| LocalError::Url(url.to_owned()))?;
                 Some((TlsConnector::from(cfg), name))
             }
             _ => return Err(LocalError::Url(url.to_owned())),
@@ -124,13 +127,17 @@ impl tower_service::Service<Uri> for LocalConnector {
                 .to_string();
             let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "local connect timed out"))??;
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "local connect timed out")
+                })??;
             let _ = tcp.set_nodelay(true);
             match (uri.scheme_str(), tls) {
                 (Some("https"), Some((connector, name))) => {
                     let s = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
                         .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "kubelet tls timed out"))??;
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "kubelet tls timed out")
+                        })??;
                     Ok(TokioIo::new(LocalStream::Tls(Box::new(s))))
                 }
                 (Some("https"), None) => Err(io::Error::new(
@@ -156,7 +163,11 @@ impl Connection for LocalStream {
 }
 
 impl AsyncRead for LocalStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -165,7 +176,11 @@ impl AsyncRead for LocalStream {
 }
 
 impl AsyncWrite for LocalStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -1,6 +1,5 @@
 //! The edge agent's metric families.
 
-
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -42,7 +41,11 @@ impl EdgeMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("tether_edge");
-        r.register("streams", "Tunnel streams served, by kind", m.streams.clone());
+        r.register(
+            "streams",
+            "Tunnel streams served, by kind",
+            m.streams.clone(),
+        );
         r.register(
             "refused_targets",
             "Streams refused because the target is not the kubelet or allow-listed",
@@ -53,8 +56,16 @@ impl EdgeMetrics {
             "Streams that failed reaching the local kubelet or endpoint",
             m.local_errors.clone(),
         );
-        r.register("dial_failures", "Failed tunnel dials, by reason", m.dial_failures.clone());
-        r.register("connected", "1 while the tunnel to the cloud is up", m.connected.clone());
+        r.register(
+            "dial_failures",
+            "Failed tunnel dials, by reason",
+            m.dial_failures.clone(),
+        );
+        r.register(
+            "connected",
+            "1 while the tunnel to the cloud is up",
+            m.connected.clone(),
+        );
         m
     }
 
@@ -87,7 +98,9 @@ impl EdgeMetrics {
             DialError::WebSocket(_) => "websocket",
             DialError::Config(_) => "config",
         };
-        self.dial_failures.get_or_create(&ReasonLabel { reason }).inc();
+        self.dial_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub(crate) fn connected(&self, up: bool) {

@@ -59,7 +59,9 @@ impl StreamHandler {
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let inbound = match wire::inbound(&req) {
             Ok(i) => i,
-            Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            Err(e) => {
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+            }
         };
         let (kind, target) = match &inbound {
             Inbound::Http { target } => (Kind::Http, target.clone()),
@@ -115,13 +117,23 @@ impl StreamHandler {
                 if port == self.inner.kubelet.addr.port() {
                     Some(Local::Endpoint(self.inner.kubelet.addr))
                 } else {
-                    self.inner.allow.iter().find(|a| a.port() == port).copied().map(Local::Endpoint)
+                    self.inner
+                        .allow
+                        .iter()
+                        .find(|a| a.port() == port)
+                        .copied()
+                        .map(Local::Endpoint)
                 }
             }
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>, inbound: &Inbound, local: Local) -> Response<Body> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        inbound: &Inbound,
+        local: Local,
+    ) -> Response<Body> {
         let base = match &local {
             Local::Kubelet => self.inner.kubelet.base.clone(),
             Local::Endpoint(a) => Uri::builder()
@@ -139,17 +151,29 @@ impl StreamHandler {
         } else {
             body.map_err(BoxError::from).boxed_unsync()
         };
-        let host = base.authority().map(|a| a.as_str()).unwrap_or("localhost").to_owned();
-        let local_req = match wire::local_request(Request::from_parts(parts, body), inbound, &host) {
+        let host = base
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or("localhost")
+            .to_owned();
+        let local_req = match wire::local_request(Request::from_parts(parts, body), inbound, &host)
+        {
             Ok(r) => r,
-            Err(e) => return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+            Err(e) => {
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
+            }
         };
         let (mut parts, body) = local_req.into_parts();
         let pq = parts.uri.path_and_query().cloned();
         let mut uri = base.into_parts();
         uri.path_and_query = pq;
         parts.uri = Uri::from_parts(uri).expect("base uri with a path is valid");
-        let mut resp = match self.inner.client.request(Request::from_parts(parts, body)).await {
+        let mut resp = match self
+            .inner
+            .client
+            .request(Request::from_parts(parts, body))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "local request failed");
@@ -170,7 +194,10 @@ impl StreamHandler {
                 return status_response(
                     StatusCode::BAD_GATEWAY,
                     "BadGateway",
-                    &format!("{host} answered an upgrade request with {} instead of 101", resp.status()),
+                    &format!(
+                        "{host} answered an upgrade request with {} instead of 101",
+                        resp.status()
+                    ),
                 );
             }
             let (mut parts, body) = resp.into_parts();
@@ -204,15 +231,26 @@ impl StreamHandler {
         let Local::Endpoint(addr) = local else {
             unreachable!("connect targets are resolved to addresses")
         };
-        let tcp = match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return status_response(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &format!("edge could not connect to {addr}: {e}"));
-            }
-            Err(_) => {
-                return status_response(StatusCode::GATEWAY_TIMEOUT, "Timeout", &format!("edge connect to {addr} timed out"));
-            }
-        };
+        let tcp =
+            match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    return status_response(
+                        StatusCode::BAD_GATEWAY,
+                        "ServiceUnavailable",
+                        &format!("edge could not connect to {addr}: {e}"),
+                    );
+                }
+                Err(_) => {
+                    return status_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "Timeout",
+                        &format!("edge connect to {addr} timed out"),
+                    );
+                }
+            };
         let _ = tcp.set_nodelay(true);
         let tunnel_side = hyper::upgrade::on(&mut req);
         let shutdown = self.inner.shutdown.clone();

@@ -22,7 +22,9 @@ pub enum IdentityError {
     #[error("unparsable peer certificate: {0}")]
     Parse(String),
     /// The certificate is not a node certificate.
-    #[error("certificate subject {0:?} is not a node identity (want CN system:node:<name>, O system:nodes)")]
+    #[error(
+        "certificate subject {0:?} is not a node identity (want CN system:node:<name>, O system:nodes)"
+    )]
     NotANode(String),
 }
 
@@ -115,7 +117,10 @@ mod tests {
             organizations: o.iter().map(|s| s.to_string()).collect(),
             ips: Vec::new(),
         };
-        assert_eq!(id("system:node:a-1", &[NODES_GROUP]).node_name(), Some("a-1"));
+        assert_eq!(
+            id("system:node:a-1", &[NODES_GROUP]).node_name(),
+            Some("a-1")
+        );
         assert_eq!(id("system:node:a-1", &["other"]).node_name(), None);
         assert_eq!(id("system:node:", &[NODES_GROUP]).node_name(), None);
         assert_eq!(id("system:node:A/B", &[NODES_GROUP]).node_name(), None);

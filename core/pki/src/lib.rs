@@ -17,8 +17,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use time::OffsetDateTime;
@@ -297,7 +297,9 @@ mod tests {
     fn ca_round_trips_through_pem() {
         let ca = Ca::generate("tether-test-ca").unwrap();
         let again = Ca::from_pem(ca.cert_pem(), ca.key_pem().expose()).unwrap();
-        let leaf = again.issue_server("cloud", &["localhost", "127.0.0.1"]).unwrap();
+        let leaf = again
+            .issue_server("cloud", &["localhost", "127.0.0.1"])
+            .unwrap();
         assert!(leaf.cert_pem.contains("BEGIN CERTIFICATE"));
         assert!(!format!("{:?}", leaf.key_pem).contains("PRIVATE"));
     }

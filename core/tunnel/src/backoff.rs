@@ -54,7 +54,10 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let d: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
         assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
-        assert!(d.iter().all(|x| *x <= Duration::from_secs(2) && *x > Duration::ZERO));
+        assert!(
+            d.iter()
+                .all(|x| *x <= Duration::from_secs(2) && *x > Duration::ZERO)
+        );
         assert!(d[9] >= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -62,8 +62,10 @@ pub struct TunnelListener {
     registry: SessionRegistry,
     handshakes: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
-    on_event: Option<Arc<dyn Fn(TunnelEvent<'_>) + Send + Sync>>,
+    on_event: Option<EventHook>,
 }
+
+type EventHook = Arc<dyn Fn(TunnelEvent<'_>) + Send + Sync>;
 
 /// Lifecycle events, for metrics and logs.
 #[derive(Debug)]
@@ -181,7 +183,11 @@ impl TunnelListener {
         self.emit(TunnelEvent::Disconnected(&info));
     }
 
-    async fn handshake(&self, tcp: TcpStream, peer: SocketAddr) -> Result<Arc<H2Session>, AcceptError> {
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<Arc<H2Session>, AcceptError> {
         let _permit = self.handshakes.acquire().await.expect("never closed");
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
@@ -191,13 +197,18 @@ impl TunnelListener {
             .map_err(AcceptError::Tls)?;
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let node = identity.require_node()?.to_owned();
+        #[allow(clippy::result_large_err)] // tungstenite's callback signature
         let check = {
             let node = node.clone();
             move |req: &Request, resp: Response| check_upgrade(req, resp, &node)
         };
         let ws = tokio::time::timeout(
             timeout,
-            tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(self.limits.ws_config())),
+            tokio_tungstenite::accept_hdr_async_with_config(
+                tls,
+                check,
+                Some(self.limits.ws_config()),
+            ),
         )
         .await
         .map_err(|_| AcceptError::Timeout("websocket"))?
@@ -233,7 +244,10 @@ fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Respon
     if req.uri().path() != TUNNEL_PATH {
         return Err(refuse(
             StatusCode::NOT_FOUND,
-            format!("no tunnel at {}; edges connect to {TUNNEL_PATH}", req.uri().path()),
+            format!(
+                "no tunnel at {}; edges connect to {TUNNEL_PATH}",
+                req.uri().path()
+            ),
         ));
     }
     let offered: Vec<&str> = req
@@ -252,16 +266,16 @@ fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Respon
             ),
         ));
     }
-    if let Some(claimed) = req.headers().get(NODE_HEADER) {
-        if claimed.as_bytes() != node.as_bytes() {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "edge claims node {:?} but its certificate is for node {node:?}",
-                    String::from_utf8_lossy(claimed.as_bytes())
-                ),
-            ));
-        }
+    if let Some(claimed) = req.headers().get(NODE_HEADER)
+        && claimed.as_bytes() != node.as_bytes()
+    {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "edge claims node {:?} but its certificate is for node {node:?}",
+                String::from_utf8_lossy(claimed.as_bytes())
+            ),
+        ));
     }
     resp.headers_mut().insert(
         "sec-websocket-protocol",

@@ -165,7 +165,12 @@ impl SessionRegistry {
     }
 
     /// Waits until a live session for `node` other than `not_id` exists.
-    pub async fn wait_for_node(&self, node: &str, not_id: Option<u64>, timeout: Duration) -> Option<Session> {
+    pub async fn wait_for_node(
+        &self,
+        node: &str,
+        not_id: Option<u64>,
+        timeout: Duration,
+    ) -> Option<Session> {
         let ok = self
             .wait_until(timeout, |r| {
                 r.get(node).is_some_and(|s| Some(s.info().id) != not_id)

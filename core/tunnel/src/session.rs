@@ -58,9 +58,10 @@ pub enum StreamError {
     /// The request cannot be carried (client side fault).
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// The edge did not enable extended CONNECT, so upgrades cannot be carried.
-    #[error("edge of node {0} does not support upgrades (extended CONNECT disabled)")]
-    NoExtendedConnect(String),
+    /// The edge reset an upgrade stream, e.g. because it does not enable
+    /// extended CONNECT.
+    #[error("edge of node {0} refused the upgrade stream (extended CONNECT unsupported?): {1}")]
+    UpgradeRefused(String, #[source] hyper::Error),
     /// The tunnel failed while carrying the stream.
     #[error("tunnel stream failed: {0}")]
     Tunnel(#[source] hyper::Error),
@@ -84,8 +85,7 @@ pub struct SessionInfo {
 /// Holds one of the node's stream slots; dropped when the stream ends.
 /// For upgraded and CONNECT responses it is left in the response extensions
 /// and the caller keeps it for the life of the byte stream.
-#[derive(Debug)]
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct StreamPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, StreamError>> + Send>>;
@@ -111,12 +111,13 @@ pub struct H2Session {
     streams: Arc<Semaphore>,
     max_streams: u32,
     done: watch::Receiver<bool>,
-    extended_connect: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for H2Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("H2Session").field("info", &self.info).finish()
+        f.debug_struct("H2Session")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -146,20 +147,11 @@ impl H2Session {
             .handshake(TokioIo::new(io))
             .await?;
         let (done_tx, done) = watch::channel(false);
-        let (ext_tx, mut extended_connect) = watch::channel(false);
-        let span = info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
+        let span =
+            info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
         tokio::spawn(
             async move {
-                // The edge advertises extended CONNECT in its SETTINGS; only the
-                // connection sees them, so publish the flag after each poll.
-                let mut conn = Box::pin(conn);
-                let ended = std::future::poll_fn(|cx| {
-                    let r = conn.as_mut().poll(cx);
-                    let on = conn.is_extended_connect_protocol_enabled();
-                    ext_tx.send_if_modified(|v| std::mem::replace(v, on) != on);
-                    r
-                });
-                match ended.await {
+                match conn.await {
                     Ok(()) => debug!("session closed"),
                     Err(e) => debug!(error = %e, "session ended"),
                 }
@@ -167,20 +159,12 @@ impl H2Session {
             }
             .instrument(span),
         );
-        // Give the edge's SETTINGS a moment to arrive so the first upgrade
-        // after connect does not race them. A Tether edge always sends them.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            extended_connect.wait_for(|on| *on),
-        )
-        .await;
         Ok(Arc::new(Self {
             info,
             send: Mutex::new(Some(send)),
             streams: Arc::new(Semaphore::new(limits.max_streams as usize)),
             max_streams: limits.max_streams,
             done,
-            extended_connect,
         }))
     }
 
@@ -206,7 +190,6 @@ impl NodeSession for H2Session {
         let sender = self.send.lock().expect("session lock").clone();
         let permit = self.streams.clone().try_acquire_owned();
         let limit = self.max_streams;
-        let extended_connect = *self.extended_connect.borrow();
         let target = target.to_owned();
         Box::pin(async move {
             let mut sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
@@ -215,13 +198,14 @@ impl NodeSession for H2Session {
                 limit,
             })?;
             let kind = wire::classify(&req);
-            if matches!(kind, StreamKind::Upgrade(_)) && !extended_connect {
-                return Err(StreamError::NoExtendedConnect(node));
-            }
             let req = wire::request_to_tunnel(req, &target)?;
             let resp = sender.send_request(req).await.map_err(|e| {
                 if e.is_closed() || sender.is_closed() {
                     StreamError::Closed(node.clone())
+                } else if matches!(kind, StreamKind::Upgrade(_)) {
+                    // h2 does not check the peer's SETTINGS_ENABLE_CONNECT_PROTOCOL
+                    // before sending; a peer without it resets the stream.
+                    StreamError::UpgradeRefused(node.clone(), e)
                 } else {
                     StreamError::Tunnel(e)
                 }

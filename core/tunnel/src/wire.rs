@@ -60,8 +60,14 @@ pub fn classify<B>(req: &Request<B>) -> StreamKind {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    match req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()) {
-        Some(p) if wants_upgrade && !p.trim().is_empty() => StreamKind::Upgrade(p.trim().to_owned()),
+    match req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(p) if wants_upgrade && !p.trim().is_empty() => {
+            StreamKind::Upgrade(p.trim().to_owned())
+        }
         _ => StreamKind::Http,
     }
 }
@@ -212,7 +218,9 @@ pub fn local_request<B>(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".to_owned());
-    *req.uri_mut() = pq.parse().map_err(|e: http::uri::InvalidUri| WireError::Path(e.to_string()))?;
+    *req.uri_mut() = pq
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| WireError::Path(e.to_string()))?;
     *req.version_mut() = http::Version::HTTP_11;
     strip_hop_by_hop(req.headers_mut());
     req.headers_mut().remove(METHOD_HEADER);
@@ -282,10 +290,16 @@ mod tests {
         let req = request_to_tunnel(upgrade_req(Method::POST), KUBELET_TARGET).unwrap();
         assert_eq!(req.method(), Method::CONNECT);
         assert_eq!(req.uri().authority().unwrap().as_str(), "kubelet");
-        assert_eq!(req.uri().path_and_query().unwrap().as_str(), "/exec/ns/pod/c?command=sh&stdin=1");
+        assert_eq!(
+            req.uri().path_and_query().unwrap().as_str(),
+            "/exec/ns/pod/c?command=sh&stdin=1"
+        );
         assert!(req.headers().get("connection").is_none());
         assert!(req.headers().get("host").is_none());
-        assert_eq!(req.headers()["x-stream-protocol-version"], "v4.channel.k8s.io");
+        assert_eq!(
+            req.headers()["x-stream-protocol-version"],
+            "v4.channel.k8s.io"
+        );
         let inb = inbound(&req).unwrap();
         assert_eq!(
             inb,
@@ -317,7 +331,12 @@ mod tests {
         assert_eq!(classify(&req), StreamKind::Http);
         let req = request_to_tunnel(req, KUBELET_TARGET).unwrap();
         assert_eq!(req.headers().len(), 1);
-        assert_eq!(inbound(&req).unwrap(), Inbound::Http { target: "kubelet".into() });
+        assert_eq!(
+            inbound(&req).unwrap(),
+            Inbound::Http {
+                target: "kubelet".into()
+            }
+        );
     }
 
     #[test]
@@ -328,7 +347,12 @@ mod tests {
             .body(())
             .unwrap();
         let req = request_to_tunnel(req, "127.0.0.1:9100").unwrap();
-        assert_eq!(inbound(&req).unwrap(), Inbound::Connect { target: "127.0.0.1:9100".into() });
+        assert_eq!(
+            inbound(&req).unwrap(),
+            Inbound::Connect {
+                target: "127.0.0.1:9100".into()
+            }
+        );
         let bad = Request::builder().uri("/x").body(()).unwrap();
         assert!(request_to_tunnel(bad, "a/b").is_err());
         let put = upgrade_req(Method::PUT);

@@ -80,7 +80,8 @@ where
             if self.write_buf.capacity() - self.write_buf.len() < take {
                 // Grow to a whole message at once: one allocation per message,
                 // and nothing held while idle (split() leaves an empty buffer).
-                self.write_buf.reserve(self.message_cap - self.write_buf.len());
+                self.write_buf
+                    .reserve(self.message_cap - self.write_buf.len());
             }
             self.write_buf.extend_from_slice(&b[..take]);
             n += take;
@@ -197,7 +198,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    async fn pair(cap: usize) -> (WsStream<tokio::io::DuplexStream>, WsStream<tokio::io::DuplexStream>) {
+    async fn pair(
+        cap: usize,
+    ) -> (
+        WsStream<tokio::io::DuplexStream>,
+        WsStream<tokio::io::DuplexStream>,
+    ) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let a = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;

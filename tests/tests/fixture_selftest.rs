@@ -1,0 +1,384 @@
+//! Exercises the fixture kubelet directly, without Tether in between, so tunnel tests
+//! can trust that any difference they see comes from the tunnel.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tether_tests::fixture::{
+    self, FixtureKubelet, LOG_LINE_LEN, LogVerifier, MetricsKind, log_bytes, log_pattern_byte,
+};
+use tether_tests::kubectl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn bounded<F: Future<Output = anyhow::Result<()>>>(test: F) {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test timed out")
+        .expect("test failed");
+}
+
+async fn connect(kubelet: &FixtureKubelet) -> TcpStream {
+    TcpStream::connect(kubelet.addr)
+        .await
+        .expect("connect to fixture")
+}
+
+/// Pseudo-random bytes, so a shifted or reordered chunk cannot compare equal.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn log_of_one_mib_is_byte_exact() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let path = "/containerLogs/default/web-0/nginx?bytes=1048576";
+        let mut resp = kubectl::get_streaming(connect(&kubelet).await, &host, path).await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-fixture"], "kubelet");
+        assert_eq!(resp.headers()["content-type"], "text/plain");
+        assert_eq!(resp.headers()["x-fixture-target"], "default/web-0/nginx");
+        let mut verifier = LogVerifier::new(0);
+        while let Some(chunk) = kubectl::next_chunk(resp.body_mut()).await? {
+            verifier.update(&chunk)?;
+        }
+        assert_eq!(verifier.offset(), 1 << 20);
+
+        // The three views of the content agree.
+        let whole: Vec<u8> = log_bytes(1 << 20).flat_map(|c| c.to_vec()).collect();
+        assert_eq!(whole.len(), 1 << 20);
+        for offset in [0, 1, 15, 16, 63, 64, 65, 4095, 1_000_003] {
+            assert_eq!(
+                whole[offset],
+                log_pattern_byte(offset as u64),
+                "offset {offset}"
+            );
+        }
+        assert_eq!(
+            &whole[..LOG_LINE_LEN as usize],
+            b"0000000000000000 fixture log line abcdefghijklmnopqrstuvwxyz012\n"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn log_honours_tail_lines_and_limit_bytes() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+
+        let (_, body) =
+            kubectl::get(connect(&kubelet).await, &host, "/containerLogs/ns/p/c").await?;
+        assert_eq!(body.len() as u64, fixture::DEFAULT_LOG_BYTES);
+
+        let path = "/containerLogs/ns/p/c?bytes=10000&tailLines=3";
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, path).await?;
+        let start = fixture::log_tail_start(10_000, 3);
+        assert_eq!(start, 9_856);
+        let mut verifier = LogVerifier::new(start);
+        verifier.update(&body)?;
+        assert_eq!(verifier.offset(), 10_000);
+
+        let path = "/containerLogs/ns/p/c?bytes=10000&limitBytes=100";
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, path).await?;
+        assert_eq!(body.len(), 100);
+        LogVerifier::new(0).update(&body)?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn follow_disconnect_is_counted_within_a_second() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let path = "/containerLogs/default/web-0/nginx?follow=true&bytes=100";
+        let since = kubelet.follow_disconnects();
+
+        let mut resp = kubectl::get_streaming(connect(&kubelet).await, &host, path).await?;
+        let mut verifier = LogVerifier::new(0);
+        // The initial 100 bytes, then the follow lines continue the same pattern.
+        while verifier.offset() < 100 + 2 * LOG_LINE_LEN {
+            let chunk = kubectl::next_chunk(resp.body_mut())
+                .await?
+                .expect("follow ended");
+            verifier.update(&chunk)?;
+        }
+        assert_eq!(kubelet.follow_disconnects(), since);
+        drop(resp);
+        assert!(
+            kubelet
+                .wait_follow_disconnect(since, Duration::from_secs(1))
+                .await
+        );
+        assert_eq!(kubelet.follow_disconnects(), since + 1);
+
+        // Same with a bare socket that just goes away.
+        let mut tcp = connect(&kubelet).await;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut buf = [0u8; 512];
+        let n = tcp.read(&mut buf).await?;
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK"));
+        drop(tcp);
+        assert!(
+            kubelet
+                .wait_follow_disconnect(since + 1, Duration::from_secs(1))
+                .await
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn exec_over_websocket_relays_stdio_and_exit_code() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let script = "read x; echo out-$x; echo err >&2; exit 3";
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["sh", "-c", script], true);
+        let out = kubectl::exec_ws(connect(&kubelet).await, &host, &path, b"hi\n").await?;
+        assert_eq!(out.stdout, b"out-hi\n");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.exit_code, 3);
+        assert_eq!(out.status["status"], "Failure");
+        assert_eq!(out.status["reason"], "NonZeroExitCode");
+        assert_eq!(
+            out.status["message"],
+            "command terminated with non-zero exit code: exit status 3"
+        );
+
+        // A large stdin through `cat` comes back whole and the exit is a Success.
+        let input = noise(3 << 20);
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["cat"], true);
+        let out = kubectl::exec_ws(connect(&kubelet).await, &host, &path, &input).await?;
+        assert!(
+            out.stdout == input,
+            "cat echoed {} of {} bytes",
+            out.stdout.len(),
+            input.len()
+        );
+        assert_eq!(out.exit_code, 0);
+        assert_eq!(
+            out.status,
+            serde_json::json!({"metadata": {}, "status": "Success"})
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn port_forward_over_websocket_echoes() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let payload = noise(1 << 20);
+        let path = "/portForward/default/web-0?ports=8080";
+        let echoed =
+            kubectl::port_forward_ws(connect(&kubelet).await, &host, path, &payload).await?;
+        assert!(echoed == payload);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spdy_upgrade_echoes_raw_bytes() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let headers = [
+            ("X-Stream-Protocol-Version", "v4.channel.k8s.io"),
+            ("X-Stream-Protocol-Version", "v3.channel.k8s.io"),
+        ];
+        let path = "/exec/default/web-0/nginx?command=sh&stdin=true&stdout=true";
+        let (parts, io) =
+            kubectl::raw_upgrade(connect(&kubelet).await, &host, path, "SPDY/3.1", &headers)
+                .await?;
+        assert_eq!(parts.status, 101);
+        assert_eq!(parts.headers["upgrade"], "SPDY/3.1");
+        assert_eq!(
+            parts.headers["x-stream-protocol-version"],
+            "v4.channel.k8s.io"
+        );
+        assert_eq!(parts.headers["x-fixture"], "kubelet");
+        let payload = noise(1 << 20);
+        assert!(kubectl::echo_through(io, &payload).await? == payload);
+
+        // `tether-echo` works on any path.
+        let (parts, io) = kubectl::raw_upgrade(
+            connect(&kubelet).await,
+            &host,
+            "/anything",
+            "tether-echo",
+            &[],
+        )
+        .await?;
+        assert_eq!(parts.status, 101);
+        assert_eq!(kubectl::echo_through(io, b"ping").await?, b"ping");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_bodies_are_intact() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+
+        let (parts, body) =
+            kubectl::get(connect(&kubelet).await, &host, "/metrics/single-line").await?;
+        assert_eq!(parts.headers["content-type"], "text/plain; version=0.0.4");
+        assert_eq!(body.len(), 5 << 20);
+        assert_eq!(body.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(body.last(), Some(&b'\n'));
+        assert!(body == fixture::metrics_body(MetricsKind::SingleLine, 5 << 20));
+
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, "/metrics/cadvisor").await?;
+        assert!(body == fixture::metrics_body(MetricsKind::Cadvisor, 4 << 20));
+        let long_lines = body
+            .split(|b| *b == b'\n')
+            .filter(|l| l.len() > 64 * 1024)
+            .count();
+        assert!(long_lines >= 4, "only {long_lines} lines over 64 KiB");
+
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, "/metrics?bytes=1000").await?;
+        assert!(body == fixture::metrics_body(MetricsKind::Kubelet, 1000));
+        assert_eq!(body.len(), 1000);
+        assert!(body.ends_with(b"\n"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn small_endpoints_and_errors() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let before = kubelet.requests();
+
+        let (parts, body) = kubectl::get(connect(&kubelet).await, &host, "/no/such/path").await?;
+        assert_eq!(parts.status, 404);
+        assert_eq!(body, "404 page not found\n");
+        assert_eq!(parts.headers["x-fixture"], "kubelet");
+
+        let (parts, _) = kubectl::get(connect(&kubelet).await, &host, "/error500").await?;
+        assert_eq!(parts.status, 500);
+
+        let (parts, body) = kubectl::get(connect(&kubelet).await, &host, "/healthz").await?;
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, "/pods").await?;
+        let pods: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(pods["kind"], "PodList");
+
+        let (_, body) = kubectl::get(connect(&kubelet).await, &host, "/stats/summary").await?;
+        let summary: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(summary["node"]["nodeName"], "fixture-node");
+
+        let started = tokio::time::Instant::now();
+        let (parts, _) = kubectl::get(connect(&kubelet).await, &host, "/slow?ms=100").await?;
+        assert_eq!(parts.status, 200);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+
+        assert_eq!(kubelet.requests(), before + 6);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serves_https_with_a_self_signed_cert() {
+    bounded(async {
+        let (server, cert) = fixture::self_signed_tls()?;
+        let kubelet = FixtureKubelet::start(Some(server)).await?;
+        let host = kubelet.addr.to_string();
+        let connector = tokio_rustls::TlsConnector::from(fixture::client_tls(cert)?);
+        let connect_tls = || async {
+            let name = rustls_pki_types::ServerName::try_from("localhost")?;
+            anyhow::Ok(connector.connect(name, connect(&kubelet).await).await?)
+        };
+
+        let (parts, body) = kubectl::get(connect_tls().await?, &host, "/healthz").await?;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, "ok");
+
+        let path = kubectl::exec_path("ns", "pod", "c", &["sh", "-c", "echo tls"], false);
+        let out = kubectl::exec_ws(connect_tls().await?, &host, &path, b"").await?;
+        assert_eq!(out.stdout, b"tls\n");
+        assert_eq!(out.exit_code, 0);
+
+        let payload = noise(256 * 1024);
+        let (_, io) =
+            kubectl::raw_upgrade(connect_tls().await?, &host, "/x", "tether-echo", &[]).await?;
+        assert!(kubectl::echo_through(io, &payload).await? == payload);
+
+        // A client that does not trust the cert is refused.
+        let (_, other) = fixture::self_signed_tls()?;
+        let stranger = tokio_rustls::TlsConnector::from(fixture::client_tls(other)?);
+        let name = rustls_pki_types::ServerName::try_from("localhost")?;
+        assert!(
+            stranger
+                .connect(name, connect(&kubelet).await)
+                .await
+                .is_err()
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_without_a_supported_protocol_is_refused() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let mut tcp = connect(&kubelet).await;
+        let request = format!(
+            "GET /exec/ns/pod/c?command=true HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v9.nope\r\n\r\n",
+            kubelet.addr
+        );
+        tcp.write_all(request.as_bytes()).await?;
+        let mut buf = [0u8; 64];
+        let n = tcp.read(&mut buf).await?;
+        assert!(buf[..n].starts_with(b"HTTP/1.1 400"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drop_stops_the_fixture() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let addr = kubelet.addr;
+        drop(kubelet);
+        // The listener goes away once the aborted accept task is reaped.
+        for _ in 0..100 {
+            if TcpStream::connect(addr).await.is_err() {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
+        anyhow::bail!("fixture still accepting after drop")
+    })
+    .await;
+}
