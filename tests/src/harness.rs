@@ -232,8 +232,10 @@ pub struct EdgeSpec {
     pub claimed_node: Option<String>,
     /// IP SANs of the node certificate.
     pub ips: Vec<IpAddr>,
-    /// Kubelet URL.
+    /// Kubelet URL (`http://` like edged, or `https://` like a real kubelet).
     pub kubelet_url: String,
+    /// TLS to an `https://` kubelet (trust and optional client certificate).
+    pub kubelet_tls: Option<Arc<rustls::ClientConfig>>,
     /// Allow-listed local endpoints.
     pub allow: Vec<SocketAddr>,
     /// Tunnel bounds; defaults if None.
@@ -248,6 +250,7 @@ impl EdgeSpec {
             claimed_node: None,
             ips: Vec::new(),
             kubelet_url: format!("http://{kubelet}"),
+            kubelet_tls: None,
             allow: Vec::new(),
             limits: None,
         }
@@ -272,7 +275,7 @@ impl EdgeHandle {
         let (trigger, shutdown) = Shutdown::new(Duration::from_secs(2));
         let opts = EdgeOptions {
             dialer,
-            kubelet: KubeletEndpoint::new(&spec.kubelet_url, None, None)?,
+            kubelet: KubeletEndpoint::new(&spec.kubelet_url, spec.kubelet_tls.clone(), Some("localhost"))?,
             allow: spec.allow.clone(),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             metrics: metrics.clone(),
