@@ -103,6 +103,11 @@ impl EdgeMetrics {
             .inc();
     }
 
+    /// True while the tunnel is up (readiness).
+    pub fn is_connected(&self) -> bool {
+        self.connected.get() == 1
+    }
+
     pub(crate) fn connected(&self, up: bool) {
         self.connected.set(i64::from(up));
     }

@@ -111,6 +111,7 @@ pub struct H2Session {
     streams: Arc<Semaphore>,
     max_streams: u32,
     done: watch::Receiver<bool>,
+    io_dropped: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -126,13 +127,14 @@ impl H2Session {
     /// connection task. The task ends when the peer goes away, keepalive
     /// fails, or after [`NodeSession::close`] once streams drain.
     pub async fn start<S>(
-        io: WsStream<S>,
+        mut io: WsStream<S>,
         info: SessionInfo,
         limits: &TunnelLimits,
     ) -> Result<Arc<Self>, hyper::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let io_dropped = io.watch_drop();
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(limits.stream_window)
@@ -165,13 +167,18 @@ impl H2Session {
             streams: Arc::new(Semaphore::new(limits.max_streams as usize)),
             max_streams: limits.max_streams,
             done,
+            io_dropped,
         }))
     }
 
-    /// Resolves when the connection task has ended.
+    /// Resolves when the session is over and its transport released: after
+    /// a graceful close, h2 GOAWAY, WebSocket close and TLS close_notify
+    /// have been sent.
     pub async fn closed(&self) {
         let mut done = self.done.clone();
         let _ = done.wait_for(|d| *d).await;
+        let mut io = self.io_dropped.clone();
+        let _ = io.wait_for(|d| *d).await;
     }
 
     /// Streams currently open.

@@ -25,6 +25,15 @@ pub struct WsStream<S> {
     write_buf: BytesMut,
     message_cap: usize,
     closed: bool,
+    on_drop: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl<S> Drop for WsStream<S> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.on_drop.take() {
+            tx.send_replace(true);
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for WsStream<S> {
@@ -51,7 +60,16 @@ where
             write_buf: BytesMut::new(),
             message_cap: message_cap + 64,
             closed: false,
+            on_drop: None,
         }
+    }
+
+    /// Sets `true` on the returned channel when the stream is dropped, i.e.
+    /// when its owner has finished closing (or abandoned) every layer.
+    pub fn watch_drop(&mut self) -> tokio::sync::watch::Receiver<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        self.on_drop = Some(tx);
+        rx
     }
 
     /// The underlying transport (e.g. to read the peer certificate).
