@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs Tether's whole test suite. On a fresh Debian machine as root it first
+# installs the system packages the tests use; without root it checks for them
+# and names what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests (and later network-namespace tests) rely on.
+PKGS=(curl openssl iproute2 iptables nftables prometheus prometheus-node-exporter)
+# Binary each package provides, to tell whether it is installed.
+declare -A BIN=(
+  [curl]=curl [openssl]=openssl [iproute2]=ip [iptables]=iptables [nftables]=nft
+  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  command -v "${BIN[$p]}" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "test.sh: missing Debian packages: ${missing[*]}" >&2
+    echo "test.sh: install them with: apt-get install -y --no-install-recommends ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+cargo test --workspace --locked "$@"
