@@ -706,3 +706,133 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_kubelet_with_client_certificate() {
+    bounded(async {
+        let pki = Pki::generate()?;
+        // A real kubelet on :10250 serves HTTPS and requires a client certificate.
+        let kubelet_ca = tether_pki::Ca::generate("kubelet-ca")?;
+        let serving = kubelet_ca.issue_server("kubelet", &["localhost", "127.0.0.1"])?;
+        let kubelet_tls = tether_pki::server_config_client_auth(
+            serving.cert_chain()?,
+            serving.key_pem.to_der()?,
+            std::slice::from_ref(kubelet_ca.cert_der()),
+            &[b"http/1.1"],
+        )?;
+        let fixture = FixtureKubelet::start(Some(std::sync::Arc::new(kubelet_tls))).await?;
+        let cloud = CloudHandle::start(&pki, CloudSpec::default()).await?;
+        let client = kubelet_ca.issue_client("tether-edge", &["system:masters"])?;
+        let with_cert = tether_pki::client_config(
+            std::slice::from_ref(kubelet_ca.cert_der()),
+            Some((client.cert_chain()?, client.key_pem.to_der()?)),
+            &[b"http/1.1"],
+        )?;
+        let without_cert = tether_pki::client_config(
+            std::slice::from_ref(kubelet_ca.cert_der()),
+            None,
+            &[b"http/1.1"],
+        )?;
+        for (node, tls, want) in [("good", with_cert, 200), ("no-cert", without_cert, 502)] {
+            let mut spec = EdgeSpec::new(node, fixture.addr);
+            spec.kubelet_url = format!("https://{}", fixture.addr);
+            spec.kubelet_tls = Some(std::sync::Arc::new(tls));
+            let edge = EdgeHandle::start(&pki, cloud.tunnel_addr, spec)?;
+            cloud
+                .registry
+                .wait_for_node(node, None, Duration::from_secs(10))
+                .await
+                .context("no session")?;
+            let (p, body) = kubectl::get(
+                cloud.front_conn(pki.apiserver_tls()?).await?,
+                node,
+                "/metrics/single-line?bytes=100000",
+            )
+            .await?;
+            ensure!(
+                p.status == want,
+                "{node}: {} {}",
+                p.status,
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            );
+            edge.stop().await;
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limit_gives_busy_error_and_spares_other_nodes() {
+    bounded(async {
+        let pki = Pki::generate()?;
+        let fixture = FixtureKubelet::start(None).await?;
+        let limits = tether_tunnel::TunnelLimits {
+            max_streams: 2,
+            ..Default::default()
+        };
+        let cloud = CloudHandle::start(
+            &pki,
+            CloudSpec {
+                limits: Some(limits.clone()),
+                ..CloudSpec::default()
+            },
+        )
+        .await?;
+        let busy = EdgeHandle::start(&pki, cloud.tunnel_addr, EdgeSpec::new("busy", fixture.addr))?;
+        let calm = EdgeHandle::start(&pki, cloud.tunnel_addr, EdgeSpec::new("calm", fixture.addr))?;
+        for n in ["busy", "calm"] {
+            cloud
+                .registry
+                .wait_for_node(n, None, Duration::from_secs(10))
+                .await
+                .context("no session")?;
+        }
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let r = kubectl::get_streaming(
+                cloud.front_conn(pki.apiserver_tls()?).await?,
+                "busy",
+                "/containerLogs/a/b/c?follow=true",
+            )
+            .await?;
+            ensure!(r.status() == 200);
+            held.push(r);
+        }
+        let (p, body) = kubectl::get(
+            cloud.front_conn(pki.apiserver_tls()?).await?,
+            "busy",
+            "/healthz",
+        )
+        .await?;
+        ensure!(p.status == 429, "third stream: {}", p.status);
+        ensure!(String::from_utf8_lossy(&body).contains("TooManyRequests"));
+        let (p, _) = kubectl::get(
+            cloud.front_conn(pki.apiserver_tls()?).await?,
+            "calm",
+            "/healthz",
+        )
+        .await?;
+        ensure!(p.status == 200, "other node: {}", p.status);
+        // Releasing a stream frees its slot.
+        drop(held.pop());
+        let mut ok = false;
+        for _ in 0..100 {
+            let (p, _) = kubectl::get(
+                cloud.front_conn(pki.apiserver_tls()?).await?,
+                "busy",
+                "/healthz",
+            )
+            .await?;
+            if p.status == 200 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(ok, "slot never freed");
+        drop((busy, calm));
+        Ok(())
+    })
+    .await;
+}

@@ -95,6 +95,11 @@ impl TunnelDialer {
         &self.limits
     }
 
+    /// The node name this dialer claims.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The cloud address.
     pub fn addr(&self) -> &str {
         &self.addr
