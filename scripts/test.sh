@@ -5,13 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests (and later network-namespace tests) rely on.
-PKGS=(curl openssl iproute2 iptables nftables prometheus prometheus-node-exporter)
-# Binary each package provides, to tell whether it is installed.
-declare -A BIN=(
-  [curl]=curl [openssl]=openssl [iproute2]=ip [iptables]=iptables [nftables]=nft
-  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter
-)
+# Debian packages the tests run, with a binary each provides (to tell whether
+# it is installed). Add to both when a test starts using a new tool.
+PKGS=(curl procps)
+declare -A BIN=([curl]=curl [procps]=kill)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -836,3 +836,59 @@ async fn stream_limit_gives_busy_error_and_spares_other_nodes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_edge_is_dropped_by_keepalive() {
+    bounded(async {
+        let pki = Pki::generate()?;
+        let limits = tether_tunnel::TunnelLimits {
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let cloud = CloudHandle::start(
+            &pki,
+            CloudSpec {
+                limits: Some(limits),
+                ..CloudSpec::default()
+            },
+        )
+        .await?;
+        // An authenticated edge that upgrades, then never answers anything
+        // (a frozen process or a link that silently drops packets).
+        let cert = pki.edge_ca.issue_node_client("frozen", &[])?;
+        let tcp = tokio::net::TcpStream::connect(cloud.tunnel_addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(pki.edge_client_tls(&cert)?)
+            .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+            .await?;
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                "wss://localhost/v1/tunnel",
+            )?;
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            http::HeaderValue::from_static("tether.v1"),
+        );
+        let (_silent, _) = tokio_tungstenite::client_async(req, tls).await?;
+        cloud
+            .registry
+            .wait_for_node("frozen", None, Duration::from_secs(5))
+            .await
+            .context("not registered")?;
+        let started = std::time::Instant::now();
+        ensure!(
+            cloud
+                .registry
+                .wait_until(Duration::from_secs(5), |r| r.get("frozen").is_none())
+                .await,
+            "silent session outlived its keepalive deadline"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+        Ok(())
+    })
+    .await;
+}
