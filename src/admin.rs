@@ -1,6 +1,8 @@
 //! The admin HTTP endpoint of every role: `/metrics` (OpenMetrics text),
-//! `/healthz` (the process runs) and `/readyz` (the role can do its job).
-//! Plain HTTP, meant for loopback or a pod network with a NetworkPolicy.
+//! `/healthz` (the process runs), `/readyz` (the role can do its job) and, on
+//! the cloud, `/tunnelport` (this replica's tunnel-port record, the input of
+//! iptables-manager). Plain HTTP, meant for loopback or a pod network with a
+//! NetworkPolicy.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,13 +17,54 @@ use tracing::warn;
 
 pub(crate) type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// What the admin endpoint serves.
+#[derive(Clone)]
+pub(crate) struct Admin {
+    /// Metric families for `/metrics`.
+    pub(crate) registry: Arc<Mutex<Registry>>,
+    /// Readiness for `/readyz`.
+    pub(crate) ready: Ready,
+    /// This replica's tunnel-port record for `/tunnelport` (cloud only).
+    pub(crate) tunnelport: Option<Bytes>,
+}
+
+impl Admin {
+    fn answer(&self, path: &str) -> (StatusCode, &'static str, Bytes) {
+        let text = |code, s: &'static str| (code, "text/plain", Bytes::from_static(s.as_bytes()));
+        match path {
+            "/metrics" => {
+                let mut out = String::new();
+                let reg = self.registry.lock().expect("metrics lock");
+                match prometheus_client::encoding::text::encode(&mut out, &reg) {
+                    Ok(()) => (
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        Bytes::from(out),
+                    ),
+                    Err(_) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "metrics encoding failed\n",
+                    ),
+                }
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if (self.ready)() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/tunnelport" => match &self.tunnelport {
+                Some(record) => (StatusCode::OK, "application/json", record.clone()),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "no tunnel-port record: set advertise_address and tunnel_port\n",
+                ),
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
 /// Serves the admin endpoint until shutdown.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    registry: Arc<Mutex<Registry>>,
-    ready: Ready,
-    shutdown: Shutdown,
-) {
+pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
+    let admin = Arc::new(admin);
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -34,43 +77,15 @@ pub(crate) async fn serve(
             },
             _ = shutdown.triggered() => return,
         };
-        let registry = registry.clone();
-        let ready = ready.clone();
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |req| {
-            let registry = registry.clone();
-            let ready = ready.clone();
-            async move {
-                let (status, ctype, body) = match req.uri().path() {
-                    "/metrics" => {
-                        let mut out = String::new();
-                        let reg = registry.lock().expect("metrics lock");
-                        match prometheus_client::encoding::text::encode(&mut out, &reg) {
-                            Ok(()) => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                out,
-                            ),
-                            Err(e) => (
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "text/plain",
-                                e.to_string(),
-                            ),
-                        }
-                    }
-                    "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-                    "/readyz" if ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
-                    "/readyz" => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready\n".into(),
-                    ),
-                    _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                };
+            let (status, ctype, body) = admin.answer(req.uri().path());
+            std::future::ready(
                 Response::builder()
                     .status(status)
                     .header("content-type", ctype)
-                    .body(Full::new(Bytes::from(body)))
-            }
+                    .body(Full::new(body)),
+            )
         });
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

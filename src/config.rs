@@ -42,6 +42,11 @@ pub(crate) struct CloudConfig {
     pub(crate) front_limits: FrontLimits,
     /// Drain deadline after SIGTERM, in seconds (default 10).
     pub(crate) drain_timeout_secs: u64,
+    /// This replica's address as the control-plane hosts reach it; with
+    /// `tunnel_port`, published at the admin `/tunnelport` for iptables-manager.
+    pub(crate) advertise_address: Option<std::net::IpAddr>,
+    /// This replica's tunnel port (10351, 10352, ... one per replica).
+    pub(crate) tunnel_port: Option<u16>,
 }
 
 impl Default for CloudConfig {
@@ -60,6 +65,8 @@ impl Default for CloudConfig {
             limits: TunnelLimits::default(),
             front_limits: FrontLimits::default(),
             drain_timeout_secs: 10,
+            advertise_address: None,
+            tunnel_port: None,
         }
     }
 }

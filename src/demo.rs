@@ -43,8 +43,11 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     let registry = cloud.registry.clone();
     tokio::spawn(crate::admin::serve(
         admin,
-        cloud.metrics.clone(),
-        Arc::new(move || !registry.is_empty()),
+        crate::admin::Admin {
+            registry: cloud.metrics.clone(),
+            ready: Arc::new(move || !registry.is_empty()),
+            tunnelport: None,
+        },
         admin_shutdown,
     ));
 

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod demo;
+mod iptables;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,15 @@ enum Cmd {
     Edge(EdgeArgs),
     /// Start cloud, edge and a sample kubelet on loopback and show the tunnel at work.
     Demo(DemoArgs),
+    /// Keep the TUNNEL-PORT DNAT rules in step with the replicas' tunnel ports.
+    IptablesManager(iptables::Args),
+    /// Serve the sample kubelet alone (used by tests inside network namespaces).
+    #[command(hide = true)]
+    FixtureKubelet {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args)]
@@ -75,6 +85,12 @@ struct CloudArgs {
     /// CA of the apiserver's kubelet client certificate (PEM).
     #[arg(long, env = "TETHER_FRONT_CLIENT_CA")]
     front_client_ca: Option<PathBuf>,
+    /// This replica's address as control-plane hosts reach it (for /tunnelport).
+    #[arg(long, env = "TETHER_ADVERTISE_ADDRESS")]
+    advertise_address: Option<std::net::IpAddr>,
+    /// This replica's tunnel port, e.g. 10351 (for /tunnelport).
+    #[arg(long, env = "TETHER_TUNNEL_PORT")]
+    tunnel_port: Option<u16>,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +157,13 @@ fn main() -> anyhow::Result<()> {
                     anyhow::bail!("demo self-test failed")
                 }
             }
+            Cmd::IptablesManager(a) => iptables::run(a).await,
+            Cmd::FixtureKubelet { listen } => {
+                let k = tether_tests::fixture::FixtureKubelet::start_on(listen, None).await?;
+                println!("listening on {}", k.addr);
+                stop_signal().await;
+                Ok(())
+            }
         }
     })
 }
@@ -182,6 +205,20 @@ async fn run_cloud(a: CloudArgs) -> anyhow::Result<()> {
         front_key,
         front_client_ca
     );
+    if a.advertise_address.is_some() {
+        cfg.advertise_address = a.advertise_address;
+    }
+    if a.tunnel_port.is_some() {
+        cfg.tunnel_port = a.tunnel_port;
+    }
+    let tunnelport = match (cfg.advertise_address, cfg.tunnel_port) {
+        (Some(ip), Some(port)) => Some(
+            serde_json::to_vec(&tether_iptables_manager::TunnelPortRecord::single(ip, port))?
+                .into(),
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("config fields `advertise_address` and `tunnel_port` go together"),
+    };
     let (tunnel_tls, front_tls) = cfg.tls()?;
     let tunnel_listener = bind(cfg.tunnel_addr, "the edge tunnel").await?;
     let front_listener = bind(cfg.front_addr, "the kubelet-API front").await?;
@@ -194,8 +231,11 @@ async fn run_cloud(a: CloudArgs) -> anyhow::Result<()> {
     let (trigger, shutdown) = Shutdown::new(drain);
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Mutex::new(registry)),
-        Arc::new(|| true),
+        admin::Admin {
+            registry: Arc::new(Mutex::new(registry)),
+            ready: Arc::new(|| true),
+            tunnelport,
+        },
         shutdown.clone(),
     ));
     let opts = CloudOptions {
@@ -261,8 +301,11 @@ async fn run_edge(a: EdgeArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(admin::serve(
         admin_listener,
-        Arc::new(Mutex::new(registry)),
-        ready,
+        admin::Admin {
+            registry: Arc::new(Mutex::new(registry)),
+            ready,
+            tunnelport: None,
+        },
         shutdown.clone(),
     ));
     let opts = EdgeOptions {

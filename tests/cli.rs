@@ -1,19 +1,17 @@
 //! Process-level tests of the `tether` binary: real cert files, real child
 //! processes, SIGTERM. (Part of the root package, which owns the binary.)
 
-use std::path::Path;
-use std::process::Stdio;
+mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
+use process::{BIN, field, sigterm, write};
 use tether_tests::fixture::FixtureKubelet;
 use tether_tests::harness::Pki;
 use tether_tests::kubectl;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
+use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_self_test_passes() {
@@ -34,64 +32,6 @@ async fn demo_self_test_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("0 failed"), "{stdout}");
-}
-
-/// Spawns a role and waits for its "started" log line; returns the child and
-/// the `key=value` fields of that line.
-async fn spawn_role(args: &[&str]) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("TETHER_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let started = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("started") {
-                return Ok(line);
-            }
-        }
-        bail!("{args:?} exited before starting")
-    })
-    .await
-    .context("role did not start in 20 s")??;
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, started))
-}
-
-fn field(line: &str, key: &str) -> anyhow::Result<String> {
-    let plain: String = line.chars().filter(|c| !c.is_control()).collect();
-    let at = plain
-        .find(&format!("{key}="))
-        .with_context(|| format!("no {key}= in {plain:?}"))?;
-    let rest = &plain[at + key.len() + 1..];
-    Ok(rest
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .trim_matches('"')
-        .to_owned())
-}
-
-fn write(dir: &Path, name: &str, pem: &str) -> anyhow::Result<String> {
-    let p = dir.join(name);
-    std::fs::write(&p, pem)?;
-    Ok(p.display().to_string())
-}
-
-async fn sigterm(child: &Child) -> anyhow::Result<()> {
-    let pid = child.id().context("child already gone")?;
-    let st = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    ensure!(st.success(), "kill -TERM failed");
-    Ok(())
 }
 
 async fn front_get(
@@ -142,52 +82,68 @@ async fn cloud_and_edge_processes_serve_and_drain_on_sigterm() {
             "drain_timeout_secs: 5\nlimits:\n  max_streams: 64\n",
         )?;
 
-        let (mut cloud, line) = spawn_role(&[
-            "cloud",
-            "--config",
-            &config,
-            "--tunnel-addr",
-            "127.0.0.1:0",
-            "--front-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--tunnel-cert",
-            &tc,
-            "--tunnel-key",
-            &tk,
-            "--edge-ca",
-            &edge_ca,
-            "--front-cert",
-            &fc,
-            "--front-key",
-            &fk,
-            "--front-client-ca",
-            &front_ca,
-        ])
+        let process::Role {
+            child: mut cloud,
+            started: line,
+            ..
+        } = process::spawn(
+            &[],
+            &[
+                "cloud",
+                "--config",
+                &config,
+                "--tunnel-addr",
+                "127.0.0.1:0",
+                "--front-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--tunnel-cert",
+                &tc,
+                "--tunnel-key",
+                &tk,
+                "--edge-ca",
+                &edge_ca,
+                "--front-cert",
+                &fc,
+                "--front-key",
+                &fk,
+                "--front-client-ca",
+                &front_ca,
+            ],
+            "started",
+        )
         .await?;
         let (tunnel_addr, front_addr) = (field(&line, "tunnel")?, field(&line, "front")?);
         let kubelet = FixtureKubelet::start(None).await?;
         let kubelet_url = format!("http://{}", kubelet.addr);
-        let (mut edge, line) = spawn_role(&[
-            "edge",
-            "--node-name",
-            "edge-cli",
-            "--cloud-addr",
-            &tunnel_addr,
-            "--cloud-server-name",
-            "localhost",
-            "--ca",
-            &edge_ca,
-            "--cert",
-            &nc,
-            "--key",
-            &nk,
-            "--kubelet-url",
-            &kubelet_url,
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        let process::Role {
+            child: mut edge,
+            started: line,
+            ..
+        } = process::spawn(
+            &[],
+            &[
+                "edge",
+                "--node-name",
+                "edge-cli",
+                "--cloud-addr",
+                &tunnel_addr,
+                "--cloud-server-name",
+                "localhost",
+                "--ca",
+                &edge_ca,
+                "--cert",
+                &nc,
+                "--key",
+                &nk,
+                "--kubelet-url",
+                &kubelet_url,
+                "--admin-addr",
+                "127.0.0.1:0",
+            ],
+            "started",
+        )
         .await?;
         let edge_admin = field(&line, "admin")?;
 

@@ -81,7 +81,16 @@ struct State {
 impl FixtureKubelet {
     /// Binds `127.0.0.1:0` and serves plain HTTP/1.1, or HTTPS when `tls` is given.
     pub async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> std::io::Result<FixtureKubelet> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse().expect("static address"), tls).await
+    }
+
+    /// Like [`FixtureKubelet::start`] on a given address (tests inside
+    /// network namespaces bind the namespace's loopback).
+    pub async fn start_on(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<FixtureKubelet> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let state = Arc::new(State {
