@@ -16,6 +16,9 @@ use tether_tests::harness::Pki;
 const NODE_IP: &str = "10.0.0.5";
 const NODE_CIDR: &str = "10.0.0.0/24";
 const REPLICA_A: &str = "10.99.0.1";
+const NODE_IP6: &str = "fd00:e::5";
+const NODE_CIDR6: &str = "fd00:e::/64";
+const REPLICA_A6: &str = "fd00:99::1";
 const REPLICA_B: &str = "10.99.0.2";
 const TUNNEL_PORT: u16 = 10351;
 
@@ -72,6 +75,8 @@ impl Netns {
             &format!("addr add {REPLICA_A}/32 dev tether0"),
             &format!("addr add {REPLICA_B}/32 dev tether0"),
             &format!("route add {NODE_CIDR} dev tether0"),
+            &format!("addr add {REPLICA_A6}/128 dev tether0 nodad"),
+            &format!("route add {NODE_CIDR6} dev tether0"),
         ] {
             let mut args = vec!["ip", "-n", &ns.name];
             args.extend(cmd.split(' '));
@@ -117,6 +122,8 @@ impl Netns {
             backend,
             "--node-cidr",
             NODE_CIDR,
+            "--node-cidr",
+            NODE_CIDR6,
         ])
         .await
     }
@@ -154,13 +161,13 @@ fn files(ns: &Netns) -> anyhow::Result<Files> {
     // apiserver dialled (hand-made here; per-node certificates are issue 4's).
     let front = pki
         .front_ca
-        .issue_server("tether-cloud", &["localhost", NODE_IP])?;
+        .issue_server("tether-cloud", &["localhost", NODE_IP, NODE_IP6])?;
     let tunnel = pki
         .edge_ca
         .issue_server("tether-cloud", &["localhost", "127.0.0.1"])?;
     let node = pki
         .edge_ca
-        .issue_node_client("edge-a", &[NODE_IP.parse()?])?;
+        .issue_node_client("edge-a", &[NODE_IP.parse()?, NODE_IP6.parse()?])?;
     let client = pki
         .front_ca
         .issue_client("kube-apiserver-kubelet-client", &["system:masters"])?;
@@ -195,7 +202,10 @@ async fn stack(ns: &Netns, f: &Files, replicas: &[&str]) -> anyhow::Result<Stack
     );
     let (mut clouds, mut edges) = (Vec::new(), Vec::new());
     for replica in replicas {
-        let front_addr = format!("{replica}:10003");
+        let front_addr = match replica.parse::<std::net::IpAddr>()? {
+            std::net::IpAddr::V4(ip) => format!("{ip}:10003"),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:10003"),
+        };
         let cloud = ns
             .tether(
                 &[
@@ -309,19 +319,33 @@ async fn bounded(f: impl std::future::Future<Output = anyhow::Result<()>>) {
         .expect("test failed");
 }
 
-async fn dnat_through_real_stack(backend: &str) -> anyhow::Result<()> {
+async fn dnat_through_real_stack(backend: &str, v6: bool) -> anyhow::Result<()> {
+    let (node_ip, node_cidr, replica) = if v6 {
+        (format!("[{NODE_IP6}]"), NODE_CIDR6, REPLICA_A6)
+    } else {
+        (NODE_IP.to_owned(), NODE_CIDR, REPLICA_A)
+    };
     let ns = Netns::new().await?;
     let f = files(&ns)?;
-    let _stack = stack(&ns, &f, &[REPLICA_A]).await?;
-    let recs = write(&ns.dir, "records.json", &records(REPLICA_A))?;
+    let _stack = stack(&ns, &f, &[replica]).await?;
+    let recs = write(&ns.dir, "records.json", &records(replica))?;
     let (success, _, err) = ns.manager_once(backend, &recs).await?;
     ensure!(success, "iptables-manager --once failed: {err}");
     if backend != "nftables" {
-        let rules = ns
-            .ok(&[iptables(backend), "-t", "nat", "-S", "TUNNEL-PORT"])
-            .await?;
+        let tool = match (backend, v6) {
+            ("legacy", false) => "iptables-legacy",
+            ("legacy", true) => "ip6tables-legacy",
+            (_, false) => "iptables-nft",
+            (_, true) => "ip6tables-nft",
+        };
+        let rules = ns.ok(&[tool, "-t", "nat", "-S", "TUNNEL-PORT"]).await?;
+        let to = if v6 {
+            format!("[{replica}]")
+        } else {
+            replica.to_owned()
+        };
         let want = format!(
-            "-N TUNNEL-PORT\n-A TUNNEL-PORT -d {NODE_CIDR} -p tcp -m tcp --dport {TUNNEL_PORT} -m comment --comment \"tether tunnel port {TUNNEL_PORT}\" -j DNAT --to-destination {REPLICA_A}:10003\n"
+            "-N TUNNEL-PORT\n-A TUNNEL-PORT -d {node_cidr} -p tcp -m tcp --dport {TUNNEL_PORT} -m comment --comment \"tether tunnel port {TUNNEL_PORT}\" -j DNAT --to-destination {to}:10003\n"
         );
         let got: String = rules
             .lines()
@@ -330,10 +354,10 @@ async fn dnat_through_real_stack(backend: &str) -> anyhow::Result<()> {
             .collect();
         ensure!(
             got == want,
-            "iptables -t nat -S TUNNEL-PORT:\n{got}\nwant:\n{want}"
+            "{tool} -t nat -S TUNNEL-PORT:\n{got}\nwant:\n{want}"
         );
     }
-    let url = format!("https://{NODE_IP}:{TUNNEL_PORT}/containerLogs/default/web/app?bytes=640");
+    let url = format!("https://{node_ip}:{TUNNEL_PORT}/containerLogs/default/web/app?bytes=640");
     let body = curl_until_ok(&ns, &f, &url).await?;
     ensure!(
         body.len() == 640 && body.starts_with("0000000000000000 fixture log line"),
@@ -358,19 +382,19 @@ async fn dnat_through_real_stack(backend: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_iptables_legacy() {
     require_root!();
-    bounded(dnat_through_real_stack("legacy")).await;
+    bounded(dnat_through_real_stack("legacy", false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_iptables_nft() {
     require_root!();
-    bounded(dnat_through_real_stack("nft")).await;
+    bounded(dnat_through_real_stack("nft", false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_nftables() {
     require_root!();
-    bounded(dnat_through_real_stack("nftables")).await;
+    bounded(dnat_through_real_stack("nftables", false)).await;
 }
 
 /// A long-running manager inside `ns`.
@@ -841,4 +865,22 @@ async fn auto_backend_follows_the_rules_the_host_has() {
         Ok(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnat_through_real_stack_ipv6_iptables_legacy() {
+    require_root!();
+    bounded(dnat_through_real_stack("legacy", true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnat_through_real_stack_ipv6_iptables_nft() {
+    require_root!();
+    bounded(dnat_through_real_stack("nft", true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnat_through_real_stack_ipv6_nftables() {
+    require_root!();
+    bounded(dnat_through_real_stack("nftables", true)).await;
 }
