@@ -1,6 +1,6 @@
 //! The cloud's metric families, updated by the front and the tunnel listener.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -10,11 +10,22 @@ use prometheus_client::registry::Registry;
 use tether_tunnel::TunnelEvent;
 
 /// Request kinds, a closed set.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub(crate) enum Kind {
     Http,
     Upgrade,
     Connect,
+}
+
+impl EncodeLabelValue for Kind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            Self::Http => "http",
+            Self::Upgrade => "upgrade",
+            Self::Connect => "connect",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

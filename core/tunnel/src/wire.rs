@@ -101,13 +101,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn tunnel_uri(authority: &str, path_and_query: Option<&str>) -> Result<Uri, WireError> {
-    if authority.is_empty() || authority.contains(['/', '@', '?', '#', ' ']) {
-        return Err(WireError::Target(authority.to_owned()));
-    }
-    let mut b = Uri::builder().scheme("http").authority(authority);
-    b = b.path_and_query(path_and_query.unwrap_or("/"));
-    b.build().map_err(|e| WireError::Path(e.to_string()))
+fn tunnel_uri(target: &str, path_and_query: Option<&str>) -> Result<Uri, WireError> {
+    // Check the target on its own so a bad one is reported as such, not as a
+    // bad path (fuzzing finding W1, docs/fuzzing.md).
+    let authority = target
+        .parse::<http::uri::Authority>()
+        .ok()
+        .filter(|a| !a.as_str().is_empty() && !a.as_str().contains('@'))
+        .ok_or_else(|| WireError::Target(target.to_owned()))?;
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path_and_query.unwrap_or("/"))
+        .build()
+        .map_err(|e| WireError::Path(e.to_string()))
 }
 
 /// Cloud side: rewrites a request the front received so it can be sent on the
@@ -355,6 +362,12 @@ mod tests {
         );
         let bad = Request::builder().uri("/x").body(()).unwrap();
         assert!(request_to_tunnel(bad, "a/b").is_err());
+        // Fuzzing finding W1: a bad target is reported as a bad target.
+        let bad = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(
+            request_to_tunnel(bad, "\0").unwrap_err(),
+            WireError::Target("\0".into())
+        );
         let put = upgrade_req(Method::PUT);
         assert_eq!(
             request_to_tunnel(put, KUBELET_TARGET).unwrap_err(),
