@@ -17,7 +17,10 @@ use tether_cloudstream::route::{NodeKey, forwarded_uri_node, host_key, valid_nod
 fn check_host(s: &str) {
     match host_key(s) {
         Some(NodeKey::Name(n)) => {
-            assert!(valid_node_name(&n), "host_key({s:?}) gave invalid name {n:?}");
+            assert!(
+                valid_node_name(&n),
+                "host_key({s:?}) gave invalid name {n:?}"
+            );
             assert_eq!(
                 host_key(&n),
                 Some(NodeKey::Name(n.clone())),
@@ -37,7 +40,11 @@ fn check_host(s: &str) {
         Some(NodeKey::Ip(ip)) => {
             // An address renders back to something host_key maps to itself.
             let shown = NodeKey::Ip(ip).to_string();
-            assert_eq!(host_key(&shown), Some(NodeKey::Ip(ip)), "ip {shown:?} from {s:?}");
+            assert_eq!(
+                host_key(&shown),
+                Some(NodeKey::Ip(ip)),
+                "ip {shown:?} from {s:?}"
+            );
         }
         None => {}
     }
@@ -52,14 +59,21 @@ fn check_forwarded(s: &str) {
         let rest = s
             .strip_prefix("/api/v1/nodes/")
             .expect("a forwarded name needs the node-proxy prefix");
-        let rest = rest.strip_prefix(n.as_str()).expect("name is the next segment");
+        let rest = rest
+            .strip_prefix(n.as_str())
+            .expect("name is the next segment");
         let rest = match rest.strip_prefix(':') {
             Some(r) => {
                 let (port, r) = r.split_once('/').expect("a segment ends with /");
-                assert!(port.is_empty() || port.parse::<u16>().is_ok(), "port {port:?} in {s:?}");
+                assert!(
+                    port.is_empty() || port.parse::<u16>().is_ok(),
+                    "port {port:?} in {s:?}"
+                );
                 r
             }
-            None => rest.strip_prefix('/').expect("segment ends right after the name"),
+            None => rest
+                .strip_prefix('/')
+                .expect("segment ends right after the name"),
         };
         assert!(
             rest == "proxy" || rest.starts_with("proxy/") || rest.starts_with("proxy?"),

@@ -217,7 +217,12 @@ fuzz_target!(|data: &[u8]| {
     } else {
         let (wire, expect, end) = script(rest);
         let (got, result) = run(&wire);
-        assert!(got == expect, "binary payloads not delivered intact: got {} bytes, want {}", got.len(), expect.len());
+        assert!(
+            got == expect,
+            "binary payloads not delivered intact: got {} bytes, want {}",
+            got.len(),
+            expect.len()
+        );
         match (end, result) {
             (End::Close, Ok(())) => {}
             (End::Text, Err(e)) if e.kind() == io::ErrorKind::InvalidData => {}
