@@ -38,6 +38,12 @@ pub struct Identity {
     /// IP addresses in the subjectAltName: for a node, the addresses the
     /// node may be reached at (routing by IP trusts only these).
     pub ips: Vec<IpAddr>,
+    /// Serial number, lowercase hex without leading zeros.
+    pub serial: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
 }
 
 impl Identity {
@@ -77,6 +83,9 @@ impl Identity {
             common_name,
             organizations,
             ips,
+            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', "").trim_start_matches('0').to_owned(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
         })
     }
 
@@ -116,6 +125,9 @@ mod tests {
             common_name: cn.into(),
             organizations: o.iter().map(|s| s.to_string()).collect(),
             ips: Vec::new(),
+            serial: String::new(),
+            not_before: 0,
+            not_after: 0,
         };
         assert_eq!(
             id("system:node:a-1", &[NODES_GROUP]).node_name(),

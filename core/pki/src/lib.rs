@@ -5,8 +5,10 @@
 
 mod identity;
 mod tls;
+mod token;
 
 pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP};
+pub use token::{BootstrapToken, TokenError, ca_hash, hex};
 pub use tls::{
     TlsError, client_config, load_certs, load_key, provider, server_config_client_auth,
     server_config_no_client_auth,
@@ -40,6 +42,9 @@ pub enum PkiError {
     /// A SAN was neither an IP address nor a valid DNS name.
     #[error("invalid subject alternative name {0:?}")]
     San(String),
+    /// A certificate signing request was refused.
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
 }
 
 /// A private key in PEM form. Debug never prints the key.
@@ -198,6 +203,41 @@ impl Ca {
         self.sign(params)
     }
 
+    /// Signs a node's CSR. Only the CSR's public key is used: subject, SANs,
+    /// key usages, EKUs, basic constraints and validity are set here, because
+    /// rcgen copies all of a CSR's extensions (including CA:true and extra
+    /// SANs) into its params. The CSR must name `system:node:<node>`.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        node: &str,
+        ips: &[IpAddr],
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Csr(format!("not a valid signed CSR: {e}")))?;
+        let want = format!("{NODE_CN_PREFIX}{node}");
+        let cn = csr
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .map(dn_text)
+            .unwrap_or_default();
+        if cn != want {
+            return Err(PkiError::Csr(format!("CSR subject {cn:?} does not match node {want:?}")));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&want, &[NODES_GROUP]);
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, lifetime);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+
     fn sign(&self, mut params: CertificateParams) -> Result<CertifiedKey, PkiError> {
         set_validity(&mut params, DEFAULT_LEAF_LIFETIME);
         params.is_ca = IsCa::ExplicitNoCa;
@@ -209,6 +249,28 @@ impl Ca {
             key_pem: SecretPem(key.serialize_pem()),
         })
     }
+}
+
+fn dn_text(v: &rcgen::DnValue) -> String {
+    match v {
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
+        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// A key and a CSR for `system:node:<node>` (the edge side of enrolment).
+pub fn node_csr(node: &str) -> Result<(String, SecretPem), PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&format!("{NODE_CN_PREFIX}{node}"), &[NODES_GROUP]);
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    let pem = csr
+        .pem()
+        .map_err(|e| PkiError::Csr(format!("cannot encode CSR: {e}")))?;
+    Ok((pem, SecretPem(key.serialize_pem())))
 }
 
 fn dn(common_name: &str, organizations: &[&str]) -> DistinguishedName {
@@ -302,6 +364,39 @@ mod tests {
             .unwrap();
         assert!(leaf.cert_pem.contains("BEGIN CERTIFICATE"));
         assert!(!format!("{:?}", leaf.key_pem).contains("PRIVATE"));
+    }
+
+    #[test]
+    fn csr_cannot_ask_for_more_than_a_node_client_cert() {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let ca = Ca::generate("tether-test-ca").unwrap();
+        // A greedy CSR: CA:true, server auth, extra SANs.
+        let mut params = CertificateParams::new(vec!["evil.example".to_string(), "10.9.9.9".to_string()]).unwrap();
+        params.distinguished_name = dn("system:node:edge-1", &[NODES_GROUP, "system:masters"]);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let key = KeyPair::generate().unwrap();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let pem = ca
+            .sign_node_csr(&csr, "edge-1", &[ip], Duration::from_secs(60))
+            .unwrap();
+        let der = parse_certs(pem.as_bytes(), "c").unwrap().remove(0);
+        let id = Identity::from_der(&der).unwrap();
+        assert_eq!(id.node_name(), Some("edge-1"));
+        assert_eq!(id.organizations, vec![NODES_GROUP.to_string()]);
+        assert_eq!(id.ips, vec![ip]);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert!(!cert.is_ca());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(!ku.key_cert_sign());
+        // Another node's name is refused; garbage is refused.
+        let (other, _) = node_csr("edge-2").unwrap();
+        assert!(matches!(ca.sign_node_csr(&other, "edge-1", &[], Duration::from_secs(60)), Err(PkiError::Csr(_))));
+        assert!(matches!(ca.sign_node_csr("garbage", "edge-1", &[], Duration::from_secs(60)), Err(PkiError::Csr(_))));
     }
 
     #[test]
