@@ -46,7 +46,7 @@ enum State {
 /// drains in-flight streams until the drain deadline.
 pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
     let EdgeOptions {
-        dialer,
+        mut dialer,
         kubelet,
         allow,
         mut backoff,
@@ -85,16 +85,27 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                 State::Connected(t) => {
                     let started = Instant::now();
                     let h = handler.clone();
-                    let result = tether_tunnel::serve_edge_session(
+                    let mut session = Box::pin(tether_tunnel::serve_edge_session(
                         *t,
-                        dialer.limits(),
+                        dialer.limits().clone(),
                         move |req| {
                             let h = h.clone();
                             async move { h.handle(req).await }
                         },
-                        &shutdown,
-                    )
-                    .await;
+                        shutdown.clone(),
+                    ));
+                    let result = tokio::select! {
+                        r = &mut session => r,
+                        _ = dialer.tls_changed() => {
+                            // A renewed certificate: connect again with it. The
+                            // cloud replaces the old session, whose in-flight
+                            // streams finish in the background.
+                            info!("certificate renewed; opening a session with it");
+                            tokio::spawn(async move { let _ = session.await; }.in_current_span());
+                            state = State::Connecting;
+                            continue;
+                        }
+                    };
                     metrics.connected(false);
                     if shutdown.is_triggered() {
                         info!("tunnel closed for shutdown");

@@ -83,7 +83,12 @@ impl Identity {
             common_name,
             organizations,
             ips,
-            serial: cert.tbs_certificate.raw_serial_as_string().replace(':', "").trim_start_matches('0').to_owned(),
+            serial: cert
+                .tbs_certificate
+                .raw_serial_as_string()
+                .replace(':', "")
+                .trim_start_matches('0')
+                .to_owned(),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
         })
@@ -100,12 +105,8 @@ impl Identity {
     /// The node name, when this is a node identity.
     pub fn node_name(&self) -> Option<&str> {
         let name = self.common_name.strip_prefix(NODE_CN_PREFIX)?;
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        (valid && self.organizations.iter().any(|o| o == NODES_GROUP)).then_some(name)
+        (valid_node_name(name) && self.organizations.iter().any(|o| o == NODES_GROUP))
+            .then_some(name)
     }
 
     /// The node name, or an error saying why this is not a node.
@@ -113,6 +114,21 @@ impl Identity {
         self.node_name()
             .ok_or_else(|| IdentityError::NotANode(self.common_name.clone()))
     }
+}
+
+/// True for a valid Kubernetes node name (an RFC 1123 subdomain).
+pub fn valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 #[cfg(test)]

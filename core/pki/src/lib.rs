@@ -7,12 +7,12 @@ mod identity;
 mod tls;
 mod token;
 
-pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP};
-pub use token::{BootstrapToken, TokenError, ca_hash, hex};
+pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP, valid_node_name};
 pub use tls::{
-    TlsError, client_config, load_certs, load_key, provider, server_config_client_auth,
-    server_config_no_client_auth,
+    TlsError, client_config, load_certs, load_certs_pem, load_key, provider,
+    server_config_client_auth, server_config_no_client_auth, server_config_optional_client_auth,
 };
+pub use token::{BootstrapToken, TokenError, ca_hash, hex};
 
 use std::fmt;
 use std::net::IpAddr;
@@ -108,8 +108,10 @@ impl fmt::Debug for Ca {
 /// Default lifetime of issued leaf certificates.
 pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Tolerate clocks a little behind the issuer's.
-const BACKDATE: Duration = Duration::from_secs(3600);
+/// Tolerate clocks a little behind the issuer's: certificates start this
+/// many seconds before they are issued.
+pub const BACKDATE_SECS: i64 = 3600;
+const BACKDATE: Duration = Duration::from_secs(BACKDATE_SECS as u64);
 
 impl Ca {
     /// Creates a new self-signed CA with the given common name.
@@ -224,7 +226,9 @@ impl Ca {
             .map(dn_text)
             .unwrap_or_default();
         if cn != want {
-            return Err(PkiError::Csr(format!("CSR subject {cn:?} does not match node {want:?}")));
+            return Err(PkiError::Csr(format!(
+                "CSR subject {cn:?} does not match node {want:?}"
+            )));
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(&want, &[NODES_GROUP]);
@@ -371,10 +375,15 @@ mod tests {
         use x509_parser::prelude::{FromDer, X509Certificate};
         let ca = Ca::generate("tether-test-ca").unwrap();
         // A greedy CSR: CA:true, server auth, extra SANs.
-        let mut params = CertificateParams::new(vec!["evil.example".to_string(), "10.9.9.9".to_string()]).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["evil.example".to_string(), "10.9.9.9".to_string()])
+                .unwrap();
         params.distinguished_name = dn("system:node:edge-1", &[NODES_GROUP, "system:masters"]);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         let key = KeyPair::generate().unwrap();
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
@@ -395,8 +404,14 @@ mod tests {
         assert!(!ku.key_cert_sign());
         // Another node's name is refused; garbage is refused.
         let (other, _) = node_csr("edge-2").unwrap();
-        assert!(matches!(ca.sign_node_csr(&other, "edge-1", &[], Duration::from_secs(60)), Err(PkiError::Csr(_))));
-        assert!(matches!(ca.sign_node_csr("garbage", "edge-1", &[], Duration::from_secs(60)), Err(PkiError::Csr(_))));
+        assert!(matches!(
+            ca.sign_node_csr(&other, "edge-1", &[], Duration::from_secs(60)),
+            Err(PkiError::Csr(_))
+        ));
+        assert!(matches!(
+            ca.sign_node_csr("garbage", "edge-1", &[], Duration::from_secs(60)),
+            Err(PkiError::Csr(_))
+        ));
     }
 
     #[test]

@@ -52,6 +52,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     })
 }
 
+/// Parses every certificate in PEM text.
+pub fn load_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    crate::parse_certs(pem, "certificate").map_err(|e| TlsError::Pem {
+        path: "<memory>".into(),
+        reason: e.to_string(),
+    })
+}
+
 /// Reads the private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = std::fs::read(path).map_err(|source| TlsError::Read {
@@ -87,6 +95,25 @@ pub fn server_config_client_auth(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A TLS 1.3 server config that accepts, but does not require, a client
+/// certificate chaining to `client_cas` (bootstrap: tokens or renewal).
+pub fn server_config_optional_client_auth(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_cas: &[CertificateDer<'static>],
+) -> Result<ServerConfig, TlsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_cas)?), provider())
+            .allow_unauthenticated()
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

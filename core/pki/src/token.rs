@@ -62,7 +62,12 @@ impl BootstrapToken {
 
     /// The full token text, to hand to an operator once.
     pub fn expose(&self) -> String {
-        format!("{PREFIX}.{}.{}.{}", hex(&self.ca_hash), self.id, self.secret)
+        format!(
+            "{PREFIX}.{}.{}.{}",
+            hex(&self.ca_hash),
+            self.id,
+            self.secret
+        )
     }
 }
 
@@ -77,18 +82,27 @@ impl FromStr for BootstrapToken {
 
     fn from_str(s: &str) -> Result<Self, TokenError> {
         let mut parts = s.trim().split('.');
-        let (Some(PREFIX), Some(hash), Some(id), Some(secret), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(PREFIX), Some(hash), Some(id), Some(secret), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(TokenError::Malformed);
         };
-        let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        let is_hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
         if !is_hex(hash, 64) || !is_hex(id, 16) || !is_hex(secret, 32) {
             return Err(TokenError::Malformed);
         }
         let mut ca_hash = [0u8; 32];
         for (i, byte) in ca_hash.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).map_err(|_| TokenError::Malformed)?;
+            *byte = u8::from_str_radix(&hash[2 * i..2 * i + 2], 16)
+                .map_err(|_| TokenError::Malformed)?;
         }
         Ok(Self {
             ca_hash,
@@ -127,7 +141,14 @@ mod tests {
         assert!(!t.secret_matches(&"0".repeat(64)));
         let dbg = format!("{t:?}");
         assert!(dbg.contains(&t.id) && !dbg.contains(&t.secret));
-        assert_eq!("tether1.xx".parse::<BootstrapToken>(), Err(TokenError::Malformed));
-        assert!(text.replace("tether1", "tether2").parse::<BootstrapToken>().is_err());
+        assert_eq!(
+            "tether1.xx".parse::<BootstrapToken>(),
+            Err(TokenError::Malformed)
+        );
+        assert!(
+            text.replace("tether1", "tether2")
+                .parse::<BootstrapToken>()
+                .is_err()
+        );
     }
 }

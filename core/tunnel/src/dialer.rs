@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -51,7 +52,9 @@ pub enum DialError {
 pub struct TunnelDialer {
     addr: String,
     server_name: ServerName<'static>,
-    tls: TlsConnector,
+    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+    // Keeps a fixed configuration's channel open so `tls_changed` never fires.
+    _fixed: Option<Arc<watch::Sender<Arc<rustls::ClientConfig>>>>,
     node: String,
     limits: TunnelLimits,
 }
@@ -79,15 +82,39 @@ impl TunnelDialer {
         node: impl Into<String>,
         limits: TunnelLimits,
     ) -> Result<Self, DialError> {
+        let (tx, rx) = watch::channel(tls);
+        let mut d = Self::rotating(addr, server_name, rx, node, limits)?;
+        d._fixed = Some(Arc::new(tx));
+        Ok(d)
+    }
+
+    /// Like [`TunnelDialer::new`], with a TLS configuration that changes when
+    /// the node certificate is renewed. Each dial uses the newest one.
+    pub fn rotating(
+        addr: impl Into<String>,
+        server_name: &str,
+        tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+        node: impl Into<String>,
+        limits: TunnelLimits,
+    ) -> Result<Self, DialError> {
         let server_name = ServerName::try_from(server_name.to_owned())
             .map_err(|e| DialError::Config(format!("server name {server_name:?}: {e}")))?;
         Ok(Self {
             addr: addr.into(),
             server_name,
-            tls: TlsConnector::from(tls),
+            tls,
+            _fixed: None,
             node: node.into(),
             limits,
         })
+    }
+
+    /// Resolves when a new TLS configuration (a renewed certificate) is
+    /// available; never for a fixed one.
+    pub async fn tls_changed(&mut self) {
+        if self.tls.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The tunnel limits in use.
@@ -105,8 +132,8 @@ impl TunnelDialer {
         &self.addr
     }
 
-    /// Opens one tunnel.
-    pub async fn dial(&self) -> Result<EdgeTransport, DialError> {
+    /// Opens one tunnel with the newest TLS configuration.
+    pub async fn dial(&mut self) -> Result<EdgeTransport, DialError> {
         let timeout = self.limits.handshake_timeout;
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(&self.addr))
             .await
@@ -116,7 +143,8 @@ impl TunnelDialer {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(timeout, self.tls.connect(self.server_name.clone(), tcp))
+        let connector = TlsConnector::from(self.tls.borrow_and_update().clone());
+        let tls = tokio::time::timeout(timeout, connector.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| DialError::Timeout("tls handshake"))?
             .map_err(DialError::Tls)?;

@@ -29,7 +29,7 @@ pub use session::{
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use splice::splice;
-pub use ws::WsStream;
+pub use ws::{KillSwitch, WsStream};
 
 /// The WebSocket subprotocol naming the protocol version this build speaks.
 pub const PROTOCOL_VERSION: &str = "tether.v1";

@@ -63,9 +63,11 @@ pub struct TunnelListener {
     handshakes: Arc<Semaphore>,
     next_id: Arc<AtomicU64>,
     on_event: Option<EventHook>,
+    admission: Option<Admission>,
 }
 
 type EventHook = Arc<dyn Fn(TunnelEvent<'_>) + Send + Sync>;
+type Admission = Arc<dyn Fn(&Identity) -> Result<(), String> + Send + Sync>;
 
 /// Lifecycle events, for metrics and logs.
 #[derive(Debug)]
@@ -103,7 +105,18 @@ impl TunnelListener {
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             next_id: Arc::new(AtomicU64::new(1)),
             on_event: None,
+            admission: None,
         }
+    }
+
+    /// Checks every authenticated edge with `f` (e.g. the deny list); an
+    /// `Err(reason)` refuses the upgrade with 403 and that reason.
+    pub fn admit(
+        mut self,
+        f: impl Fn(&Identity) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.admission = Some(Arc::new(f));
+        self
     }
 
     /// Calls `f` on every session event.
@@ -197,10 +210,14 @@ impl TunnelListener {
             .map_err(AcceptError::Tls)?;
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let node = identity.require_node()?.to_owned();
+        let denied = self.admission.as_ref().and_then(|a| a(&identity).err());
         #[allow(clippy::result_large_err)] // tungstenite's callback signature
         let check = {
             let node = node.clone();
-            move |req: &Request, resp: Response| check_upgrade(req, resp, &node)
+            move |req: &Request, resp: Response| match denied {
+                Some(reason) => Err(refuse(StatusCode::FORBIDDEN, reason)),
+                None => check_upgrade(req, resp, &node),
+            }
         };
         let ws = tokio::time::timeout(
             timeout,
@@ -219,6 +236,7 @@ impl TunnelListener {
             peer,
             ips: identity.ips.clone(),
             connected_at: SystemTime::now(),
+            identity,
         };
         let io = WsStream::new(ws, self.limits.ws_message_size);
         tokio::time::timeout(timeout, H2Session::start(io, info, &self.limits))

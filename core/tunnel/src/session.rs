@@ -80,6 +80,8 @@ pub struct SessionInfo {
     pub ips: Vec<IpAddr>,
     /// When the session was established.
     pub connected_at: SystemTime,
+    /// The edge certificate's subject, serial and validity.
+    pub identity: tether_pki::Identity,
 }
 
 /// Holds one of the node's stream slots; dropped when the stream ends.
@@ -100,6 +102,8 @@ pub trait NodeSession: Send + Sync + 'static {
     fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture;
     /// Stops new streams; in-flight ones finish, then the session closes.
     fn close(&self);
+    /// Ends the session now, failing every stream (revocation).
+    fn terminate(&self);
     /// True once closed or gone.
     fn is_closed(&self) -> bool;
 }
@@ -112,6 +116,7 @@ pub struct H2Session {
     max_streams: u32,
     done: watch::Receiver<bool>,
     io_dropped: watch::Receiver<bool>,
+    kill: crate::KillSwitch,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -135,6 +140,7 @@ impl H2Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io_dropped = io.watch_drop();
+        let kill = io.kill_switch();
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(limits.stream_window)
@@ -168,6 +174,7 @@ impl H2Session {
             max_streams: limits.max_streams,
             done,
             io_dropped,
+            kill,
         }))
     }
 
@@ -247,6 +254,11 @@ impl NodeSession for H2Session {
         self.send.lock().expect("session lock").take();
     }
 
+    fn terminate(&self) {
+        self.close();
+        self.kill.kill();
+    }
+
     fn is_closed(&self) -> bool {
         *self.done.borrow()
             || self
@@ -290,9 +302,9 @@ impl hyper::body::Body for PermitBody {
 /// session, keepalive fails, or shutdown (then GOAWAY and drain).
 pub async fn serve_edge_session<S, F, Fut>(
     io: WsStream<S>,
-    limits: &TunnelLimits,
+    limits: TunnelLimits,
     handler: F,
-    shutdown: &Shutdown,
+    shutdown: Shutdown,
 ) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -26,6 +26,44 @@ pub struct WsStream<S> {
     message_cap: usize,
     closed: bool,
     on_drop: Option<tokio::sync::watch::Sender<bool>>,
+    kill: KillSwitch,
+}
+
+/// Aborts a [`WsStream`] from outside: its reads and writes fail at once,
+/// so everything on top of it (h2, every stream) fails fast. Used when a
+/// node's certificate is revoked.
+#[derive(Clone, Debug, Default)]
+pub struct KillSwitch(std::sync::Arc<KillInner>);
+
+#[derive(Debug, Default)]
+struct KillInner {
+    killed: std::sync::atomic::AtomicBool,
+    reader: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl KillSwitch {
+    /// Fails the stream's I/O from now on and wakes its reader.
+    pub fn kill(&self) {
+        self.0
+            .killed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(w) = self.0.reader.lock().expect("kill lock").take() {
+            w.wake();
+        }
+    }
+
+    fn check(&self, cx: Option<&Context<'_>>) -> io::Result<()> {
+        if let Some(cx) = cx {
+            *self.0.reader.lock().expect("kill lock") = Some(cx.waker().clone());
+        }
+        if self.0.killed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "session terminated",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<S> Drop for WsStream<S> {
@@ -61,7 +99,13 @@ where
             message_cap: message_cap + 64,
             closed: false,
             on_drop: None,
+            kill: KillSwitch::default(),
         }
+    }
+
+    /// A handle that aborts this stream.
+    pub fn kill_switch(&self) -> KillSwitch {
+        self.kill.clone()
     }
 
     /// Sets `true` on the returned channel when the stream is dropped, i.e.
@@ -128,6 +172,7 @@ where
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.kill.check(Some(cx))?;
         loop {
             if !this.read_buf.is_empty() {
                 let n = this.read_buf.len().min(buf.remaining());
@@ -175,6 +220,7 @@ where
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.kill.check(None)?;
         if this.closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }

@@ -1,0 +1,297 @@
+//! The bootstrap HTTPS server (default port 10002).
+//!
+//! - `GET /ca.crt`: the edge CA, which a fresh edge checks against the hash
+//!   in its token before trusting anything.
+//! - `POST /edge.crt` with `{"nodeName": "...", "csr": "<PEM>"}`: signs a
+//!   client certificate for `system:node:<nodeName>`. Authorized by a
+//!   bootstrap token (`Authorization: Bearer tether1....`), or, for renewal,
+//!   by the node's current certificate over mTLS.
+//!
+//! Bodies are capped at 64 KiB; failed attempts are rate limited per source
+//! address; every issuance and refusal is an audit log line.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use tether_pki::{BootstrapToken, Identity, valid_node_name};
+use tether_tunnel::Shutdown;
+
+use crate::CloudState;
+
+/// Where the CA is served.
+pub const CA_PATH: &str = "/ca.crt";
+/// Where certificates are requested.
+pub const ENROL_PATH: &str = "/edge.crt";
+const MAX_BODY: usize = 64 << 10;
+/// Failed attempts allowed per source address per window.
+const MAX_FAILURES: u32 = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+const MAX_TRACKED_SOURCES: usize = 16_384;
+
+/// The enrolment request body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnrolRequest {
+    /// The node to enrol; must match the CSR subject.
+    pub node_name: String,
+    /// PEM CSR for `system:node:<nodeName>`.
+    pub csr: String,
+}
+
+/// Serves enrolment and renewal.
+pub struct BootstrapServer {
+    state: Arc<CloudState>,
+    tls: TlsAcceptor,
+    lifetime: Duration,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(code: StatusCode, body: impl Into<Bytes>) -> Answer {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+impl BootstrapServer {
+    /// `tls` must accept optional client certificates from the edge CA
+    /// (`tether_pki::server_config_optional_client_auth`). Issued
+    /// certificates live for `lifetime`.
+    pub fn new(state: Arc<CloudState>, tls: Arc<rustls::ServerConfig>, lifetime: Duration) -> Self {
+        Self {
+            state,
+            tls: TlsAcceptor::from(tls),
+            lifetime,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serves until shutdown.
+    pub async fn run(self, listener: TcpListener, shutdown: Shutdown) {
+        let this = Arc::new(self);
+        let conns = Arc::new(Semaphore::new(1024));
+        loop {
+            let permit = tokio::select! {
+                p = conns.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.triggered() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "bootstrap accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.triggered() => return,
+            };
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(Duration::from_secs(10), this.tls.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => return debug!(error = %e, %peer, "bootstrap tls failed"),
+                    Err(_) => return debug!(%peer, "bootstrap tls timed out"),
+                };
+                let client = Identity::from_peer(tls.get_ref().1.peer_certificates()).ok();
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    let client = client.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            this.handle(req, peer, client.as_ref()).await,
+                        )
+                    }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tls), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.triggered() => {}
+                }
+            });
+        }
+    }
+
+    fn limited(&self, ip: IpAddr) -> bool {
+        let f = self.failures.lock().expect("limiter lock");
+        f.get(&ip)
+            .is_some_and(|(n, since)| *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW)
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut f = self.failures.lock().expect("limiter lock");
+        if f.len() >= MAX_TRACKED_SOURCES {
+            f.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
+        }
+        let e = f.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= FAILURE_WINDOW {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client: Option<&Identity>,
+    ) -> Answer {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, CA_PATH) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/x-pem-file")
+                .body(Full::new(Bytes::from(
+                    self.state.ca().cert_pem().to_owned(),
+                )))
+                .expect("valid response"),
+            (&Method::POST, ENROL_PATH) => {
+                if self.limited(peer.ip()) {
+                    warn!(target: "tether::audit", event = "refuse", source = %peer, reason = "rate limited");
+                    return answer(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many failed attempts; try again later\n",
+                    );
+                }
+                match self.enrol(req, client).await {
+                    Ok((node, pem, via)) => {
+                        let serial = tether_pki::load_certs_pem(pem.as_bytes())
+                            .ok()
+                            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()))
+                            .map(|i| i.serial)
+                            .unwrap_or_default();
+                        info!(target: "tether::audit", event = "issue", node, source = %peer, via, serial, "issued a node certificate");
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "application/x-pem-file")
+                            .body(Full::new(Bytes::from(pem)))
+                            .expect("valid response")
+                    }
+                    Err((code, node, reason)) => {
+                        self.failed(peer.ip());
+                        warn!(target: "tether::audit", event = "refuse", node, source = %peer, reason, "refused a certificate request");
+                        // Token details stay in the audit log.
+                        let public = match code {
+                            StatusCode::UNAUTHORIZED => "invalid bootstrap token".to_owned(),
+                            _ => reason,
+                        };
+                        answer(code, format!("{public}\n"))
+                    }
+                }
+            }
+            _ => answer(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    /// Returns (node, certificate PEM, how) or (status, node, reason).
+    async fn enrol(
+        &self,
+        req: Request<Incoming>,
+        client: Option<&Identity>,
+    ) -> Result<(String, String, &'static str), (StatusCode, String, String)> {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    String::new(),
+                    format!("body over {MAX_BODY} bytes"),
+                ));
+            }
+            Err(e) => {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    String::new(),
+                    format!("reading body: {e}"),
+                ));
+            }
+        };
+        let r: EnrolRequest = serde_json::from_slice(&body).map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                String::new(),
+                format!("malformed request: {e}"),
+            )
+        })?;
+        let node = r.node_name.clone();
+        let fail = |code, reason: String| (code, node.clone(), reason);
+        if !valid_node_name(&node) {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!("invalid node name {node:?}"),
+            ));
+        }
+        let (ips, via) = match (client.filter(|c| c.node_name().is_some()), bearer) {
+            // Renewal: the current certificate (verified against our CA by
+            // TLS) authorizes the same node, with the same addresses.
+            (Some(id), _) => {
+                if self.state.deny.denies(id) {
+                    return Err(fail(StatusCode::FORBIDDEN, "certificate is revoked".into()));
+                }
+                if id.node_name() != Some(node.as_str()) {
+                    return Err(fail(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "certificate of node {:?} cannot renew for {node:?}",
+                            id.node_name().unwrap_or_default()
+                        ),
+                    ));
+                }
+                (id.ips.clone(), "renewal")
+            }
+            (None, Some(bearer)) => {
+                let token: BootstrapToken = bearer
+                    .parse()
+                    .map_err(|_| fail(StatusCode::UNAUTHORIZED, "malformed token".into()))?;
+                if token.ca_hash != tether_pki::ca_hash(self.state.ca().cert_der()) {
+                    return Err(fail(
+                        StatusCode::UNAUTHORIZED,
+                        "token was made for another CA".into(),
+                    ));
+                }
+                let ips = self.state.tokens.redeem(&token, &node).map_err(|e| {
+                    fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id))
+                })?;
+                (ips, "token")
+            }
+            (None, None) => {
+                return Err(fail(
+                    StatusCode::UNAUTHORIZED,
+                    "no token and no client certificate".into(),
+                ));
+            }
+        };
+        let pem = self
+            .state
+            .ca()
+            .sign_node_csr(&r.csr, &node, &ips, self.lifetime)
+            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok((node, pem, via))
+    }
+}

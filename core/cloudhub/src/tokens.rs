@@ -1,0 +1,237 @@
+//! Bootstrap tokens on the cloud side: created by the operator, redeemed by
+//! an edge exactly as their options allow. Only a hash of each secret is
+//! stored; the file is 0600 and replaced atomically.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tether_pki::BootstrapToken;
+
+use crate::{StateError, files};
+
+/// A stored token (no secret).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenInfo {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub secret_sha256: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Redeemable once.
+    pub single_use: bool,
+    /// When it was redeemed, if ever.
+    pub used_at: Option<u64>,
+    /// Node it is bound to, if any.
+    pub node: Option<String>,
+    /// Addresses the node certificate gets (IP SANs); empty means none.
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    tokens: Vec<TokenInfo>,
+}
+
+/// Why a token was refused. The text goes to the audit log; the edge only
+/// learns "invalid token".
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token id, or the secret does not match.
+    #[error("unknown token or wrong secret")]
+    Unknown,
+    /// Past its expiry.
+    #[error("token expired")]
+    Expired,
+    /// Single-use and already used.
+    #[error("single-use token already used")]
+    Used,
+    /// Bound to another node.
+    #[error("token is bound to node {0:?}")]
+    WrongNode(String),
+    /// The store could not be read or written.
+    #[error("token store: {0}")]
+    Store(String),
+}
+
+/// The token file.
+pub struct TokenStore {
+    path: PathBuf,
+    // Serializes read-modify-write of the file within this process.
+    lock: Mutex<()>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TokenStore {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn load(&self) -> Result<File, StateError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Invalid {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
+            Err(source) => Err(StateError::Io {
+                path: self.path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn save(&self, f: &File) -> Result<(), StateError> {
+        let json = serde_json::to_vec_pretty(f).expect("token file serializes");
+        files::write_private(&self.path, &json)
+    }
+
+    /// Creates a token for the CA `ca`. Expired tokens are pruned.
+    pub fn create(
+        &self,
+        ca: &CertificateDer<'_>,
+        ttl: Duration,
+        single_use: bool,
+        node: Option<String>,
+        ips: Vec<IpAddr>,
+    ) -> Result<BootstrapToken, StateError> {
+        let _g = self.lock.lock().expect("token lock");
+        let mut f = self.load()?;
+        let t = now();
+        f.tokens.retain(|k| k.expires_at > t);
+        let token = BootstrapToken::generate(ca);
+        f.tokens.push(TokenInfo {
+            id: token.id.clone(),
+            secret_sha256: token.secret_hash(),
+            expires_at: t + ttl.as_secs(),
+            single_use,
+            used_at: None,
+            node,
+            ips,
+        });
+        self.save(&f)?;
+        Ok(token)
+    }
+
+    /// Every stored token.
+    pub fn list(&self) -> Result<Vec<TokenInfo>, StateError> {
+        let _g = self.lock.lock().expect("token lock");
+        Ok(self.load()?.tokens)
+    }
+
+    /// Deletes a token; false if there was none.
+    pub fn revoke(&self, id: &str) -> Result<bool, StateError> {
+        let _g = self.lock.lock().expect("token lock");
+        let mut f = self.load()?;
+        let before = f.tokens.len();
+        f.tokens.retain(|k| k.id != id);
+        let removed = f.tokens.len() != before;
+        if removed {
+            self.save(&f)?;
+        }
+        Ok(removed)
+    }
+
+    /// Checks `token` for `node` and, when it may be used, records the use.
+    /// Returns the addresses the certificate gets.
+    pub fn redeem(&self, token: &BootstrapToken, node: &str) -> Result<Vec<IpAddr>, TokenRefusal> {
+        let _g = self.lock.lock().expect("token lock");
+        let store = |e: StateError| TokenRefusal::Store(e.to_string());
+        let mut f = self.load().map_err(store)?;
+        let t = now();
+        let k = f
+            .tokens
+            .iter_mut()
+            .find(|k| k.id == token.id && token.secret_matches(&k.secret_sha256))
+            .ok_or(TokenRefusal::Unknown)?;
+        if k.expires_at <= t {
+            return Err(TokenRefusal::Expired);
+        }
+        if k.single_use && k.used_at.is_some() {
+            return Err(TokenRefusal::Used);
+        }
+        if let Some(bound) = &k.node
+            && bound != node
+        {
+            return Err(TokenRefusal::WrongNode(bound.clone()));
+        }
+        k.used_at = Some(t);
+        let ips = k.ips.clone();
+        self.save(&f).map_err(store)?;
+        Ok(ips)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redeem_checks_every_option() {
+        let dir = std::env::temp_dir().join(format!("tether-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = TokenStore::new(dir.join("tokens.json"));
+        let ca = tether_pki::Ca::generate("t").unwrap();
+        let ca = ca.cert_der();
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        let once = store
+            .create(ca, Duration::from_secs(60), true, None, vec![ip])
+            .unwrap();
+        assert_eq!(store.redeem(&once, "edge-1"), Ok(vec![ip]));
+        assert_eq!(store.redeem(&once, "edge-1"), Err(TokenRefusal::Used));
+        let bound = store
+            .create(
+                ca,
+                Duration::from_secs(60),
+                false,
+                Some("edge-2".into()),
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(
+            store.redeem(&bound, "edge-3"),
+            Err(TokenRefusal::WrongNode("edge-2".into()))
+        );
+        assert!(store.redeem(&bound, "edge-2").is_ok());
+        assert!(store.redeem(&bound, "edge-2").is_ok());
+        let expired = store
+            .create(ca, Duration::ZERO, false, None, vec![])
+            .unwrap();
+        assert_eq!(store.redeem(&expired, "edge-1"), Err(TokenRefusal::Expired));
+        let forged: BootstrapToken = once
+            .expose()
+            .replace(&once.id, "0000000000000000")
+            .parse()
+            .unwrap();
+        assert_eq!(store.redeem(&forged, "edge-1"), Err(TokenRefusal::Unknown));
+        assert!(store.revoke(&bound.id).unwrap());
+        assert_eq!(store.redeem(&bound, "edge-2"), Err(TokenRefusal::Unknown));
+        let text = std::fs::read_to_string(dir.join("tokens.json")).unwrap();
+        assert!(
+            !text.contains(&once.expose()[90..]),
+            "secret stored in clear"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("tokens.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
