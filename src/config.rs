@@ -47,6 +47,26 @@ pub(crate) struct CloudConfig {
     pub(crate) advertise_address: Option<std::net::IpAddr>,
     /// This replica's tunnel port (10351, 10352, ... one per replica).
     pub(crate) tunnel_port: Option<u16>,
+    /// State directory (CA, tokens, deny list). When set, the CA in it signs
+    /// node certificates, the bootstrap server runs, and the tunnel's serving
+    /// certificate is issued from it unless `tunnel_cert` is given. To use an
+    /// existing CA, put its `ca.crt` and `ca.key` there before the first start.
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Bootstrap HTTPS server (default `0.0.0.0:10002`); needs `state_dir`.
+    pub(crate) bootstrap_addr: SocketAddr,
+    /// Names and addresses edges use to reach this cloud; SANs of the
+    /// certificates issued from the state CA (default: localhost, 127.0.0.1
+    /// and `advertise_address`).
+    pub(crate) server_names: Vec<String>,
+    /// Lifetime of node certificates the bootstrap server issues, in hours
+    /// (default 8760, one year).
+    pub(crate) cert_lifetime_hours: f64,
+    /// Kubelet-serving CA certificate: when set with `serving_ca_key`, the
+    /// front presents a certificate issued for the node each connection was
+    /// meant for.
+    pub(crate) serving_ca_cert: Option<PathBuf>,
+    /// Key of `serving_ca_cert`.
+    pub(crate) serving_ca_key: Option<PathBuf>,
 }
 
 impl Default for CloudConfig {
@@ -67,6 +87,12 @@ impl Default for CloudConfig {
             drain_timeout_secs: 10,
             advertise_address: None,
             tunnel_port: None,
+            state_dir: None,
+            bootstrap_addr: ([0, 0, 0, 0], 10002).into(),
+            server_names: Vec::new(),
+            cert_lifetime_hours: 8760.0,
+            serving_ca_cert: None,
+            serving_ca_key: None,
         }
     }
 }
@@ -109,6 +135,11 @@ pub(crate) struct EdgeConfig {
     pub(crate) backoff_max_secs: u64,
     /// Drain deadline after SIGTERM, in seconds (default 10).
     pub(crate) drain_timeout_secs: u64,
+    /// The cloud's bootstrap `host:port` (default: host of `cloud_addr`, port 10002).
+    pub(crate) bootstrap_addr: Option<String>,
+    /// Where enrolled credentials live (default `/var/lib/tether-edge`); used
+    /// when `cert`/`key` are not given.
+    pub(crate) state_dir: PathBuf,
 }
 
 impl Default for EdgeConfig {
@@ -131,6 +162,8 @@ impl Default for EdgeConfig {
             backoff_base_ms: 500,
             backoff_max_secs: 30,
             drain_timeout_secs: 10,
+            bootstrap_addr: None,
+            state_dir: PathBuf::from("/var/lib/tether-edge"),
         }
     }
 }
@@ -157,20 +190,74 @@ impl CloudConfig {
         Duration::from_secs(self.drain_timeout_secs)
     }
 
-    /// TLS for the tunnel listener and the front.
+    pub(crate) fn cert_lifetime(&self) -> anyhow::Result<Duration> {
+        Duration::try_from_secs_f64(self.cert_lifetime_hours * 3600.0)
+            .ok()
+            .filter(|d| *d >= Duration::from_secs(60))
+            .context("config field `cert_lifetime_hours` must be at least one minute")
+    }
+
+    /// SANs for certificates issued from the state CA.
+    pub(crate) fn sans(&self) -> Vec<String> {
+        let mut names = if self.server_names.is_empty() {
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+        } else {
+            self.server_names.clone()
+        };
+        if let Some(ip) = self.advertise_address {
+            names.push(ip.to_string());
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Files whose change triggers a TLS reload.
+    pub(crate) fn watched_files(&self) -> Vec<PathBuf> {
+        [
+            &self.tunnel_cert,
+            &self.tunnel_key,
+            &self.edge_ca,
+            &self.front_cert,
+            &self.front_key,
+            &self.front_client_ca,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+
+    /// TLS for the tunnel listener and the front; `state_ca` (from the state
+    /// directory) stands in for `edge_ca` and issues the tunnel certificate
+    /// when no files are given.
     pub(crate) fn tls(
         &self,
+        state_ca: Option<&tether_pki::Ca>,
     ) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)> {
         self.limits
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
-        let tunnel = tether_pki::server_config_client_auth(
-            tether_pki::load_certs(need(&self.tunnel_cert, "tunnel_cert")?)?,
-            tether_pki::load_key(need(&self.tunnel_key, "tunnel_key")?)?,
-            &tether_pki::load_certs(need(&self.edge_ca, "edge_ca")?)?,
-            &[b"http/1.1"],
-        )
-        .context("tunnel TLS")?;
+        let edge_cas = match (state_ca, &self.edge_ca) {
+            (_, Some(path)) => tether_pki::load_certs(path)?,
+            (Some(ca), None) => vec![ca.cert_der().clone()],
+            (None, None) => bail!("config field `edge_ca` (or `state_dir`) is required"),
+        };
+        let (chain, key) = match (&self.tunnel_cert, state_ca) {
+            (Some(cert), _) => (
+                tether_pki::load_certs(cert)?,
+                tether_pki::load_key(need(&self.tunnel_key, "tunnel_key")?)?,
+            ),
+            (None, Some(ca)) => {
+                let sans = self.sans();
+                let refs: Vec<&str> = sans.iter().map(String::as_str).collect();
+                let leaf = ca.issue_server("tether-cloud", &refs)?;
+                (leaf.cert_chain()?, leaf.key_pem.to_der()?)
+            }
+            (None, None) => bail!("config field `tunnel_cert` (or `state_dir`) is required"),
+        };
+        let tunnel = tether_pki::server_config_client_auth(chain, key, &edge_cas, &[b"http/1.1"])
+            .context("tunnel TLS")?;
         let front = tether_pki::server_config_client_auth(
             tether_pki::load_certs(need(&self.front_cert, "front_cert")?)?,
             tether_pki::load_key(need(&self.front_key, "front_key")?)?,
@@ -209,6 +296,21 @@ impl EdgeConfig {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned())
+    }
+
+    /// The bootstrap server's `host:port`.
+    pub(crate) fn bootstrap_addr(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.bootstrap_addr {
+            return Ok(a.clone());
+        }
+        let addr = self.cloud_addr()?;
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        Ok(format!("{host}:10002"))
+    }
+
+    /// True when credentials come from files rather than enrolment.
+    pub(crate) fn file_credentials(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
     }
 
     /// TLS for the tunnel: pinned cloud CA and the node certificate.

@@ -20,8 +20,8 @@ use tracing::{Instrument, debug, info_span, warn};
 use tether_pki::Identity;
 use tether_tunnel::wire::{self, KUBELET_TARGET, StreamKind, status_response};
 use tether_tunnel::{
-    Body, BoxError, IpLookup, NodeSession, SessionRegistry, Shutdown, StreamError, StreamPermit,
-    body_empty,
+    Body, BoxError, IpLookup, NodeSession, ServerTls, SessionRegistry, Shutdown, StreamError,
+    StreamPermit, body_empty,
 };
 
 use crate::authz::Authorizer;
@@ -52,7 +52,8 @@ impl Default for FrontLimits {
 
 pub(crate) struct KubeletFront {
     pub(crate) tcp: TcpListener,
-    pub(crate) tls: TlsAcceptor,
+    pub(crate) tls: ServerTls,
+    pub(crate) node_certs: Option<Arc<crate::serving::NodeCerts>>,
     pub(crate) registry: SessionRegistry,
     pub(crate) authz: Authorizer,
     pub(crate) limits: FrontLimits,
@@ -117,7 +118,11 @@ impl KubeletFront {
         let original_dst = original_dst(&tcp, local);
         let _ = tcp.set_nodelay(true);
         let timeout = Duration::from_secs(self.limits.header_timeout_secs);
-        let tls = tokio::time::timeout(timeout, self.tls.accept(tcp))
+        let cfg = match &self.node_certs {
+            Some(certs) => certs.config_for(self.tls.current(), original_dst.map(|d| d.ip())),
+            None => self.tls.current(),
+        };
+        let tls = tokio::time::timeout(timeout, TlsAcceptor::from(cfg).accept(tcp))
             .await
             .map_err(|_| "tls handshake timed out")??;
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;

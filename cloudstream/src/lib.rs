@@ -6,13 +6,15 @@ mod authz;
 mod front;
 mod metrics;
 pub mod route;
+mod serving;
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tracing::warn;
 
-use tether_tunnel::{SessionRegistry, Shutdown, TunnelLimits, TunnelListener};
+use tether_cloudhub::DenyList;
+use tether_tunnel::{ServerTls, SessionRegistry, Shutdown, TunnelLimits, TunnelListener};
 
 pub use authz::Authorizer;
 pub use front::FrontLimits;
@@ -23,12 +25,19 @@ pub struct CloudOptions {
     /// Bound socket for edge tunnels (default port 10004).
     pub tunnel_listener: TcpListener,
     /// TLS for edges: requires node client certificates from the edge CA.
-    pub tunnel_tls: Arc<rustls::ServerConfig>,
+    /// Replaceable while running (certificate reload).
+    pub tunnel_tls: ServerTls,
     /// Bound socket for the kubelet-API front (default port 10003).
     pub front_listener: TcpListener,
     /// TLS for the front: requires client certificates from the apiserver's
-    /// kubelet-client CA.
-    pub front_tls: Arc<rustls::ServerConfig>,
+    /// kubelet-client CA. Replaceable while running.
+    pub front_tls: ServerTls,
+    /// When set, the front presents a certificate issued on the fly for the
+    /// node each connection was meant for, signed by this kubelet-serving CA.
+    pub serving_ca: Option<Arc<tether_pki::Ca>>,
+    /// Revoked certificates: refused at the tunnel, and live sessions of a
+    /// revoked node are terminated.
+    pub deny: Option<Arc<DenyList>>,
     /// Who may use the front.
     pub authz: Authorizer,
     /// Tunnel bounds.
@@ -44,16 +53,37 @@ pub struct CloudOptions {
 /// Runs the tunnel listener and the front until shutdown, then drains both.
 pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let metrics = opts.metrics.clone();
-    let tunnel = TunnelListener::new(
+    let mut tunnel = TunnelListener::new(
         opts.tunnel_listener,
         opts.tunnel_tls,
         opts.limits,
         opts.registry.clone(),
     )
     .on_event(move |ev| metrics.tunnel_event(&ev));
+    if let Some(deny) = opts.deny.clone() {
+        tokio::spawn(terminate_revoked(
+            deny.clone(),
+            opts.registry.clone(),
+            shutdown.clone(),
+        ));
+        tunnel = tunnel.admit(move |id| {
+            if deny.denies(id) {
+                Err(format!(
+                    "certificate of node {:?} (serial {}) is revoked",
+                    id.node_name().unwrap_or_default(),
+                    id.serial
+                ))
+            } else {
+                Ok(())
+            }
+        });
+    }
     let front = front::KubeletFront {
         tcp: opts.front_listener,
-        tls: TlsAcceptor::from(opts.front_tls),
+        tls: opts.front_tls,
+        node_certs: opts
+            .serving_ca
+            .map(|ca| serving::NodeCerts::new(ca, opts.registry.clone())),
         registry: opts.registry,
         authz: opts.authz,
         limits: opts.front_limits,
@@ -62,5 +92,23 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let (t, ()) = tokio::join!(tunnel.run(shutdown.clone()), front.run(shutdown));
     if let Err(e) = t {
         tracing::warn!(error = %e, "tunnel listener ended with error");
+    }
+}
+
+/// Ends the live sessions of revoked certificates as soon as the deny list changes.
+async fn terminate_revoked(deny: Arc<DenyList>, registry: SessionRegistry, shutdown: Shutdown) {
+    let mut changes = deny.subscribe();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.triggered() => return,
+        }
+        let revoked = changes.borrow_and_update().clone();
+        for s in registry.all() {
+            if revoked.denies(&s.info().identity) {
+                warn!(node = %s.info().node, serial = %s.info().identity.serial, "certificate revoked; terminating its session");
+                s.terminate();
+            }
+        }
     }
 }

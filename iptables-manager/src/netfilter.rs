@@ -96,12 +96,12 @@ pub enum NetfilterError {
         timeout: Duration,
     },
     /// Running it failed otherwise.
-    #[error("running {bin}: {source}")]
+    #[error("running {bin}: {cause}")]
     Io {
         /// The binary.
         bin: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -138,19 +138,19 @@ async fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Ne
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| match source.kind() {
+        .map_err(|cause| match cause.kind() {
             std::io::ErrorKind::NotFound => NetfilterError::MissingBinary {
                 bin: bin.to_owned(),
                 package,
             },
             _ => NetfilterError::Io {
                 bin: bin.to_owned(),
-                source,
+                cause,
             },
         })?;
-    let io = |source| NetfilterError::Io {
+    let io = |cause| NetfilterError::Io {
         bin: bin.to_owned(),
-        source,
+        cause,
     };
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes()).await.map_err(io)?;

@@ -18,12 +18,12 @@ use crate::records::{RecordError, Records};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// Reading the file failed.
-    #[error("cannot read records file {path}: {source}")]
+    #[error("cannot read records file {path}: {cause}")]
     Read {
         /// The file.
         path: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Fetching from the URL failed.
     #[error("cannot fetch records from {url}: {reason}")]
@@ -34,12 +34,12 @@ pub enum SourceError {
         reason: String,
     },
     /// The content was refused.
-    #[error("records from {origin}: {source}")]
+    #[error("records from {origin}: {cause}")]
     Invalid {
         /// File or URL.
         origin: String,
         /// The validation error.
-        source: RecordError,
+        cause: RecordError,
     },
 }
 
@@ -93,9 +93,9 @@ impl Poller {
             }
             self.last = Some(key);
             let bytes = got?;
-            return Records::parse(&bytes, &self.range).map_err(|source| SourceError::Invalid {
+            return Records::parse(&bytes, &self.range).map_err(|cause| SourceError::Invalid {
                 origin: self.origin.clone(),
-                source,
+                cause,
             });
         }
     }
@@ -127,9 +127,9 @@ impl RecordSource for FileSource {
                 tokio::fs::read(&path)
                     .await
                     .map(Bytes::from)
-                    .map_err(|source| SourceError::Read {
+                    .map_err(|cause| SourceError::Read {
                         path: path.display().to_string(),
-                        source,
+                        cause,
                     })
             }
         }))

@@ -3,6 +3,7 @@
 //! agents, all on loopback port 0 with real TLS.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +15,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use tether_cloudhub::{BootstrapServer, CloudState};
 use tether_cloudstream::{Authorizer, CloudMetrics, CloudOptions, FrontLimits};
+use tether_edgehub::CertManager;
 use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint};
+use tether_pki::BootstrapToken;
 use tether_pki::{Ca, CertifiedKey};
 use tether_tunnel::{
-    Backoff, SessionRegistry, Shutdown, ShutdownTrigger, TunnelDialer, TunnelLimits,
+    Backoff, ServerTls, SessionRegistry, Shutdown, ShutdownTrigger, TunnelDialer, TunnelLimits,
 };
 
 /// The name the cloud's serving certificates carry.
@@ -119,6 +123,14 @@ pub struct CloudHandle {
     pub tunnel_addr: SocketAddr,
     /// Where the apiserver's role connects.
     pub front_addr: SocketAddr,
+    /// The bootstrap server, when the cloud hub runs.
+    pub bootstrap_addr: Option<SocketAddr>,
+    /// The cloud hub's state, when it runs.
+    pub state: Option<Arc<CloudState>>,
+    /// The tunnel's TLS configuration (replaceable: reload tests).
+    pub tunnel_tls: ServerTls,
+    /// The front's TLS configuration (replaceable: reload tests).
+    pub front_tls: ServerTls,
     /// Live sessions.
     pub registry: SessionRegistry,
     /// The cloud's metrics registry.
@@ -138,6 +150,14 @@ pub struct CloudSpec {
     pub limits: Option<TunnelLimits>,
     /// Drain deadline after shutdown (default 2 s).
     pub drain: Option<Duration>,
+    /// Run the cloud hub too: a state directory (tokens, deny list) holding
+    /// the PKI's edge CA, and the bootstrap server on port 0.
+    pub state_dir: Option<PathBuf>,
+    /// Lifetime of certificates the bootstrap server issues (default 1 day).
+    pub cert_lifetime: Option<Duration>,
+    /// Issue per-node serving certificates on the front from the PKI's
+    /// cluster CA (the kubelet-serving CA).
+    pub node_serving_certs: bool,
 }
 
 impl CloudHandle {
@@ -152,11 +172,47 @@ impl CloudHandle {
         let metrics = CloudMetrics::register(&mut registry_m);
         let registry = SessionRegistry::new();
         let (trigger, shutdown) = Shutdown::new(spec.drain.unwrap_or(Duration::from_secs(2)));
+        let (state, bootstrap_addr) = match &spec.state_dir {
+            Some(dir) => {
+                let ca = Ca::from_pem(pki.edge_ca.cert_pem(), pki.edge_ca.key_pem().expose())?;
+                let state = Arc::new(CloudState::with_ca(dir, ca)?);
+                let listener = TcpListener::bind(loopback).await?;
+                let addr = listener.local_addr()?;
+                let serving = pki
+                    .edge_ca
+                    .issue_server("tether-bootstrap", &[CLOUD_NAME, "127.0.0.1"])?;
+                let tls = tether_pki::server_config_optional_client_auth(
+                    serving.cert_chain()?,
+                    serving.key_pem.to_der()?,
+                    std::slice::from_ref(pki.edge_ca.cert_der()),
+                )?;
+                let server = BootstrapServer::new(
+                    state.clone(),
+                    Arc::new(tls),
+                    spec.cert_lifetime.unwrap_or(Duration::from_secs(24 * 3600)),
+                );
+                tokio::spawn(server.run(listener, shutdown.clone()));
+                (Some(state), Some(addr))
+            }
+            None => (None, None),
+        };
+        let tunnel_tls = ServerTls::new(pki.tunnel_server_tls()?);
+        let front_tls = ServerTls::new(pki.front_server_tls()?);
+        let serving_ca = if spec.node_serving_certs {
+            Some(Arc::new(Ca::from_pem(
+                pki.front_ca.cert_pem(),
+                pki.front_ca.key_pem().expose(),
+            )?))
+        } else {
+            None
+        };
         let opts = CloudOptions {
             tunnel_listener,
-            tunnel_tls: pki.tunnel_server_tls()?,
+            tunnel_tls: tunnel_tls.clone(),
             front_listener,
-            front_tls: pki.front_server_tls()?,
+            front_tls: front_tls.clone(),
+            serving_ca,
+            deny: state.as_ref().map(|s| s.deny.clone()),
             authz: Authorizer::default(),
             limits: spec.limits.unwrap_or_default(),
             front_limits: FrontLimits::default(),
@@ -167,6 +223,10 @@ impl CloudHandle {
         Ok(Self {
             tunnel_addr,
             front_addr,
+            bootstrap_addr,
+            state,
+            tunnel_tls,
+            front_tls,
             registry,
             metrics: Arc::new(std::sync::Mutex::new(registry_m)),
             trigger,
@@ -221,6 +281,7 @@ pub struct EdgeHandle {
     pub metrics: EdgeMetrics,
     trigger: ShutdownTrigger,
     task: JoinHandle<()>,
+    rotation: Option<JoinHandle<()>>,
 }
 
 /// Options for [`EdgeHandle::start`].
@@ -258,7 +319,8 @@ impl EdgeSpec {
 }
 
 impl EdgeHandle {
-    /// Starts an edge agent dialing `tunnel_addr`.
+    /// Starts an edge agent dialing `tunnel_addr` with a certificate made by
+    /// the PKI (file-based credentials).
     pub fn start(pki: &Pki, tunnel_addr: SocketAddr, spec: EdgeSpec) -> anyhow::Result<Self> {
         let cert = pki.edge_ca.issue_node_client(&spec.node, &spec.ips)?;
         let tls = pki.edge_client_tls(&cert)?;
@@ -271,11 +333,51 @@ impl EdgeHandle {
                 .unwrap_or_else(|| spec.node.clone()),
             spec.limits.clone().unwrap_or_default(),
         )?;
-        let metrics = EdgeMetrics::register(&mut Registry::default());
         let (trigger, shutdown) = Shutdown::new(Duration::from_secs(2));
+        Self::launch(spec, dialer, trigger, shutdown, None)
+    }
+
+    /// Enrols with a bootstrap token (or reuses credentials already in
+    /// `dir`), then starts the agent with certificate rotation.
+    pub async fn enrol(
+        cloud: &CloudHandle,
+        token: Option<&BootstrapToken>,
+        dir: &Path,
+        spec: EdgeSpec,
+    ) -> anyhow::Result<Self> {
+        let bootstrap = cloud
+            .bootstrap_addr
+            .context("the cloud runs no bootstrap server")?;
+        let manager = CertManager::new(dir, &bootstrap.to_string(), CLOUD_NAME, &spec.node);
+        let creds = manager.ensure(token).await?;
+        let (tx, rx) = tokio::sync::watch::channel(creds.client_config()?);
+        let dialer = TunnelDialer::rotating(
+            cloud.tunnel_addr.to_string(),
+            CLOUD_NAME,
+            rx,
+            spec.node.clone(),
+            spec.limits.clone().unwrap_or_default(),
+        )?;
+        let (trigger, shutdown) = Shutdown::new(Duration::from_secs(2));
+        let rotation = tokio::spawn(manager.run_rotation(creds, tx, shutdown.clone()));
+        Self::launch(spec, dialer, trigger, shutdown, Some(rotation))
+    }
+
+    fn launch(
+        spec: EdgeSpec,
+        dialer: TunnelDialer,
+        trigger: ShutdownTrigger,
+        shutdown: Shutdown,
+        rotation: Option<JoinHandle<()>>,
+    ) -> anyhow::Result<Self> {
+        let metrics = EdgeMetrics::register(&mut Registry::default());
         let opts = EdgeOptions {
             dialer,
-            kubelet: KubeletEndpoint::new(&spec.kubelet_url, spec.kubelet_tls.clone(), Some("localhost"))?,
+            kubelet: KubeletEndpoint::new(
+                &spec.kubelet_url,
+                spec.kubelet_tls.clone(),
+                Some("localhost"),
+            )?,
             allow: spec.allow.clone(),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             metrics: metrics.clone(),
@@ -286,6 +388,7 @@ impl EdgeHandle {
             metrics,
             trigger,
             task,
+            rotation,
         })
     }
 
@@ -298,5 +401,8 @@ impl EdgeHandle {
     /// Abrupt stop, like a crashed process: the socket just closes.
     pub fn kill(self) {
         self.task.abort();
+        if let Some(r) = &self.rotation {
+            r.abort();
+        }
     }
 }

@@ -247,6 +247,9 @@ impl BootstrapServer {
                 format!("invalid node name {node:?}"),
             ));
         }
+        // Check the CSR before a single-use token is spent on it.
+        tether_pki::check_node_csr(&r.csr, &node)
+            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
         let (ips, via) = match (client.filter(|c| c.node_name().is_some()), bearer) {
             // Renewal: the current certificate (verified against our CA by
             // TLS) authorizes the same node, with the same addresses.

@@ -7,9 +7,9 @@ use std::path::Path;
 use crate::StateError;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
+    move |cause| StateError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 

@@ -19,12 +19,12 @@ use tether_pki::Ca;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file's content is invalid.
     #[error("{path}: {reason}")]
@@ -47,7 +47,7 @@ pub struct CloudState {
     /// Bootstrap tokens.
     pub tokens: TokenStore,
     /// Revoked certificates and nodes.
-    pub deny: DenyList,
+    pub deny: std::sync::Arc<DenyList>,
 }
 
 impl CloudState {
@@ -73,7 +73,7 @@ impl CloudState {
         Ok(Self {
             dir: dir.to_owned(),
             tokens: TokenStore::new(dir.join("tokens.json")),
-            deny: DenyList::open(dir.join("revoked.json"))?,
+            deny: std::sync::Arc::new(DenyList::open(dir.join("revoked.json"))?),
             ca,
         })
     }

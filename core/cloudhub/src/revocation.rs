@@ -73,9 +73,9 @@ impl DenyList {
                 reason: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Revoked::default()),
-            Err(source) => Err(StateError::Io {
+            Err(cause) => Err(StateError::Io {
                 path: self.path.display().to_string(),
-                source,
+                cause,
             }),
         }
     }

@@ -89,9 +89,9 @@ impl TokenStore {
                 reason: e.to_string(),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
-            Err(source) => Err(StateError::Io {
+            Err(cause) => Err(StateError::Io {
                 path: self.path.display().to_string(),
-                source,
+                cause,
             }),
         }
     }

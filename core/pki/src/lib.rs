@@ -216,20 +216,8 @@ impl Ca {
         ips: &[IpAddr],
         lifetime: Duration,
     ) -> Result<String, PkiError> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::Csr(format!("not a valid signed CSR: {e}")))?;
+        let csr = check_node_csr(csr_pem, node)?;
         let want = format!("{NODE_CN_PREFIX}{node}");
-        let cn = csr
-            .params
-            .distinguished_name
-            .get(&DnType::CommonName)
-            .map(dn_text)
-            .unwrap_or_default();
-        if cn != want {
-            return Err(PkiError::Csr(format!(
-                "CSR subject {cn:?} does not match node {want:?}"
-            )));
-        }
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(&want, &[NODES_GROUP]);
         params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
@@ -263,6 +251,29 @@ fn dn_text(v: &rcgen::DnValue) -> String {
         rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
         _ => String::new(),
     }
+}
+
+/// Parses a CSR, checks its signature and that it names `system:node:<node>`.
+/// Signers call this before spending anything (a single-use token) on it.
+pub fn check_node_csr(
+    csr_pem: &str,
+    node: &str,
+) -> Result<rcgen::CertificateSigningRequestParams, PkiError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::Csr(format!("not a valid signed CSR: {e}")))?;
+    let want = format!("{NODE_CN_PREFIX}{node}");
+    let cn = csr
+        .params
+        .distinguished_name
+        .get(&DnType::CommonName)
+        .map(dn_text)
+        .unwrap_or_default();
+    if cn != want {
+        return Err(PkiError::Csr(format!(
+            "CSR subject {cn:?} does not match node {want:?}"
+        )));
+    }
+    Ok(csr)
 }
 
 /// A key and a CSR for `system:node:<node>` (the edge side of enrolment).

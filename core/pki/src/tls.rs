@@ -12,12 +12,12 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: String,
         /// The I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file did not hold the expected PEM.
     #[error("invalid PEM in {path}: {reason}")]
@@ -42,9 +42,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+    let pem = std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.display().to_string(),
-        source,
+        cause,
     })?;
     crate::parse_certs(&pem, "certificate").map_err(|e| TlsError::Pem {
         path: path.display().to_string(),
@@ -62,9 +62,9 @@ pub fn load_certs_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsErr
 
 /// Reads the private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+    let pem = std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.display().to_string(),
-        source,
+        cause,
     })?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.display().to_string(),

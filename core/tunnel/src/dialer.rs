@@ -21,12 +21,12 @@ pub enum DialError {
     #[error("{0} timed out")]
     Timeout(&'static str),
     /// TCP connect failed.
-    #[error("connect to {addr} failed: {source}")]
+    #[error("connect to {addr} failed: {cause}")]
     Connect {
         /// The cloud address.
         addr: String,
         /// The error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// TLS failed (e.g. the cloud's certificate does not verify).
     #[error("tls handshake failed: {0}")]
@@ -138,9 +138,9 @@ impl TunnelDialer {
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| DialError::Timeout("connect"))?
-            .map_err(|source| DialError::Connect {
+            .map_err(|cause| DialError::Connect {
                 addr: self.addr.clone(),
-                source,
+                cause,
             })?;
         let _ = tcp.set_nodelay(true);
         let connector = TlsConnector::from(self.tls.borrow_and_update().clone());

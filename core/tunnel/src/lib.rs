@@ -12,6 +12,7 @@ mod dialer;
 mod limits;
 mod listener;
 mod registry;
+mod server_tls;
 mod session;
 mod shutdown;
 mod splice;
@@ -23,6 +24,7 @@ pub use dialer::{DialError, EdgeTransport, TunnelDialer};
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, TunnelEvent, TunnelListener};
 pub use registry::{IpLookup, SessionRegistry};
+pub use server_tls::ServerTls;
 pub use session::{
     Body, BoxError, H2Session, NodeSession, SessionInfo, StreamError, StreamPermit, body_empty,
     body_from, serve_edge_session,

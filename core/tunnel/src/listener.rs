@@ -17,8 +17,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tether_pki::{Identity, IdentityError};
 
 use crate::{
-    H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, SessionInfo, SessionRegistry, Shutdown,
-    TUNNEL_PATH, TunnelLimits, WsStream,
+    H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, ServerTls, SessionInfo, SessionRegistry,
+    Shutdown, TUNNEL_PATH, TunnelLimits, WsStream,
 };
 
 /// Why an edge connection was not turned into a session.
@@ -57,7 +57,7 @@ impl AcceptError {
 /// Accepts edge tunnels and registers their sessions.
 pub struct TunnelListener {
     tcp: TcpListener,
-    tls: TlsAcceptor,
+    tls: ServerTls,
     limits: TunnelLimits,
     registry: SessionRegistry,
     handshakes: Arc<Semaphore>,
@@ -93,13 +93,13 @@ impl TunnelListener {
     /// certificates from the edge CA.
     pub fn new(
         tcp: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
+        tls: impl Into<ServerTls>,
         limits: TunnelLimits,
         registry: SessionRegistry,
     ) -> Self {
         Self {
             tcp,
-            tls: TlsAcceptor::from(tls),
+            tls: tls.into(),
             limits,
             registry,
             handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
@@ -204,7 +204,8 @@ impl TunnelListener {
         let _permit = self.handshakes.acquire().await.expect("never closed");
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(timeout, self.tls.accept(tcp))
+        let acceptor = TlsAcceptor::from(self.tls.current());
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
             .await
             .map_err(|_| AcceptError::Timeout("tls"))?
             .map_err(AcceptError::Tls)?;

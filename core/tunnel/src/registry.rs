@@ -135,6 +135,12 @@ impl SessionRegistry {
         inner.nodes.values().map(|s| s.info().clone()).collect()
     }
 
+    /// Every registered session.
+    pub fn all(&self) -> Vec<Session> {
+        let inner = self.inner.lock().expect("registry lock");
+        inner.nodes.values().cloned().collect()
+    }
+
     /// Closes every session (shutdown).
     pub fn close_all(&self) {
         let all: Vec<Session> = {

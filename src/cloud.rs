@@ -1,0 +1,267 @@
+//! `tether cloud`: flags and config, then the cloud hub, the tunnel listener
+//! and the kubelet-API front, plus the admin endpoint and TLS reload.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use tether_cloudhub::{BootstrapServer, CloudState};
+use tether_cloudstream::{CloudMetrics, CloudOptions};
+use tether_tunnel::{ServerTls, SessionRegistry, Shutdown};
+
+use crate::config::{self, CloudConfig};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// YAML config file; flags and environment override its fields.
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory: CA, tokens, deny list; enables the bootstrap server.
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Bootstrap listen address [default 0.0.0.0:10002].
+    #[arg(long, env = "TETHER_BOOTSTRAP_ADDR")]
+    bootstrap_addr: Option<SocketAddr>,
+    /// Name or address edges use to reach this cloud (repeatable).
+    #[arg(
+        long = "server-name",
+        env = "TETHER_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
+    /// Tunnel listen address [default 0.0.0.0:10004].
+    #[arg(long, env = "TETHER_TUNNEL_ADDR")]
+    tunnel_addr: Option<SocketAddr>,
+    /// Kubelet-API front listen address [default 0.0.0.0:10003].
+    #[arg(long, env = "TETHER_FRONT_ADDR")]
+    front_addr: Option<SocketAddr>,
+    /// Admin (metrics, probes) listen address [default 127.0.0.1:10005].
+    #[arg(long, env = "TETHER_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// Tunnel serving certificate (PEM) [default: issued from the state CA].
+    #[arg(long, env = "TETHER_TUNNEL_CERT")]
+    tunnel_cert: Option<PathBuf>,
+    /// Tunnel serving key (PEM).
+    #[arg(long, env = "TETHER_TUNNEL_KEY")]
+    tunnel_key: Option<PathBuf>,
+    /// CA that signs edge node certificates (PEM) [default: the state CA].
+    #[arg(long, env = "TETHER_EDGE_CA")]
+    edge_ca: Option<PathBuf>,
+    /// Front serving certificate (PEM).
+    #[arg(long, env = "TETHER_FRONT_CERT")]
+    front_cert: Option<PathBuf>,
+    /// Front serving key (PEM).
+    #[arg(long, env = "TETHER_FRONT_KEY")]
+    front_key: Option<PathBuf>,
+    /// CA of the apiserver's kubelet client certificate (PEM).
+    #[arg(long, env = "TETHER_FRONT_CLIENT_CA")]
+    front_client_ca: Option<PathBuf>,
+    /// Kubelet-serving CA certificate, for per-node front certificates.
+    #[arg(long, env = "TETHER_SERVING_CA_CERT")]
+    serving_ca_cert: Option<PathBuf>,
+    /// Key of --serving-ca-cert.
+    #[arg(long, env = "TETHER_SERVING_CA_KEY")]
+    serving_ca_key: Option<PathBuf>,
+    /// This replica's address as control-plane hosts reach it (for /tunnelport).
+    #[arg(long, env = "TETHER_ADVERTISE_ADDRESS")]
+    advertise_address: Option<IpAddr>,
+    /// This replica's tunnel port, e.g. 10351 (for /tunnelport).
+    #[arg(long, env = "TETHER_TUNNEL_PORT")]
+    tunnel_port: Option<u16>,
+    /// Lifetime of issued node certificates, in hours [default 8760].
+    #[arg(long, env = "TETHER_CERT_LIFETIME_HOURS")]
+    cert_lifetime_hours: Option<f64>,
+}
+
+fn apply(a: Args, cfg: &mut CloudConfig) {
+    macro_rules! set { ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* } }
+    macro_rules! set_opt { ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f; } )* } }
+    set!(
+        bootstrap_addr,
+        tunnel_addr,
+        front_addr,
+        admin_addr,
+        cert_lifetime_hours
+    );
+    set_opt!(
+        state_dir,
+        tunnel_cert,
+        tunnel_key,
+        edge_ca,
+        front_cert,
+        front_key,
+        front_client_ca,
+        serving_ca_cert,
+        serving_ca_key,
+        advertise_address,
+        tunnel_port
+    );
+    if !a.server_names.is_empty() {
+        cfg.server_names = a.server_names;
+    }
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let mut cfg: CloudConfig = config::load(a.config.as_deref())?;
+    apply(a, &mut cfg);
+    let tunnelport = match (cfg.advertise_address, cfg.tunnel_port) {
+        (Some(ip), Some(port)) => Some(
+            serde_json::to_vec(&tether_iptables_manager::TunnelPortRecord::single(ip, port))?
+                .into(),
+        ),
+        (None, None) => None,
+        _ => anyhow::bail!("config fields `advertise_address` and `tunnel_port` go together"),
+    };
+    let state = match &cfg.state_dir {
+        Some(dir) => Some(Arc::new(
+            CloudState::open(dir).context("config field `state_dir`")?,
+        )),
+        None => None,
+    };
+    let (tunnel_cfg, front_cfg) = cfg.tls(state.as_ref().map(|s| s.ca()))?;
+    let serving_ca = match (&cfg.serving_ca_cert, &cfg.serving_ca_key) {
+        (Some(c), Some(k)) => Some(Arc::new(
+            tether_pki::Ca::from_pem(&std::fs::read_to_string(c)?, &std::fs::read_to_string(k)?)
+                .context("config fields `serving_ca_cert`/`serving_ca_key`")?,
+        )),
+        (None, None) => None,
+        _ => anyhow::bail!("config fields `serving_ca_cert` and `serving_ca_key` go together"),
+    };
+    let (tunnel_tls, front_tls) = (ServerTls::new(tunnel_cfg), ServerTls::new(front_cfg));
+    let tunnel_listener = crate::bind(cfg.tunnel_addr, "the edge tunnel").await?;
+    let front_listener = crate::bind(cfg.front_addr, "the kubelet-API front").await?;
+    let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let mut registry = Registry::default();
+    let metrics = CloudMetrics::register(&mut registry);
+    let sessions = SessionRegistry::new();
+    let drain = cfg.drain();
+    let (trigger, shutdown) = Shutdown::new(drain);
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        crate::admin::Admin {
+            registry: Arc::new(Mutex::new(registry)),
+            ready: Arc::new(|| true),
+            tunnelport,
+        },
+        shutdown.clone(),
+    ));
+    let mut bootstrap_addr = None;
+    if let Some(state) = &state {
+        let listener = crate::bind(cfg.bootstrap_addr, "the bootstrap server").await?;
+        bootstrap_addr = Some(listener.local_addr()?);
+        let sans = cfg.sans();
+        let refs: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let leaf = state.ca().issue_server("tether-bootstrap", &refs)?;
+        let tls = tether_pki::server_config_optional_client_auth(
+            leaf.cert_chain()?,
+            leaf.key_pem.to_der()?,
+            std::slice::from_ref(state.ca().cert_der()),
+        )?;
+        let server = BootstrapServer::new(state.clone(), Arc::new(tls), cfg.cert_lifetime()?);
+        tokio::spawn(server.run(listener, shutdown.clone()));
+        tokio::spawn(
+            state
+                .deny
+                .clone()
+                .watch_file(Duration::from_secs(1), shutdown.clone()),
+        );
+    }
+    tokio::spawn(reload_tls(
+        cfg_reloader(&cfg, state.clone()),
+        tunnel_tls.clone(),
+        front_tls.clone(),
+        shutdown.clone(),
+    ));
+    let opts = CloudOptions {
+        tunnel_listener,
+        tunnel_tls,
+        front_listener,
+        front_tls,
+        serving_ca,
+        deny: state.as_ref().map(|s| s.deny.clone()),
+        authz: cfg.authz,
+        limits: cfg.limits,
+        front_limits: cfg.front_limits,
+        registry: sessions,
+        metrics,
+    };
+    info!(
+        tunnel = %opts.tunnel_listener.local_addr()?,
+        front = %opts.front_listener.local_addr()?,
+        bootstrap = %bootstrap_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        admin = %admin_addr,
+        "cloud started"
+    );
+    let run = tokio::spawn(tether_cloudstream::run(opts, shutdown));
+    crate::stop_signal().await;
+    info!(?drain, "shutting down");
+    trigger.trigger();
+    run.await?;
+    info!("cloud stopped");
+    Ok(())
+}
+
+/// What the reload task needs to rebuild TLS: a copy of the file-related
+/// config fields and the state CA.
+struct Reloader {
+    cfg: CloudConfig,
+    state: Option<Arc<CloudState>>,
+}
+
+fn cfg_reloader(cfg: &CloudConfig, state: Option<Arc<CloudState>>) -> Reloader {
+    let copy = CloudConfig {
+        tunnel_cert: cfg.tunnel_cert.clone(),
+        tunnel_key: cfg.tunnel_key.clone(),
+        edge_ca: cfg.edge_ca.clone(),
+        front_cert: cfg.front_cert.clone(),
+        front_key: cfg.front_key.clone(),
+        front_client_ca: cfg.front_client_ca.clone(),
+        server_names: cfg.server_names.clone(),
+        advertise_address: cfg.advertise_address,
+        limits: cfg.limits.clone(),
+        ..CloudConfig::default()
+    };
+    Reloader { cfg: copy, state }
+}
+
+fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Re-reads certificates and CA bundles when their files change; new
+/// connections use the new ones, live ones keep theirs.
+async fn reload_tls(r: Reloader, tunnel: ServerTls, front: ServerTls, shutdown: Shutdown) {
+    let files = r.cfg.watched_files();
+    let mut seen = mtimes(&files);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.triggered() => return,
+        }
+        let now = mtimes(&files);
+        if now == seen {
+            continue;
+        }
+        match r.cfg.tls(r.state.as_ref().map(|s| s.ca())) {
+            Ok((t, f)) => {
+                tunnel.replace(t);
+                front.replace(f);
+                seen = now;
+                info!("reloaded TLS certificates from disk");
+            }
+            // Often a half-written pair: try again on the next tick.
+            Err(e) => {
+                warn!(error = %e, "TLS files changed but do not load; keeping the current ones")
+            }
+        }
+    }
+}

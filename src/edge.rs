@@ -1,0 +1,160 @@
+//! `tether edge`: flags and config, enrolment (a bootstrap token, or
+//! certificate files), then the edge agent with certificate rotation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use tracing::info;
+
+use tether_edgehub::CertManager;
+use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint};
+use tether_pki::BootstrapToken;
+use tether_tunnel::{Backoff, Shutdown, TunnelDialer};
+
+use crate::config::{self, EdgeConfig};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// YAML config file; flags and environment override its fields.
+    #[arg(long, env = "TETHER_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name (must match its certificate).
+    #[arg(long, env = "TETHER_NODE_NAME")]
+    node_name: Option<String>,
+    /// The cloud host: tunnel at HOST:10004, bootstrap at HOST:10002.
+    #[arg(long, env = "TETHER_CLOUD")]
+    cloud: Option<String>,
+    /// The cloud's tunnel address, host:port (overrides --cloud).
+    #[arg(long, env = "TETHER_CLOUD_ADDR")]
+    cloud_addr: Option<String>,
+    /// The cloud's bootstrap address, host:port (overrides --cloud).
+    #[arg(long, env = "TETHER_BOOTSTRAP_ADDR")]
+    bootstrap_addr: Option<String>,
+    /// Name the cloud's certificate must carry [default: the cloud host].
+    #[arg(long, env = "TETHER_CLOUD_SERVER_NAME")]
+    cloud_server_name: Option<String>,
+    /// Bootstrap token for the first start (from `tether token create`).
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: Option<BootstrapToken>,
+    /// Where enrolled credentials live [default /var/lib/tether-edge].
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Pinned CA of the cloud (PEM), for file-based credentials.
+    #[arg(long, env = "TETHER_CA")]
+    ca: Option<PathBuf>,
+    /// Node client certificate (PEM), for file-based credentials.
+    #[arg(long, env = "TETHER_CERT")]
+    cert: Option<PathBuf>,
+    /// Node client key (PEM), for file-based credentials.
+    #[arg(long, env = "TETHER_KEY")]
+    key: Option<PathBuf>,
+    /// Kubelet endpoint [default http://127.0.0.1:10350].
+    #[arg(long, env = "TETHER_KUBELET_URL")]
+    kubelet_url: Option<String>,
+    /// Allow-listed local endpoint ip:port (repeatable).
+    #[arg(long = "allow", env = "TETHER_ALLOW", value_delimiter = ',')]
+    allow: Vec<SocketAddr>,
+    /// Admin (metrics, probes) listen address [default 127.0.0.1:10006].
+    #[arg(long, env = "TETHER_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    let mut cfg: EdgeConfig = config::load(a.config.as_deref())?;
+    if let Some(host) = &a.cloud {
+        cfg.cloud_addr = Some(format!("{host}:10004"));
+        cfg.bootstrap_addr = Some(format!("{host}:10002"));
+    }
+    macro_rules! set_opt { ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f; } )* } }
+    set_opt!(
+        node_name,
+        cloud_addr,
+        bootstrap_addr,
+        cloud_server_name,
+        ca,
+        cert,
+        key
+    );
+    if let Some(u) = a.kubelet_url {
+        cfg.kubelet_url = u;
+    }
+    if let Some(v) = a.admin_addr {
+        cfg.admin_addr = v;
+    }
+    if let Some(d) = a.state_dir {
+        cfg.state_dir = d;
+    }
+    if !a.allow.is_empty() {
+        cfg.allow = a.allow;
+    }
+    let node = cfg.node_name()?.to_owned();
+    let server_name = cfg.cloud_server_name()?;
+    let kubelet = KubeletEndpoint::new(
+        &cfg.kubelet_url,
+        cfg.kubelet_tls()?,
+        cfg.kubelet_server_name.as_deref(),
+    )
+    .context("config field `kubelet_url`")?;
+    let (trigger, shutdown) = Shutdown::new(cfg.drain());
+    let dialer = if cfg.file_credentials() {
+        TunnelDialer::new(
+            cfg.cloud_addr()?,
+            &server_name,
+            cfg.tunnel_tls()?,
+            &node,
+            cfg.limits.clone(),
+        )?
+    } else {
+        let manager = CertManager::new(&cfg.state_dir, &cfg.bootstrap_addr()?, &server_name, &node);
+        let creds = manager.ensure(a.token.as_ref()).await?;
+        info!(node, serial = %creds.identity.serial, renew_at = ?creds.renew_at(), "credentials ready");
+        let (tx, rx) = tokio::sync::watch::channel(creds.client_config()?);
+        tokio::spawn(manager.run_rotation(creds, tx, shutdown.clone()));
+        TunnelDialer::rotating(
+            cfg.cloud_addr()?,
+            &server_name,
+            rx,
+            &node,
+            cfg.limits.clone(),
+        )?
+    };
+    let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let mut registry = Registry::default();
+    let metrics = EdgeMetrics::register(&mut registry);
+    let ready = {
+        let m = metrics.clone();
+        Arc::new(move || m.is_connected())
+    };
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        crate::admin::Admin {
+            registry: Arc::new(Mutex::new(registry)),
+            ready,
+            tunnelport: None,
+        },
+        shutdown.clone(),
+    ));
+    let opts = EdgeOptions {
+        dialer,
+        kubelet,
+        allow: cfg.allow.clone(),
+        backoff: Backoff::new(
+            Duration::from_millis(cfg.backoff_base_ms),
+            Duration::from_secs(cfg.backoff_max_secs),
+        ),
+        metrics,
+    };
+    info!(node, cloud = cfg.cloud_addr()?, kubelet = %cfg.kubelet_url, admin = %admin_addr, "edge started");
+    let run = tokio::spawn(tether_edgestream::run(opts, shutdown));
+    crate::stop_signal().await;
+    info!(drain = ?cfg.drain(), "shutting down");
+    trigger.trigger();
+    run.await?;
+    info!("edge stopped");
+    Ok(())
+}

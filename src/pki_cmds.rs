@@ -1,0 +1,177 @@
+//! `tether token ...` and `tether certs ...`: operator commands on the
+//! cloud's state directory. A running cloud picks up changes by itself.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use tether_cloudhub::CloudState;
+use tether_pki::Identity;
+
+#[derive(clap::Args)]
+pub(crate) struct TokenArgs {
+    /// The cloud's state directory.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_STATE_DIR",
+        default_value = "/var/lib/tether"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: TokenCmd,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (it is shown only once).
+    Create {
+        /// Hours until the token expires.
+        #[arg(long, default_value_t = 24.0)]
+        ttl_hours: f64,
+        /// The token can enrol one node only once.
+        #[arg(long)]
+        single_use: bool,
+        /// Only this node may use the token.
+        #[arg(long)]
+        node: Option<String>,
+        /// Address the node's certificate carries (repeatable); routing by
+        /// node IP trusts only these.
+        #[arg(long = "ip", value_delimiter = ',')]
+        ips: Vec<IpAddr>,
+    },
+    /// List tokens (ids and options, never secrets).
+    List,
+    /// Delete a token by id.
+    Revoke {
+        /// The token id.
+        id: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct CertsArgs {
+    #[command(subcommand)]
+    cmd: CertsCmd,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Show a certificate's subject, addresses, serial and validity.
+    Inspect {
+        /// PEM file.
+        file: PathBuf,
+    },
+    /// Revoke a node (every certificate issued to it so far) or one serial.
+    /// Live sessions close within seconds and reconnects are refused.
+    Revoke {
+        /// The cloud's state directory.
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
+        state_dir: PathBuf,
+        /// The node to revoke.
+        #[arg(required_unless_present = "serial")]
+        node: Option<String>,
+        /// Revoke this serial (hex) instead.
+        #[arg(long)]
+        serial: Option<String>,
+    },
+}
+
+pub(crate) fn token(a: TokenArgs) -> anyhow::Result<()> {
+    let state = CloudState::open(&a.state_dir).context("opening the state directory")?;
+    match a.cmd {
+        TokenCmd::Create {
+            ttl_hours,
+            single_use,
+            node,
+            ips,
+        } => {
+            let ttl = Duration::try_from_secs_f64(ttl_hours * 3600.0).context("--ttl-hours")?;
+            if let Some(n) = &node {
+                anyhow::ensure!(tether_pki::valid_node_name(n), "invalid node name {n:?}");
+            }
+            let t = state
+                .tokens
+                .create(state.ca().cert_der(), ttl, single_use, node, ips)?;
+            println!("{}", t.expose());
+        }
+        TokenCmd::List => {
+            println!(
+                "{:<18} {:<12} {:<8} {:<20} IPS",
+                "ID", "EXPIRES", "USE", "NODE"
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            for t in state.tokens.list()? {
+                let left = t.expires_at.saturating_sub(now);
+                let expires = if left == 0 {
+                    "expired".to_owned()
+                } else {
+                    format!("{}h{}m", left / 3600, left % 3600 / 60)
+                };
+                let usage = match (t.single_use, t.used_at) {
+                    (true, Some(_)) => "used",
+                    (true, None) => "once",
+                    (false, _) => "many",
+                };
+                let ips: Vec<String> = t.ips.iter().map(IpAddr::to_string).collect();
+                println!(
+                    "{:<18} {:<12} {:<8} {:<20} {}",
+                    t.id,
+                    expires,
+                    usage,
+                    t.node.unwrap_or_else(|| "*".into()),
+                    ips.join(",")
+                );
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            anyhow::ensure!(state.tokens.revoke(&id)?, "no token with id {id}");
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn certs(a: CertsArgs) -> anyhow::Result<()> {
+    match a.cmd {
+        CertsCmd::Inspect { file } => {
+            for der in tether_pki::load_certs(&file)? {
+                let id = Identity::from_der(&der)?;
+                println!(
+                    "subject:    CN={} O={}",
+                    id.common_name,
+                    id.organizations.join(",")
+                );
+                println!("node:       {}", id.node_name().unwrap_or("-"));
+                let ips: Vec<String> = id.ips.iter().map(IpAddr::to_string).collect();
+                println!("ips:        {}", ips.join(","));
+                println!("serial:     {}", id.serial);
+                println!("not before: {} (unix)", id.not_before);
+                println!("not after:  {} (unix)", id.not_after);
+            }
+        }
+        CertsCmd::Revoke {
+            state_dir,
+            node,
+            serial,
+        } => {
+            let state = CloudState::open(&state_dir).context("opening the state directory")?;
+            match (node, serial) {
+                (_, Some(s)) => {
+                    state.deny.revoke_serial(&s)?;
+                    println!("serial {s} revoked");
+                }
+                (Some(n), None) => {
+                    state.deny.revoke_node(&n)?;
+                    println!("node {n} revoked: its certificates so far are refused");
+                }
+                (None, None) => unreachable!("clap requires one"),
+            }
+        }
+    }
+    Ok(())
+}
