@@ -1,0 +1,249 @@
+//! `tether-bench`: measures Tether's stream tunnel against the same fixture kubelet
+//! reached directly, in the same run, with the same client code, and reports each
+//! figure as direct, tunnel and their ratio. The fixture serves HTTPS and the edge
+//! reaches it over HTTPS, like a real kubelet on :10250.
+//!
+//! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
+//! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
+//! and the memory of idle sessions (edges in a child process). `--json` ends stdout
+//! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
+//! The exit status is non-zero only when the harness itself fails, never for a
+//! missed target.
+
+mod exec;
+mod figures;
+mod idle;
+mod report;
+mod requests;
+mod rig;
+mod stats;
+mod streams;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use tether_tunnel::TunnelLimits;
+
+use crate::figures::phase;
+use crate::report::Report;
+use crate::rig::{Rig, Runtimes, Side};
+use crate::stats::Machine;
+
+/// Benchmarks the Tether tunnel against direct kubelet access.
+#[derive(Parser, Debug)]
+#[command(name = "tether-bench", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Child process of the idle-session figure: runs idle edge agents.
+    #[command(hide = true)]
+    Edges(idle::EdgesArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Smaller sizes and shorter windows; finishes well under two minutes.
+    #[arg(long)]
+    quick: bool,
+    /// End stdout with one JSON object holding every figure.
+    #[arg(long)]
+    json: bool,
+    /// Run only these figures (comma-separated); default all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Figure>,
+    /// Tunnel limits for the cloud and every edge, as JSON; missing fields keep
+    /// their defaults (e.g. '{"stream_window": 1048576}'). For tuning experiments.
+    #[arg(long, value_name = "JSON")]
+    limits_json: Option<String>,
+    /// Idle sessions for the memory figure (default 1000, 200 with --quick).
+    #[arg(long)]
+    edges: Option<usize>,
+    /// Streams held stalled during the stalled-reader figure.
+    #[arg(long, default_value_t = 1)]
+    stalled: usize,
+    /// Run the fixture, the edge and the cloud on the bench's own runtime instead
+    /// of one runtime each (no per-role CPU split then).
+    #[arg(long, hide = true)]
+    shared_runtime: bool,
+    /// Measure one side only, for profiling one path (logs, small GETs and
+    /// concurrent streams; the other side reads as zero).
+    #[arg(long, value_enum, hide = true)]
+    side: Option<SideArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SideArg {
+    Direct,
+    Tunnel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Figure {
+    Logs,
+    SmallGet,
+    Exec,
+    Concurrent,
+    Stalled,
+    Idle,
+}
+
+/// Sizes, counts and deadlines of one run.
+struct Plan {
+    quick: bool,
+    only: Vec<Figure>,
+    log_bytes: u64,
+    log_runs: usize,
+    get_concurrency: [usize; 3],
+    get_warmup: Duration,
+    get_window: Duration,
+    get_reps: usize,
+    exec_trips: usize,
+    concurrent_streams: usize,
+    concurrent_reps: usize,
+    concurrent_bytes: u64,
+    stalled: usize,
+    stalled_bytes: u64,
+    edges: usize,
+    edges_register: Duration,
+    sides: Vec<Side>,
+}
+
+impl Plan {
+    fn new(args: &RunArgs) -> Self {
+        let quick = args.quick;
+        Self {
+            quick,
+            only: args.only.clone(),
+            log_bytes: if quick { 32 << 20 } else { 256 << 20 },
+            log_runs: if quick { 2 } else { 3 },
+            get_concurrency: [1, 8, 64],
+            get_warmup: Duration::from_millis(if quick { 250 } else { 500 }),
+            get_window: Duration::from_secs(if quick { 1 } else { 2 }),
+            get_reps: if quick { 2 } else { 3 },
+            exec_trips: if quick { 500 } else { 2000 },
+            concurrent_streams: 100,
+            concurrent_reps: 2,
+            concurrent_bytes: 4 << 20,
+            stalled: args.stalled,
+            stalled_bytes: 4 << 30,
+            edges: args.edges.unwrap_or(if quick { 200 } else { 1000 }),
+            edges_register: Duration::from_secs(if quick { 45 } else { 90 }),
+            sides: match args.side {
+                None => Side::BOTH.to_vec(),
+                Some(SideArg::Direct) => vec![Side::Direct],
+                Some(SideArg::Tunnel) => vec![Side::Tunnel],
+            },
+        }
+    }
+
+    fn wants(&self, figure: Figure) -> bool {
+        self.only.is_empty() || self.only.contains(&figure)
+    }
+
+    fn measures(&self, side: Side) -> bool {
+        self.sides.contains(&side)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("tb-main")
+        .enable_all()
+        .build()
+        .context("build tokio runtime")?;
+    let result = match cli.command {
+        Some(Command::Edges(args)) => runtime.block_on(idle::run_edges(args)),
+        None => runtime.block_on(run(cli.run)),
+    };
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let limits = match &args.limits_json {
+        Some(j) => serde_json::from_str::<TunnelLimits>(j).context("parse --limits-json")?,
+        None => TunnelLimits::default(),
+    };
+    limits
+        .validate()
+        .map_err(|e| anyhow!("--limits-json: {e}"))?;
+    let plan = Plan::new(&args);
+    let machine = Machine::probe();
+    let mut report = Report::default();
+    report.put("quick", plan.quick);
+    report.put("nproc", machine.nproc);
+    report.put("cpu_model", machine.cpu_model.clone());
+    report.put("kernel", machine.kernel.clone());
+    report.num("mem_total_gib", machine.mem_total_gib);
+    report.put("limits", serde_json::to_value(&limits)?);
+    report.num("loadavg_1m_start", stats::loadavg());
+    println!(
+        "tether-bench ({} run): {} cpus ({}), kernel {}, {:.1} GiB, load {:.2}",
+        if plan.quick { "quick" } else { "full" },
+        machine.nproc,
+        machine.cpu_model,
+        machine.kernel,
+        machine.mem_total_gib,
+        stats::loadavg()
+    );
+
+    // First, while the heap is fresh: the memory figure runs its own cloud.
+    if plan.wants(Figure::Idle) {
+        figures::idle_sessions(&plan, &limits, &mut report).await?;
+    }
+    let rig_figures = [
+        Figure::Logs,
+        Figure::Stalled,
+        Figure::SmallGet,
+        Figure::Exec,
+        Figure::Concurrent,
+    ];
+    if rig_figures.iter().any(|f| plan.wants(*f)) {
+        let runtimes = Runtimes::new(args.shared_runtime)?;
+        report.put("separate_runtimes", runtimes.separate());
+        let rig = phase(
+            "rig start",
+            Duration::from_secs(30),
+            Rig::start(&limits, runtimes),
+        )
+        .await?;
+        let result = figures::on_rig(&rig, &plan, &mut report).await;
+        rig.stop().await;
+        result?;
+    }
+
+    report.num("elapsed_s", started.elapsed().as_secs_f64());
+    report.num("loadavg_1m_end", stats::loadavg());
+    let targets = report.targets();
+    let met = targets.iter().filter(|t| t.3).count();
+    println!(
+        "targets: {met} of {} met{}",
+        targets.len(),
+        targets
+            .iter()
+            .filter(|t| !t.3)
+            .map(|(key, rule, x, _)| format!("; missed {key} = {x} (want {rule})"))
+            .collect::<String>()
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report.to_json())?);
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! The rig most figures run on: the fixture kubelet over HTTPS (like a real kubelet
+//! on :10250), the cloud, and one edge agent reaching that kubelet over HTTPS; plus
+//! [`Dial`], the two ways the same client code reaches the kubelet: directly, or
+//! through the front, the tunnel and the edge.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::runtime::{Handle, Runtime};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use tether_tests::fixture::{self, FixtureKubelet};
+use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
+use tether_tests::kubectl::IO_TIMEOUT;
+use tether_tunnel::TunnelLimits;
+
+/// The node the rig's edge serves; requests pick it with `Host:`.
+pub(crate) const NODE: &str = "bench-node";
+
+/// How long the edge may take to register.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long stopping the edge and the cloud may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which path a measurement takes to the kubelet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// Client → fixture kubelet over TLS.
+    Direct,
+    /// Client → front over TLS → tunnel → edge → fixture kubelet over TLS.
+    Tunnel,
+}
+
+impl Side {
+    pub(crate) const BOTH: [Side; 2] = [Side::Direct, Side::Tunnel];
+}
+
+/// A client connection, the same type on both sides.
+pub(crate) type Conn = TlsStream<TcpStream>;
+
+/// Opens client connections for either side; cheap to clone into tasks.
+#[derive(Clone)]
+pub(crate) struct Dial {
+    front: SocketAddr,
+    front_tls: Arc<rustls::ClientConfig>,
+    kubelet: SocketAddr,
+    kubelet_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Dial {
+    /// A TCP (no delay) + TLS connection to the front or to the kubelet.
+    pub(crate) async fn connect(&self, side: Side) -> anyhow::Result<Conn> {
+        let (addr, tls, name) = match side {
+            Side::Direct => (self.kubelet, &self.kubelet_tls, "localhost"),
+            Side::Tunnel => (self.front, &self.front_tls, CLOUD_NAME),
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect {addr}"))?;
+            tcp.set_nodelay(true).context("set TCP_NODELAY")?;
+            let name = ServerName::try_from(name)?;
+            TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("tls handshake with {addr}"))
+        };
+        tokio::time::timeout(IO_TIMEOUT, connect)
+            .await
+            .with_context(|| format!("{side:?} connection timed out"))?
+    }
+}
+
+/// Where each role's tasks run. By default every role gets its own multi-thread
+/// runtime with its own named threads, the way separate processes would share the
+/// machine: one role's tasks cannot starve or serialise another's, and each
+/// role's CPU time can be read per thread (see [`crate::stats::cpu_by_role`]).
+/// `shared` puts everything on the bench's own runtime instead.
+pub(crate) struct Runtimes {
+    fixture: Handle,
+    edge: Handle,
+    cloud: Handle,
+    owned: Vec<Runtime>,
+}
+
+impl Runtimes {
+    pub(crate) fn new(shared: bool) -> anyhow::Result<Self> {
+        if shared {
+            let here = Handle::current();
+            return Ok(Self {
+                fixture: here.clone(),
+                edge: here.clone(),
+                cloud: here,
+                owned: Vec::new(),
+            });
+        }
+        let mut owned = Vec::with_capacity(3);
+        for role in ["fixture", "edge", "cloud"] {
+            owned.push(
+                tokio::runtime::Builder::new_multi_thread()
+                    .thread_name(format!("tb-{role}"))
+                    .enable_all()
+                    .build()
+                    .with_context(|| format!("build the {role} runtime"))?,
+            );
+        }
+        Ok(Self {
+            fixture: owned[0].handle().clone(),
+            edge: owned[1].handle().clone(),
+            cloud: owned[2].handle().clone(),
+            owned,
+        })
+    }
+
+    /// Whether roles run on their own threads (so per-role CPU means something).
+    pub(crate) fn separate(&self) -> bool {
+        !self.owned.is_empty()
+    }
+
+    /// Stops the role runtimes without blocking this (async) thread.
+    fn shutdown(self) {
+        for runtime in self.owned {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The fixture kubelet, the cloud and one edge, all in this process.
+pub(crate) struct Rig {
+    pub(crate) dial: Dial,
+    // Held for its lifetime: dropping the fixture stops it.
+    fixture: FixtureKubelet,
+    cloud: CloudHandle,
+    edge: EdgeHandle,
+    runtimes: Runtimes,
+}
+
+impl Rig {
+    /// Starts everything with `limits` on both tunnel ends, each role on its
+    /// runtime from `runtimes`, and waits for the edge.
+    pub(crate) async fn start(limits: &TunnelLimits, runtimes: Runtimes) -> anyhow::Result<Self> {
+        let pki = Arc::new(Pki::generate().context("generate pki")?);
+        let (server_tls, root) = fixture::self_signed_tls().context("fixture tls")?;
+        let fixture = runtimes
+            .fixture
+            .spawn(FixtureKubelet::start(Some(server_tls)))
+            .await
+            .context("fixture start task")?
+            .context("start fixture kubelet")?;
+        let kubelet_tls = fixture::client_tls(root).context("kubelet client tls")?;
+        let spec = CloudSpec {
+            limits: Some(limits.clone()),
+            ..CloudSpec::default()
+        };
+        let cloud_pki = pki.clone();
+        let cloud = runtimes
+            .cloud
+            .spawn(async move { CloudHandle::start(&cloud_pki, spec).await })
+            .await
+            .context("cloud start task")?
+            .context("start cloud")?;
+        let mut spec = EdgeSpec::new(NODE, fixture.addr);
+        spec.kubelet_url = format!("https://{}", fixture.addr);
+        spec.kubelet_tls = Some(kubelet_tls.clone());
+        spec.limits = Some(limits.clone());
+        let edge = {
+            // EdgeHandle::start spawns the agent onto the runtime it is entered in.
+            let _entered = runtimes.edge.enter();
+            EdgeHandle::start(&pki, cloud.tunnel_addr, spec).context("start edge")?
+        };
+        cloud
+            .registry
+            .wait_for_node(NODE, None, CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("edge did not connect within {CONNECT_TIMEOUT:?}"))?;
+        let dial = Dial {
+            front: cloud.front_addr,
+            front_tls: pki.apiserver_tls().context("apiserver client tls")?,
+            kubelet: fixture.addr,
+            kubelet_tls,
+        };
+        Ok(Self {
+            dial,
+            fixture,
+            cloud,
+            edge,
+            runtimes,
+        })
+    }
+
+    /// Whether per-role CPU times are meaningful for this rig.
+    pub(crate) fn roles_separate(&self) -> bool {
+        self.runtimes.separate()
+    }
+
+    /// Stops the edge, then the cloud, each within a deadline, then the fixture
+    /// and the role runtimes.
+    pub(crate) async fn stop(self) {
+        let _ = tokio::time::timeout(STOP_TIMEOUT, self.edge.stop()).await;
+        let _ = tokio::time::timeout(STOP_TIMEOUT, self.cloud.stop()).await;
+        drop(self.fixture);
+        self.runtimes.shutdown();
+    }
+}
