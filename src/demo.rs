@@ -28,15 +28,29 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     let kubelet = FixtureKubelet::start(None)
         .await
         .context("start sample kubelet")?;
+    let work = std::env::temp_dir().join(format!("tether-demo-state-{}", std::process::id()));
     let spec = CloudSpec {
         tunnel_addr: Some(free_or_any("127.0.0.1:10004").await),
         front_addr: Some(free_or_any("127.0.0.1:10003").await),
+        state_dir: Some(work.join("cloud")),
         ..CloudSpec::default()
     };
     let cloud = CloudHandle::start(&pki, spec).await?;
+    // Enrol the edge the way an operator would: a single-use token bound to
+    // the node and its address; the edge starts with nothing but the token.
+    let state = cloud.state.as_ref().context("the demo cloud runs the hub")?;
+    let token = state.tokens.create(
+        state.ca().cert_der(),
+        Duration::from_secs(600),
+        true,
+        Some(NODE.to_owned()),
+        vec![NODE_IP.parse()?],
+    )?;
     let mut edge_spec = EdgeSpec::new(NODE, kubelet.addr);
     edge_spec.ips = vec![NODE_IP.parse()?];
-    let edge = EdgeHandle::start(&pki, cloud.tunnel_addr, edge_spec)?;
+    let edge = EdgeHandle::enrol(&cloud, Some(&token), &work.join("edge"), edge_spec)
+        .await
+        .context("enrol the demo edge with its bootstrap token")?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
     let admin_addr = admin.local_addr()?;
     let (admin_stop, admin_shutdown) = Shutdown::new(Duration::ZERO);
@@ -62,6 +76,11 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     say(&format!(
         "kubelet front   https://{}  (what the apiserver talks to; client cert required)",
         cloud.front_addr
+    ));
+    say(&format!(
+        "bootstrap       https://{}  (the edge enrolled with single-use token {}...)",
+        cloud.bootstrap_addr.map(|a| a.to_string()).unwrap_or_default(),
+        &token.expose()[..24]
     ));
     say(&format!("admin           http://{admin_addr}/metrics"));
     let session = cloud
@@ -110,6 +129,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     tokio::join!(edge.stop(), cloud.stop());
     admin_stop.trigger();
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&work);
     say(&format!(
         "drained and stopped in {:?}",
         drain_started.elapsed()

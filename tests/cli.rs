@@ -212,3 +212,85 @@ async fn cloud_and_edge_processes_serve_and_drain_on_sigterm() {
     .expect("test timed out")
     .expect("test failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_certificate_on_disk_is_used_without_restart() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = std::env::temp_dir().join(format!("tether-reload-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::generate()?;
+        let tunnel = pki.edge_ca.issue_server("tether-cloud", &["localhost"])?;
+        let front = pki.front_ca.issue_server("front-one", &["localhost"])?;
+        let f = |n: &str, pem: &str| write(&dir, n, pem);
+        let (edge_ca, front_ca) = (
+            f("edge-ca.crt", pki.edge_ca.cert_pem())?,
+            f("front-ca.crt", pki.front_ca.cert_pem())?,
+        );
+        let (tc, tk) = (
+            f("tunnel.crt", &tunnel.cert_pem)?,
+            f("tunnel.key", tunnel.key_pem.expose())?,
+        );
+        let (fc, fk) = (
+            f("front.crt", &front.cert_pem)?,
+            f("front.key", front.key_pem.expose())?,
+        );
+        let cloud = process::spawn(
+            &[],
+            &[
+                "cloud",
+                "--tunnel-addr",
+                "127.0.0.1:0",
+                "--front-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--tunnel-cert",
+                &tc,
+                "--tunnel-key",
+                &tk,
+                "--edge-ca",
+                &edge_ca,
+                "--front-cert",
+                &fc,
+                "--front-key",
+                &fk,
+                "--front-client-ca",
+                &front_ca,
+            ],
+            "started",
+        )
+        .await?;
+        let front_addr = field(&cloud.started, "front")?;
+        let presented = || async {
+            let tcp = tokio::net::TcpStream::connect(&front_addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(pki.apiserver_tls()?)
+                .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+                .await?;
+            let id = tether_pki::Identity::from_peer(tls.get_ref().1.peer_certificates())?;
+            Ok::<_, anyhow::Error>(id.common_name)
+        };
+        ensure!(presented().await? == "front-one");
+        // Replace the pair on disk (key first, then certificate).
+        let next = pki.front_ca.issue_server("front-two", &["localhost"])?;
+        f("front.key", next.key_pem.expose())?;
+        f("front.crt", &next.cert_pem)?;
+        let mut switched = false;
+        for _ in 0..100 {
+            if presented().await? == "front-two" {
+                switched = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            switched,
+            "the new certificate was not picked up within 10 s"
+        );
+        drop(cloud);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .expect("test failed");
+}
