@@ -146,6 +146,7 @@ struct Files {
     front: (String, String),
     node: (String, String),
     client: (String, String),
+    serving_ca: (String, String),
 }
 
 fn files(ns: &Netns) -> anyhow::Result<Files> {
@@ -157,11 +158,10 @@ fn files(ns: &Netns) -> anyhow::Result<Files> {
             write(d, &format!("{name}.key"), c.key_pem.expose())?,
         ))
     };
-    // The front presents a certificate valid for the node address the
-    // apiserver dialled (hand-made here; per-node certificates are issue 4's).
-    let front = pki
-        .front_ca
-        .issue_server("tether-cloud", &["localhost", NODE_IP, NODE_IP6])?;
+    // The front's default certificate knows no node address: curl verifying
+    // https://<node-ip>:<tunnel-port> succeeds only through the per-node
+    // serving certificate chosen by the connection's original destination.
+    let front = pki.front_ca.issue_server("tether-cloud", &["localhost"])?;
     let tunnel = pki
         .edge_ca
         .issue_server("tether-cloud", &["localhost", "127.0.0.1"])?;
@@ -178,6 +178,10 @@ fn files(ns: &Netns) -> anyhow::Result<Files> {
         front: pair("front", &front)?,
         node: pair("node", &node)?,
         client: pair("client", &client)?,
+        serving_ca: (
+            write(d, "serving-ca.crt", pki.front_ca.cert_pem())?,
+            write(d, "serving-ca.key", pki.front_ca.key_pem().expose())?,
+        ),
     })
 }
 
@@ -228,6 +232,10 @@ async fn stack(ns: &Netns, f: &Files, replicas: &[&str]) -> anyhow::Result<Stack
                     &f.front.1,
                     "--front-client-ca",
                     &f.front_ca,
+                    "--serving-ca-cert",
+                    &f.serving_ca.0,
+                    "--serving-ca-key",
+                    &f.serving_ca.1,
                 ],
                 "cloud started",
             )
