@@ -38,7 +38,10 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     let cloud = CloudHandle::start(&pki, spec).await?;
     // Enrol the edge the way an operator would: a single-use token bound to
     // the node and its address; the edge starts with nothing but the token.
-    let state = cloud.state.as_ref().context("the demo cloud runs the hub")?;
+    let state = cloud
+        .state
+        .as_ref()
+        .context("the demo cloud runs the hub")?;
     let token = state.tokens.create(
         state.ca().cert_der(),
         Duration::from_secs(600),
@@ -79,7 +82,10 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     ));
     say(&format!(
         "bootstrap       https://{}  (the edge enrolled with single-use token {}...)",
-        cloud.bootstrap_addr.map(|a| a.to_string()).unwrap_or_default(),
+        cloud
+            .bootstrap_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
         &token.expose()[..24]
     ));
     say(&format!("admin           http://{admin_addr}/metrics"));

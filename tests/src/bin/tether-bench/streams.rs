@@ -16,8 +16,8 @@ use crate::stats::{cpu_by_role, cpu_time, mb_per_s, ms};
 
 /// Size of the verified warm-up stream before the timed runs.
 const WARMUP_BYTES: u64 = 8 << 20;
-/// How long stalled streams get to fill their windows and buffers before measuring.
-const STALL_SETTLE: Duration = Duration::from_millis(500);
+/// Longest wait for stalled streams to fill their windows and buffers.
+const STALL_SETTLE: Duration = Duration::from_secs(5);
 
 fn logs_path(pod: &str, bytes: u64) -> String {
     format!("/containerLogs/default/{pod}/app?bytes={bytes}")
@@ -158,8 +158,24 @@ async fn open_stalled(dial: &Dial, count: usize, bytes: u64) -> anyhow::Result<V
             .context("stalled stream ended at once")?;
         held.push(body);
     }
-    tokio::time::sleep(STALL_SETTLE).await;
+    settle().await?;
     Ok(held)
+}
+
+/// Waits until the stalled streams have filled every buffer on their way and the
+/// process is idle again (CPU below 5% of a core over 200 ms), at most
+/// [`STALL_SETTLE`]; otherwise the next measurement competes with their data.
+async fn settle() -> anyhow::Result<()> {
+    const STEP: Duration = Duration::from_millis(200);
+    let deadline = Instant::now() + STALL_SETTLE;
+    while Instant::now() < deadline {
+        let before = cpu_time()?;
+        tokio::time::sleep(STEP).await;
+        if cpu_time()?.saturating_sub(before) <= STEP / 20 {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Tunnel throughput beside stalled readers.
