@@ -148,3 +148,45 @@ impl DenyList {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(ca: &tether_pki::Ca, node: &str) -> Identity {
+        let c = ca.issue_node_client(node, &[]).unwrap();
+        Identity::from_der(&c.cert_chain().unwrap()[0]).unwrap()
+    }
+
+    #[test]
+    fn revocation_persists_and_reaches_another_reader() {
+        let dir = std::env::temp_dir().join(format!("tether-deny-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("revoked.json");
+        let ca = tether_pki::Ca::generate("t").unwrap();
+        let (a, b) = (identity(&ca, "edge-a"), identity(&ca, "edge-b"));
+        // The running cloud and the `tether certs revoke` process.
+        let cloud = DenyList::open(path.clone()).unwrap();
+        let cli = DenyList::open(path.clone()).unwrap();
+        let mut changes = cloud.subscribe();
+        cli.revoke_node("edge-a").unwrap();
+        cli.revoke_serial(&b.serial.to_uppercase()).unwrap();
+        assert!(!cloud.denies(&a), "seen before the file was re-read");
+        assert!(cloud.reload().unwrap());
+        assert!(changes.has_changed().unwrap());
+        assert!(cloud.denies(&a) && cloud.denies(&b));
+        assert!(
+            !cloud.reload().unwrap(),
+            "unchanged file reported as a change"
+        );
+        // A certificate issued after the revocation is accepted; the clock
+        // granularity is one second, so move the revocation into the past.
+        cli.update(|r| {
+            r.nodes.insert("edge-a".into(), now() - 10);
+        })
+        .unwrap();
+        cloud.reload().unwrap();
+        assert!(!cloud.denies(&identity(&ca, "edge-a")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
