@@ -23,20 +23,7 @@ impl std::fmt::Display for NodeKey {
     }
 }
 
-/// True for a valid Kubernetes node name (RFC 1123 subdomain).
-pub fn valid_node_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
-}
+pub use tether_pki::valid_node_name;
 
 /// The node a Host header value names, if any: `ip`, `ip:port`, `[v6]:port`,
 /// `name` or `name:port`.

@@ -22,8 +22,8 @@ pub(crate) fn read_string(path: &Path) -> Result<String, StateError> {
     std::fs::read_to_string(path).map_err(io(path))
 }
 
-/// Replaces `path` atomically (temp file + rename) with mode `mode`.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
+/// Replaces `path` atomically (temp file + fsync + rename) with mode `mode`.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

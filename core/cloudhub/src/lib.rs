@@ -4,6 +4,8 @@
 
 mod bootstrap;
 mod files;
+
+pub use files::write_atomic;
 mod revocation;
 mod tokens;
 

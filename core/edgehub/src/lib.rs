@@ -6,7 +6,6 @@
 
 mod pinning;
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -270,30 +269,16 @@ impl CertManager {
     }
 
     fn persist(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<(), EnrolError> {
-        let local = |e: std::io::Error| EnrolError::Local(format!("{}: {e}", self.dir.display()));
-        std::fs::create_dir_all(&self.dir).map_err(local)?;
+        let local = |e: tether_cloudhub::StateError| EnrolError::Local(e.to_string());
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| EnrolError::Local(format!("{}: {e}", self.dir.display())))?;
         let (ca_p, crt_p, key_p) = self.paths();
-        // Key first, then certificate: a crash in between leaves a key that
-        // does not match the old certificate, which `load` rejects at the TLS
-        // layer only; so write both via temp files and rename.
-        for (path, data, mode) in [
-            (&key_p, key, 0o600),
-            (&crt_p, cert, 0o644),
-            (&ca_p, ca, 0o644),
-        ] {
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(&tmp)
-                .map_err(local)?;
-            std::io::Write::write_all(&mut f, data).map_err(local)?;
-            f.sync_all().map_err(local)?;
-            std::fs::rename(&tmp, path).map_err(local)?;
-        }
-        Ok(())
+        // Each file is replaced atomically. A crash between the key and the
+        // certificate leaves a pair that does not match; the tunnel handshake
+        // then fails and the node has to be enrolled again with a token.
+        tether_cloudhub::write_atomic(&key_p, key, 0o600).map_err(local)?;
+        tether_cloudhub::write_atomic(&crt_p, cert, 0o644).map_err(local)?;
+        tether_cloudhub::write_atomic(&ca_p, ca, 0o644).map_err(local)
     }
 
     async fn send(
