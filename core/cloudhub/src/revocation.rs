@@ -168,7 +168,7 @@ mod tests {
         // The running cloud and the `tether certs revoke` process.
         let cloud = DenyList::open(path.clone()).unwrap();
         let cli = DenyList::open(path.clone()).unwrap();
-        let mut changes = cloud.subscribe();
+        let changes = cloud.subscribe();
         cli.revoke_node("edge-a").unwrap();
         cli.revoke_serial(&b.serial.to_uppercase()).unwrap();
         assert!(!cloud.denies(&a), "seen before the file was re-read");
