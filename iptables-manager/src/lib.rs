@@ -132,32 +132,84 @@ impl Manager {
             self.snapshot = Snapshot::Nftables(Backend::nft_list().await?);
             return Ok(script.lines().filter(|l| l.contains(" dnat ")).count());
         }
+        let known = match std::mem::take(&mut self.snapshot) {
+            Snapshot::Iptables(s) => s,
+            _ => HashMap::new(),
+        };
         let mut snaps = HashMap::new();
         let mut rules = 0;
         for family in [Family::V4, Family::V6] {
             let wanted = render::chain_rules(records, family, stream_port, dst);
-            let current = match self.backend.save(family).await {
-                Ok(save) => render::Owned::from_save(&save),
-                // A host without IPv6 nat (or ip6tables) is fine while no IPv6
-                // record needs it.
-                Err(e @ (NetfilterError::NoNat { .. } | NetfilterError::MissingBinary { .. }))
-                    if family == Family::V6 && wanted.is_empty() =>
-                {
-                    debug!(error = %e, "skipping IPv6");
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+            // The common path is ONE exec per family: the restore, built from
+            // what the last sync left (the drift check keeps that honest).
+            // Without it (first sync), or when it proves stale, read first.
+            let cached = known.get(&family).cloned();
+            if wanted.is_empty() && cached.as_ref() == Some(&render::Owned::default()) {
+                snaps.insert(family, render::Owned::default());
+                continue;
+            }
+            let mut current = match cached {
+                Some(c) => c,
+                None => match self.read(family, wanted.is_empty()).await? {
+                    Some(c) => c,
+                    None => {
+                        snaps.insert(family, render::Owned::default());
+                        continue;
+                    }
+                },
             };
+            if wanted.is_empty() && current == render::Owned::default() {
+                snaps.insert(family, current);
+                continue;
+            }
             let input = render::iptables_sync(records, family, stream_port, dst, &current);
-            self.backend.restore(family, &input).await?;
-            snaps.insert(
-                family,
-                render::Owned::from_save(&self.backend.save(family).await?),
-            );
+            if let Err(e) = self.backend.restore(family, &input).await {
+                if !known.contains_key(&family) {
+                    return Err(e.into());
+                }
+                debug!(error = %e, "restore from the cached state failed; re-reading");
+                current = self.read(family, false).await?.unwrap_or_default();
+                let input = render::iptables_sync(records, family, stream_port, dst, &current);
+                self.backend.restore(family, &input).await?;
+            }
+            snaps.insert(family, render::expected(&wanted));
             rules += wanted.len();
         }
         self.snapshot = Snapshot::Iptables(snaps);
         Ok(rules)
+    }
+
+    /// Tether's part of the nat table for `family`. None when the family has
+    /// no usable nat (no ip6tables, no kernel support) and nothing needs it.
+    async fn read(
+        &self,
+        family: Family,
+        optional: bool,
+    ) -> Result<Option<render::Owned>, SyncError> {
+        match self.backend.save(family).await {
+            Ok(save) => Ok(Some(render::Owned::from_save(&save))),
+            Err(e @ (NetfilterError::NoNat { .. } | NetfilterError::MissingBinary { .. }))
+                if family == Family::V6 && optional =>
+            {
+                debug!(error = %e, "skipping IPv6");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// After a drift repair, adopt what the kernel reports as the baseline,
+    /// so a formatting difference between our rendering and `iptables-save`
+    /// can never cause a repair loop.
+    async fn adopt_current(&mut self) -> Result<(), SyncError> {
+        if let Snapshot::Iptables(snaps) = &mut self.snapshot {
+            for (family, want) in snaps.iter_mut() {
+                if *want != render::Owned::default() {
+                    *want = render::Owned::from_save(&self.backend.save(*family).await?);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// True when what Tether owns differs from what it last applied.
@@ -167,6 +219,9 @@ impl Manager {
             Snapshot::Nftables(want) => &Backend::nft_list().await? != want,
             Snapshot::Iptables(snaps) => {
                 for (family, want) in snaps {
+                    if *want == render::Owned::default() {
+                        continue;
+                    }
                     let now = render::Owned::from_save(&self.backend.save(*family).await?);
                     if &now != want {
                         return Ok(true);
@@ -214,6 +269,7 @@ pub async fn run(mut manager: Manager, mut source: Box<dyn RecordSource>, shutdo
     resync.tick().await;
     let mut current: Option<Records> = None;
     let mut pending: Option<Records> = None;
+    let mut repair = false;
     loop {
         tokio::select! {
             r = source.next() => match r {
@@ -233,6 +289,7 @@ pub async fn run(mut manager: Manager, mut source: Box<dyn RecordSource>, shutdo
                             warn!("rules were changed by someone else; restoring them");
                             manager.metrics.drift_repaired();
                             pending = current.clone();
+                            repair = true;
                         }
                         Err(e) => {
                             warn!(error = %e, "drift check failed");
@@ -249,6 +306,11 @@ pub async fn run(mut manager: Manager, mut source: Box<dyn RecordSource>, shutdo
         let started = std::time::Instant::now();
         match manager.sync(&records).await {
             Ok(rules) => {
+                if std::mem::take(&mut repair)
+                    && let Err(e) = manager.adopt_current().await
+                {
+                    warn!(error = %e, "cannot read the repaired rules back");
+                }
                 info!(rules, records = records.entries.len(), took = ?started.elapsed(), "synced");
                 current = Some(records);
             }

@@ -155,8 +155,15 @@ pub fn chain_rules(
         .filter(|e| Family::of(&e.replica) == family)
     {
         for m in &matches {
+            // Written in iptables-save's order (-d before -p, other matches
+            // after it), so what the kernel reports equals what we render.
+            let (d, set) = if m.starts_with("-m set") {
+                ("", m.as_str())
+            } else {
+                (m.as_str(), "")
+            };
             out.push(format!(
-                "-A {CHAIN} {m}-p tcp -m tcp --dport {port} -m comment --comment \"tether tunnel port {port}\" -j DNAT --to-destination {to}",
+                "-A {CHAIN} {d}-p tcp {set}-m tcp --dport {port} -m comment --comment \"tether tunnel port {port}\" -j DNAT --to-destination {to}",
                 port = e.port,
                 to = target(e, stream_port),
             ));
@@ -199,6 +206,18 @@ impl Owned {
             }
         }
         owned
+    }
+}
+
+/// What `iptables-save` shows of Tether's part after a sync of `wanted`.
+pub fn expected(wanted: &[String]) -> Owned {
+    Owned {
+        chain: true,
+        jumps: HOOKS
+            .iter()
+            .map(|hook| format!("-A {}", jump_spec(hook)))
+            .collect(),
+        rules: wanted.to_vec(),
     }
 }
 
