@@ -126,7 +126,9 @@ where
             return Poll::Ready(Ok(()));
         }
         ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_io)?;
-        let msg = Message::Binary(self.write_buf.split().freeze());
+        // Take the buffer whole: `split()` would keep the spare capacity of a
+        // full message allocated for the life of an idle session.
+        let msg = Message::Binary(std::mem::take(&mut self.write_buf).freeze());
         Pin::new(&mut self.ws).start_send(msg).map_err(ws_io)?;
         Poll::Ready(Ok(()))
     }
@@ -141,7 +143,7 @@ where
             let take = room.min(b.len());
             if self.write_buf.capacity() - self.write_buf.len() < take {
                 // Grow to a whole message at once: one allocation per message,
-                // and nothing held while idle (split() leaves an empty buffer).
+                // and nothing held while idle (the buffer is taken when sent).
                 self.write_buf
                     .reserve(self.message_cap - self.write_buf.len());
             }

@@ -13,6 +13,7 @@
 mod exec;
 mod figures;
 mod idle;
+mod iptables;
 mod report;
 mod requests;
 mod rig;
@@ -47,6 +48,9 @@ enum Command {
     /// Child process of the idle-session figure: runs idle edge agents.
     #[command(hide = true)]
     Edges(idle::EdgesArgs),
+    /// Child process of the iptables figure: runs inside its network namespace.
+    #[command(hide = true)]
+    IptablesSync(iptables::SyncArgs),
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +68,11 @@ struct RunArgs {
     /// their defaults (e.g. '{"stream_window": 1048576}'). For tuning experiments.
     #[arg(long, value_name = "JSON")]
     limits_json: Option<String>,
+    /// How the edge reaches the kubelet: https (like a real kubelet on
+    /// :10250, the same fixture instance the direct side uses) or http (like
+    /// edged on 127.0.0.1:10350, Tether's default; a second fixture instance).
+    #[arg(long, value_enum, default_value = "https")]
+    edge_kubelet: EdgeKubelet,
     /// Idle sessions for the memory figure (default 1000, 200 with --quick).
     #[arg(long)]
     edges: Option<usize>,
@@ -87,6 +96,12 @@ enum SideArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EdgeKubelet {
+    Https,
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Figure {
     Logs,
     SmallGet,
@@ -94,6 +109,7 @@ enum Figure {
     Concurrent,
     Stalled,
     Idle,
+    Iptables,
 }
 
 /// Sizes, counts and deadlines of one run.
@@ -169,6 +185,7 @@ fn main() -> anyhow::Result<()> {
         .context("build tokio runtime")?;
     let result = match cli.command {
         Some(Command::Edges(args)) => runtime.block_on(idle::run_edges(args)),
+        Some(Command::IptablesSync(args)) => runtime.block_on(iptables::run_sync(args)),
         None => runtime.block_on(run(cli.run)),
     };
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -218,15 +235,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if rig_figures.iter().any(|f| plan.wants(*f)) {
         let runtimes = Runtimes::new(args.shared_runtime)?;
         report.put("separate_runtimes", runtimes.separate());
+        let edge_plain = args.edge_kubelet == EdgeKubelet::Http;
+        report.put("edge_kubelet", if edge_plain { "http" } else { "https" });
         let rig = phase(
             "rig start",
             Duration::from_secs(30),
-            Rig::start(&limits, runtimes),
+            Rig::start(&limits, runtimes, edge_plain),
         )
         .await?;
         let result = figures::on_rig(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
+    }
+
+    if plan.wants(Figure::Iptables) {
+        iptables::figure(&mut report).await?;
     }
 
     report.num("elapsed_s", started.elapsed().as_secs_f64());

@@ -135,6 +135,8 @@ pub(crate) struct Rig {
     pub(crate) dial: Dial,
     // Held for its lifetime: dropping the fixture stops it.
     fixture: FixtureKubelet,
+    // The edge's plain-HTTP kubelet, with --edge-kubelet http.
+    plain: Option<FixtureKubelet>,
     cloud: CloudHandle,
     edge: EdgeHandle,
     runtimes: Runtimes,
@@ -143,7 +145,15 @@ pub(crate) struct Rig {
 impl Rig {
     /// Starts everything with `limits` on both tunnel ends, each role on its
     /// runtime from `runtimes`, and waits for the edge.
-    pub(crate) async fn start(limits: &TunnelLimits, runtimes: Runtimes) -> anyhow::Result<Self> {
+    /// With `edge_plain`, the edge reaches a second instance of the fixture
+    /// over plain HTTP, like edged on 127.0.0.1:10350 (Tether's default);
+    /// otherwise it uses HTTPS to the same instance the direct side uses,
+    /// like a real kubelet on :10250.
+    pub(crate) async fn start(
+        limits: &TunnelLimits,
+        runtimes: Runtimes,
+        edge_plain: bool,
+    ) -> anyhow::Result<Self> {
         let pki = Arc::new(Pki::generate().context("generate pki")?);
         let (server_tls, root) = fixture::self_signed_tls().context("fixture tls")?;
         let fixture = runtimes
@@ -164,9 +174,26 @@ impl Rig {
             .await
             .context("cloud start task")?
             .context("start cloud")?;
+        let plain = if edge_plain {
+            Some(
+                runtimes
+                    .fixture
+                    .spawn(FixtureKubelet::start(None))
+                    .await
+                    .context("fixture start task")?
+                    .context("start plain fixture kubelet")?,
+            )
+        } else {
+            None
+        };
         let mut spec = EdgeSpec::new(NODE, fixture.addr);
-        spec.kubelet_url = format!("https://{}", fixture.addr);
-        spec.kubelet_tls = Some(kubelet_tls.clone());
+        match &plain {
+            Some(p) => spec.kubelet_url = format!("http://{}", p.addr),
+            None => {
+                spec.kubelet_url = format!("https://{}", fixture.addr);
+                spec.kubelet_tls = Some(kubelet_tls.clone());
+            }
+        }
         spec.limits = Some(limits.clone());
         let edge = {
             // EdgeHandle::start spawns the agent onto the runtime it is entered in.
@@ -187,6 +214,7 @@ impl Rig {
         Ok(Self {
             dial,
             fixture,
+            plain,
             cloud,
             edge,
             runtimes,
@@ -204,6 +232,7 @@ impl Rig {
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.edge.stop()).await;
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.cloud.stop()).await;
         drop(self.fixture);
+        drop(self.plain);
         self.runtimes.shutdown();
     }
 }

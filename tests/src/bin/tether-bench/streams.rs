@@ -16,7 +16,9 @@ use crate::stats::{cpu_by_role, cpu_time, mb_per_s, ms};
 
 /// Size of the verified warm-up stream before the timed runs.
 const WARMUP_BYTES: u64 = 8 << 20;
-/// Longest wait for stalled streams to fill their windows and buffers.
+/// Shortest and longest wait for stalled streams to fill their windows and buffers
+/// (or to be torn down) before the next measurement.
+const STALL_SETTLE_MIN: Duration = Duration::from_millis(500);
 const STALL_SETTLE: Duration = Duration::from_secs(5);
 
 fn logs_path(pod: &str, bytes: u64) -> String {
@@ -162,12 +164,13 @@ async fn open_stalled(dial: &Dial, count: usize, bytes: u64) -> anyhow::Result<V
     Ok(held)
 }
 
-/// Waits until the stalled streams have filled every buffer on their way and the
-/// process is idle again (CPU below 5% of a core over 200 ms), at most
-/// [`STALL_SETTLE`]; otherwise the next measurement competes with their data.
+/// Waits at least [`STALL_SETTLE_MIN`] and until the process is idle (CPU below 5%
+/// of a core over 200 ms), at most [`STALL_SETTLE`]: stalled streams filling every
+/// buffer on their way, or closing, must not compete with the next measurement.
 async fn settle() -> anyhow::Result<()> {
     const STEP: Duration = Duration::from_millis(200);
     let deadline = Instant::now() + STALL_SETTLE;
+    tokio::time::sleep(STALL_SETTLE_MIN).await;
     while Instant::now() < deadline {
         let before = cpu_time()?;
         tokio::time::sleep(STEP).await;
@@ -203,6 +206,7 @@ pub(crate) async fn stalled_throughput(
         let held = open_stalled(dial, count, stalled_bytes).await?;
         stalled = stalled.min(log_stream(dial, Side::Tunnel, "beside-stalled", bytes).await?);
         drop(held);
+        settle().await?;
     }
     Ok(Stalled {
         stalled_mbps: mb_per_s(bytes, stalled),
