@@ -176,11 +176,15 @@ impl BootstrapServer {
                 }
                 match self.enrol(req, client).await {
                     Ok((node, pem, via)) => {
-                        let serial = tether_pki::load_certs_pem(pem.as_bytes())
+                        let issued = tether_pki::load_certs_pem(pem.as_bytes())
                             .ok()
-                            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()))
-                            .map(|i| i.serial)
-                            .unwrap_or_default();
+                            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()));
+                        if let Some(id) = &issued
+                            && let Err(e) = self.state.enrolled.record(&node, id.not_after)
+                        {
+                            warn!(error = %e, node, "cannot record the enrolment");
+                        }
+                        let serial = issued.map(|i| i.serial).unwrap_or_default();
                         info!(target: "tether::audit", event = "issue", node, source = %peer, via, serial, "issued a node certificate");
                         Response::builder()
                             .header(header::CONTENT_TYPE, "application/x-pem-file")
@@ -278,9 +282,25 @@ impl BootstrapServer {
                         "token was made for another CA".into(),
                     ));
                 }
-                let ips = self.state.tokens.redeem(&token, &node).map_err(|e| {
-                    fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id))
-                })?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                let enrolled = self
+                    .state
+                    .enrolled
+                    .holds_valid(&node, &self.state.deny, now);
+                let ips =
+                    self.state
+                        .tokens
+                        .redeem(&token, &node, enrolled)
+                        .map_err(|e| match e {
+                            // Not secret, and the operator needs to know.
+                            crate::TokenRefusal::Enrolled(_) => {
+                                fail(StatusCode::CONFLICT, e.to_string())
+                            }
+                            _ => fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id)),
+                        })?;
                 (ips, "token")
             }
             (None, None) => {
@@ -295,6 +315,13 @@ impl BootstrapServer {
             .ca()
             .sign_node_csr(&r.csr, &node, &ips, self.lifetime)
             .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+        if let Some(id) = tether_pki::load_certs_pem(pem.as_bytes())
+            .ok()
+            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()))
+            && let Err(e) = self.state.enrolled.record(&node, id.not_after)
+        {
+            warn!(error = %e, node, "cannot record the enrolment");
+        }
         Ok((node, pem, via))
     }
 }

@@ -50,6 +50,44 @@ pub struct CloudState {
     pub tokens: TokenStore,
     /// Revoked certificates and nodes.
     pub deny: std::sync::Arc<DenyList>,
+    /// Nodes enrolled so far and their latest certificate's expiry.
+    pub enrolled: Enrolled,
+}
+
+/// Which nodes hold a certificate from this cloud (`enrolled.json`).
+pub struct Enrolled {
+    path: PathBuf,
+    lock: std::sync::Mutex<()>,
+}
+
+impl Enrolled {
+    fn load(&self) -> std::collections::BTreeMap<String, i64> {
+        std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// True when `node` holds an unexpired certificate that is not revoked.
+    pub fn holds_valid(&self, node: &str, deny: &DenyList, now: i64) -> bool {
+        let _g = self.lock.lock().expect("enrolled lock");
+        let Some(&not_after) = self.load().get(node) else {
+            return false;
+        };
+        let revoked = deny.subscribe().borrow().nodes.contains_key(node);
+        not_after > now && !revoked
+    }
+
+    /// Records a certificate issued to `node`.
+    pub fn record(&self, node: &str, not_after: i64) -> Result<(), StateError> {
+        let _g = self.lock.lock().expect("enrolled lock");
+        let mut m = self.load();
+        m.insert(node.to_owned(), not_after);
+        files::write_private(
+            &self.path,
+            &serde_json::to_vec_pretty(&m).expect("serializes"),
+        )
+    }
 }
 
 impl CloudState {
@@ -76,6 +114,10 @@ impl CloudState {
             dir: dir.to_owned(),
             tokens: TokenStore::new(dir.join("tokens.json")),
             deny: std::sync::Arc::new(DenyList::open(dir.join("revoked.json"))?),
+            enrolled: Enrolled {
+                path: dir.join("enrolled.json"),
+                lock: std::sync::Mutex::new(()),
+            },
             ca,
         })
     }

@@ -55,6 +55,11 @@ pub enum TokenRefusal {
     /// Bound to another node.
     #[error("token is bound to node {0:?}")]
     WrongNode(String),
+    /// An unbound token for a node name that is already enrolled.
+    #[error(
+        "node {0:?} is already enrolled; re-enrol it with a token bound to it (tether token create --node)"
+    )]
+    Enrolled(String),
     /// The store could not be read or written.
     #[error("token store: {0}")]
     Store(String),
@@ -148,8 +153,16 @@ impl TokenStore {
     }
 
     /// Checks `token` for `node` and, when it may be used, records the use.
-    /// Returns the addresses the certificate gets.
-    pub fn redeem(&self, token: &BootstrapToken, node: &str) -> Result<Vec<IpAddr>, TokenRefusal> {
+    /// Returns the addresses the certificate gets. `enrolled` says whether
+    /// `node` already holds a valid certificate: only a token bound to that
+    /// node may enrol it again, so an unbound token cannot take over a live
+    /// node's name (its session would replace the real node's).
+    pub fn redeem(
+        &self,
+        token: &BootstrapToken,
+        node: &str,
+        enrolled: bool,
+    ) -> Result<Vec<IpAddr>, TokenRefusal> {
         let _g = self.lock.lock().expect("token lock");
         let store = |e: StateError| TokenRefusal::Store(e.to_string());
         let mut f = self.load().map_err(store)?;
@@ -165,10 +178,10 @@ impl TokenStore {
         if k.single_use && k.used_at.is_some() {
             return Err(TokenRefusal::Used);
         }
-        if let Some(bound) = &k.node
-            && bound != node
-        {
-            return Err(TokenRefusal::WrongNode(bound.clone()));
+        match &k.node {
+            Some(bound) if bound != node => return Err(TokenRefusal::WrongNode(bound.clone())),
+            None if enrolled => return Err(TokenRefusal::Enrolled(node.to_owned())),
+            _ => {}
         }
         k.used_at = Some(t);
         let ips = k.ips.clone();
@@ -192,8 +205,11 @@ mod tests {
         let once = store
             .create(ca, Duration::from_secs(60), true, None, vec![ip])
             .unwrap();
-        assert_eq!(store.redeem(&once, "edge-1"), Ok(vec![ip]));
-        assert_eq!(store.redeem(&once, "edge-1"), Err(TokenRefusal::Used));
+        assert_eq!(store.redeem(&once, "edge-1", false), Ok(vec![ip]));
+        assert_eq!(
+            store.redeem(&once, "edge-1", false),
+            Err(TokenRefusal::Used)
+        );
         let bound = store
             .create(
                 ca,
@@ -204,23 +220,40 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            store.redeem(&bound, "edge-3"),
+            store.redeem(&bound, "edge-3", false),
             Err(TokenRefusal::WrongNode("edge-2".into()))
         );
-        assert!(store.redeem(&bound, "edge-2").is_ok());
-        assert!(store.redeem(&bound, "edge-2").is_ok());
+        assert!(store.redeem(&bound, "edge-2", true).is_ok());
+        assert!(store.redeem(&bound, "edge-2", true).is_ok());
+        let open = store
+            .create(ca, Duration::from_secs(60), false, None, vec![])
+            .unwrap();
+        assert_eq!(
+            store.redeem(&open, "edge-1", true),
+            Err(TokenRefusal::Enrolled("edge-1".into()))
+        );
+        assert!(store.redeem(&open, "edge-9", false).is_ok());
         let expired = store
             .create(ca, Duration::ZERO, false, None, vec![])
             .unwrap();
-        assert_eq!(store.redeem(&expired, "edge-1"), Err(TokenRefusal::Expired));
+        assert_eq!(
+            store.redeem(&expired, "edge-1", false),
+            Err(TokenRefusal::Expired)
+        );
         let forged: BootstrapToken = once
             .expose()
             .replace(&once.id, "0000000000000000")
             .parse()
             .unwrap();
-        assert_eq!(store.redeem(&forged, "edge-1"), Err(TokenRefusal::Unknown));
+        assert_eq!(
+            store.redeem(&forged, "edge-1", false),
+            Err(TokenRefusal::Unknown)
+        );
         assert!(store.revoke(&bound.id).unwrap());
-        assert_eq!(store.redeem(&bound, "edge-2"), Err(TokenRefusal::Unknown));
+        assert_eq!(
+            store.redeem(&bound, "edge-2", true),
+            Err(TokenRefusal::Unknown)
+        );
         let text = std::fs::read_to_string(dir.join("tokens.json")).unwrap();
         assert!(
             !text.contains(&once.expose()[90..]),
