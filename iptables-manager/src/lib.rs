@@ -198,14 +198,20 @@ impl Manager {
         }
     }
 
-    /// After a drift repair, adopt what the kernel reports as the baseline,
-    /// so a formatting difference between our rendering and `iptables-save`
-    /// can never cause a repair loop.
+    /// After a drift repair, read the rules back. When they are ours in a
+    /// different spelling (iptables-save orders some options its own way),
+    /// adopt that spelling as the baseline so a formatting difference can
+    /// never cause a repair loop. Anything else (someone changed the rules
+    /// again meanwhile) is not adopted: the next drift check repairs it.
     async fn adopt_current(&mut self) -> Result<(), SyncError> {
         if let Snapshot::Iptables(snaps) = &mut self.snapshot {
             for (family, want) in snaps.iter_mut() {
-                if *want != render::Owned::default() {
-                    *want = render::Owned::from_save(&self.backend.save(*family).await?);
+                if *want == render::Owned::default() {
+                    continue;
+                }
+                let now = render::Owned::from_save(&self.backend.save(*family).await?);
+                if now != *want && render::same_rules(&now, want) {
+                    *want = now;
                 }
             }
         }

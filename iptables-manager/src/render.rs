@@ -209,6 +209,24 @@ impl Owned {
     }
 }
 
+/// True when `a` and `b` hold the same rules, ignoring the order of options
+/// within a rule (and of rules within a chain part).
+pub fn same_rules(a: &Owned, b: &Owned) -> bool {
+    fn norm(lines: &[String]) -> Vec<Vec<&str>> {
+        let mut v: Vec<Vec<&str>> = lines
+            .iter()
+            .map(|l| {
+                let mut t: Vec<&str> = l.split_whitespace().collect();
+                t.sort_unstable();
+                t
+            })
+            .collect();
+        v.sort();
+        v
+    }
+    a.chain == b.chain && norm(&a.jumps) == norm(&b.jumps) && norm(&a.rules) == norm(&b.rules)
+}
+
 /// What `iptables-save` shows of Tether's part after a sync of `wanted`.
 pub fn expected(wanted: &[String]) -> Owned {
     Owned {
@@ -422,6 +440,20 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn option_order_is_not_a_change_but_a_flushed_chain_is() {
+        let want = expected(&[
+            "-A TUNNEL-PORT -p tcp -m set --match-set e dst -m tcp --dport 1 -j DNAT".into(),
+        ]);
+        let mut respelled = want.clone();
+        respelled.rules =
+            vec!["-A TUNNEL-PORT -p tcp -m tcp --dport 1 -m set --match-set e dst -j DNAT".into()];
+        assert!(same_rules(&respelled, &want));
+        let mut flushed = want.clone();
+        flushed.rules.clear();
+        assert!(!same_rules(&flushed, &want));
     }
 
     #[test]
