@@ -65,7 +65,14 @@ impl Admin {
 /// Serves the admin endpoint until shutdown.
 pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
     let admin = Arc::new(admin);
+    // Scrapes and probes are few; bound them so a misbehaving client cannot
+    // pile up connections.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.triggered() => return,
+        };
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -89,6 +96,7 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdow
         });
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {

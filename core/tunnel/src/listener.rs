@@ -136,6 +136,12 @@ impl TunnelListener {
         let this = Arc::new(self);
         let mut sessions = tokio::task::JoinSet::new();
         loop {
+            // Take a handshake slot before accepting, so a connection flood
+            // waits in the kernel backlog instead of piling up tasks.
+            let permit = tokio::select! {
+                p = this.handshakes.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.triggered() => break,
+            };
             let (tcp, peer) = tokio::select! {
                 r = this.tcp.accept() => match r {
                     Ok(c) => c,
@@ -152,7 +158,7 @@ impl TunnelListener {
             let this = this.clone();
             let shutdown = shutdown.clone();
             sessions.spawn(
-                async move { this.serve(tcp, peer, shutdown).await }
+                async move { this.serve(tcp, peer, permit, shutdown).await }
                     .instrument(info_span!("tunnel", peer.addr = %peer)),
             );
         }
@@ -171,8 +177,16 @@ impl TunnelListener {
         }
     }
 
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
-        let session = match self.handshake(tcp, peer).await {
+    async fn serve(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
+        shutdown: Shutdown,
+    ) {
+        let session = self.handshake(tcp, peer).await;
+        drop(handshake_slot);
+        let session = match session {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "edge refused");
@@ -201,7 +215,6 @@ impl TunnelListener {
         tcp: TcpStream,
         peer: SocketAddr,
     ) -> Result<Arc<H2Session>, AcceptError> {
-        let _permit = self.handshakes.acquire().await.expect("never closed");
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(self.tls.current());
