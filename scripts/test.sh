@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests run, with a binary each provides (to tell whether
 # it is installed). Add to both when a test starts using a new tool.
-PKGS=(curl procps iproute2 iptables nftables)
-declare -A BIN=([curl]=curl [procps]=kill [iproute2]=ip [iptables]=iptables-legacy-restore [nftables]=nft)
+PKGS=(curl procps iproute2 iptables nftables prometheus prometheus-node-exporter)
+declare -A BIN=([curl]=curl [procps]=kill [iproute2]=ip [iptables]=iptables-legacy-restore [nftables]=nft
+  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -26,6 +26,8 @@ pub(crate) struct Admin {
     pub(crate) ready: Ready,
     /// This replica's tunnel-port record for `/tunnelport` (cloud only).
     pub(crate) tunnelport: Option<Bytes>,
+    /// Prometheus HTTP service discovery for `/sd` (cloud only).
+    pub(crate) sd: Option<Arc<dyn Fn() -> Bytes + Send + Sync>>,
 }
 
 impl Admin {
@@ -56,6 +58,10 @@ impl Admin {
                     StatusCode::NOT_FOUND,
                     "no tunnel-port record: set advertise_address and tunnel_port\n",
                 ),
+            },
+            "/sd" => match &self.sd {
+                Some(sd) => (StatusCode::OK, "application/json", sd()),
+                None => text(StatusCode::NOT_FOUND, "no service discovery on this role\n"),
             },
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }

@@ -76,6 +76,9 @@ pub(crate) struct Args {
     /// Lifetime of issued node certificates, in hours [default 8760].
     #[arg(long, env = "TETHER_CERT_LIFETIME_HOURS")]
     cert_lifetime_hours: Option<f64>,
+    /// host:port Prometheus reaches the front at, for /sd [default: the front address].
+    #[arg(long, env = "TETHER_SD_FRONT_ADDRESS")]
+    sd_front_address: Option<String>,
 }
 
 fn apply(a: Args, cfg: &mut CloudConfig) {
@@ -99,7 +102,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         serving_ca_cert,
         serving_ca_key,
         advertise_address,
-        tunnel_port
+        tunnel_port,
+        sd_front_address
     );
     if !a.server_names.is_empty() {
         cfg.server_names = a.server_names;
@@ -140,6 +144,25 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = CloudMetrics::register(&mut registry);
     let sessions = SessionRegistry::new();
+    let front_local = front_listener.local_addr()?;
+    let sd_front = match (&cfg.sd_front_address, front_local.ip().is_unspecified()) {
+        (Some(a), _) => a.clone(),
+        (None, false) => front_local.to_string(),
+        (None, true) => {
+            let ip = cfg
+                .advertise_address
+                .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+            SocketAddr::new(ip, front_local.port()).to_string()
+        }
+    };
+    let sd = {
+        let sessions = sessions.clone();
+        Arc::new(move || {
+            hyper::body::Bytes::from(
+                tether_cloudstream::sd::targets(&sessions, &sd_front).to_string(),
+            )
+        }) as Arc<dyn Fn() -> hyper::body::Bytes + Send + Sync>
+    };
     let drain = cfg.drain();
     let (trigger, shutdown) = Shutdown::new(drain);
     tokio::spawn(crate::admin::serve(
@@ -148,6 +171,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             registry: Arc::new(Mutex::new(registry)),
             ready: Arc::new(|| true),
             tunnelport,
+            sd: Some(sd),
         },
         shutdown.clone(),
     ));

@@ -67,6 +67,9 @@ pub(crate) struct CloudConfig {
     pub(crate) serving_ca_cert: Option<PathBuf>,
     /// Key of `serving_ca_cert`.
     pub(crate) serving_ca_key: Option<PathBuf>,
+    /// `host:port` Prometheus reaches the front at, used in `/sd` targets
+    /// (default: the front's address; for 0.0.0.0, `advertise_address` or 127.0.0.1).
+    pub(crate) sd_front_address: Option<String>,
 }
 
 impl Default for CloudConfig {
@@ -93,6 +96,7 @@ impl Default for CloudConfig {
             cert_lifetime_hours: 8760.0,
             serving_ca_cert: None,
             serving_ca_key: None,
+            sd_front_address: None,
         }
     }
 }

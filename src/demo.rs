@@ -64,6 +64,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
             registry: cloud.metrics.clone(),
             ready: Arc::new(move || !registry.is_empty()),
             tunnelport: None,
+            sd: None,
         },
         admin_shutdown,
     ));

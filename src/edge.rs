@@ -136,6 +136,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             registry: Arc::new(Mutex::new(registry)),
             ready,
             tunnelport: None,
+            sd: None,
         },
         shutdown.clone(),
     ));

@@ -114,6 +114,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             registry: Arc::new(Mutex::new(registry)),
             ready: Arc::new(|| true),
             tunnelport: None,
+            sd: None,
         },
         shutdown.clone(),
     ));

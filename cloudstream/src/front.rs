@@ -216,12 +216,55 @@ impl KubeletFront {
                 "tether cloud is shutting down",
             );
         }
-        let session = match self.route(&req, conn) {
-            Ok(s) => s,
-            Err(resp) => return resp,
+        // Explicit addressing (Prometheus via service discovery) names the
+        // node and the edge-side target in the path.
+        let explicit = route::explicit_path(req.uri().path());
+        let session = match &explicit {
+            Some((node, _, _)) => match self.registry.get(node) {
+                Some(s) => s,
+                None => {
+                    return status_response(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("no tunnel session for node {node} (unknown or disconnected)"),
+                    );
+                }
+            },
+            None => match self.route(&req, conn) {
+                Ok(s) => s,
+                Err(resp) => return resp,
+            },
         };
         tracing::Span::current().record("node", session.info().node.as_str());
         let kind = wire::classify(&req);
+        if let Some((_, target, path)) = explicit {
+            if !matches!(kind, StreamKind::Http) {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "explicit /tether/v1/nodes/ paths carry plain requests only",
+                );
+            }
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            match pq.parse() {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => {
+                    return status_response(StatusCode::BAD_REQUEST, "BadRequest", "invalid path");
+                }
+            }
+            let target = match target {
+                route::ExplicitTarget::Kubelet => KUBELET_TARGET.to_owned(),
+                route::ExplicitTarget::Endpoint(a) => a.to_string(),
+            };
+            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            return match session.send(req, &target).await {
+                Ok(r) => r,
+                Err(e) => stream_error(&e),
+            };
+        }
         let target = match &kind {
             StreamKind::Connect => match req.uri().authority() {
                 Some(a) => a.to_string(),

@@ -6,6 +6,7 @@ mod authz;
 mod front;
 mod metrics;
 pub mod route;
+pub mod sd;
 mod serving;
 
 use std::sync::Arc;

@@ -64,6 +64,47 @@ pub fn forwarded_uri_node(uri: &str) -> Option<String> {
     valid_node_name(name).then(|| name.to_owned())
 }
 
+/// Prefix of Tether's explicit addressing, used by Prometheus service
+/// discovery: `/tether/v1/nodes/<node>/kubelet/<path>` reaches the node's
+/// kubelet, `/tether/v1/nodes/<node>/endpoints/<ip:port>/<path>` one of its
+/// allow-listed local endpoints.
+pub const EXPLICIT_PREFIX: &str = "/tether/v1/nodes/";
+
+/// Where an explicitly addressed request goes on the edge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExplicitTarget {
+    /// The kubelet.
+    Kubelet,
+    /// An allow-listed endpoint.
+    Endpoint(SocketAddr),
+}
+
+/// Parses an explicit path into (node, target, the path to request there).
+pub fn explicit_path(path: &str) -> Option<(String, ExplicitTarget, String)> {
+    let rest = path.strip_prefix(EXPLICIT_PREFIX)?;
+    let (node, rest) = rest.split_once('/')?;
+    if !valid_node_name(node) {
+        return None;
+    }
+    let (target, rest) = if let Some(r) = rest.strip_prefix("kubelet") {
+        (ExplicitTarget::Kubelet, r)
+    } else {
+        let r = rest.strip_prefix("endpoints/")?;
+        let (addr, r) = r.split_once('/').unwrap_or((r, ""));
+        let r = if r.is_empty() {
+            ""
+        } else {
+            &rest[rest.len() - r.len() - 1..]
+        };
+        (ExplicitTarget::Endpoint(addr.parse().ok()?), r)
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    Some((node.to_owned(), target, rest.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +135,37 @@ mod tests {
         assert_eq!(host_key("edge_1"), None);
         assert_eq!(host_key("edge:port"), None);
         assert_eq!(host_key(""), None);
+    }
+
+    #[test]
+    fn explicit_paths() {
+        assert_eq!(
+            explicit_path("/tether/v1/nodes/edge-1/kubelet/metrics/cadvisor"),
+            Some((
+                "edge-1".into(),
+                ExplicitTarget::Kubelet,
+                "/metrics/cadvisor".into()
+            ))
+        );
+        assert_eq!(
+            explicit_path("/tether/v1/nodes/edge-1/kubelet"),
+            Some(("edge-1".into(), ExplicitTarget::Kubelet, "/".into()))
+        );
+        assert_eq!(
+            explicit_path("/tether/v1/nodes/edge-1/endpoints/127.0.0.1:9100/metrics"),
+            Some((
+                "edge-1".into(),
+                ExplicitTarget::Endpoint("127.0.0.1:9100".parse().unwrap()),
+                "/metrics".into()
+            ))
+        );
+        assert_eq!(explicit_path("/tether/v1/nodes/edge-1/kubeletx"), None);
+        assert_eq!(explicit_path("/tether/v1/nodes/Edge/kubelet/"), None);
+        assert_eq!(
+            explicit_path("/tether/v1/nodes/edge-1/endpoints/nope/metrics"),
+            None
+        );
+        assert_eq!(explicit_path("/metrics"), None);
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
         mut backoff,
         metrics,
     } = opts;
+    dialer.advertise_endpoints(&allow);
     let span = info_span!("edge", node = %dialer.node(), cloud = %dialer.addr());
     let handler = streams::StreamHandler::new(kubelet, allow, metrics.clone(), shutdown.clone());
     let mut state = State::Connecting;

@@ -57,6 +57,7 @@ pub struct TunnelDialer {
     _fixed: Option<Arc<watch::Sender<Arc<rustls::ClientConfig>>>>,
     node: String,
     limits: TunnelLimits,
+    endpoints: Vec<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for TunnelDialer {
@@ -106,7 +107,14 @@ impl TunnelDialer {
             _fixed: None,
             node: node.into(),
             limits,
+            endpoints: Vec::new(),
         })
+    }
+
+    /// Announces the edge's allow-listed local endpoints to the cloud (for
+    /// Prometheus service discovery). The edge still enforces the list.
+    pub fn advertise_endpoints(&mut self, endpoints: &[std::net::SocketAddr]) {
+        self.endpoints = endpoints.to_vec();
     }
 
     /// Resolves when a new TLS configuration (a renewed certificate) is
@@ -155,6 +163,14 @@ impl TunnelDialer {
             "sec-websocket-protocol",
             HeaderValue::from_static(PROTOCOL_VERSION),
         );
+        if !self.endpoints.is_empty() {
+            let list: Vec<String> = self.endpoints.iter().map(ToString::to_string).collect();
+            req.headers_mut().insert(
+                crate::ENDPOINTS_HEADER,
+                HeaderValue::from_str(&list.join(","))
+                    .map_err(|e| DialError::Config(e.to_string()))?,
+            );
+        }
         req.headers_mut().insert(
             NODE_HEADER,
             HeaderValue::from_str(&self.node).map_err(|e| DialError::Config(e.to_string()))?,

@@ -40,3 +40,6 @@ pub const TUNNEL_PATH: &str = "/v1/tunnel";
 /// Header in which an edge states the node name it believes it is. It must
 /// match the certificate; it exists so a misconfigured edge fails loudly.
 pub const NODE_HEADER: &str = "tether-node";
+/// Header in which an edge lists its allow-listed local endpoints
+/// (`ip:port,...`), for service discovery. At most 64 are kept.
+pub const ENDPOINTS_HEADER: &str = "tether-endpoints";

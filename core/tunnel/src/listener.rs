@@ -226,11 +226,16 @@ impl TunnelListener {
         let node = identity.require_node()?.to_owned();
         let denied = self.admission.as_ref().and_then(|a| a(&identity).err());
         #[allow(clippy::result_large_err)] // tungstenite's callback signature
+        let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
         let check = {
             let node = node.clone();
+            let announced = announced.clone();
             move |req: &Request, resp: Response| match denied {
                 Some(reason) => Err(refuse(StatusCode::FORBIDDEN, reason)),
-                None => check_upgrade(req, resp, &node),
+                None => {
+                    *announced.lock().expect("endpoints lock") = endpoints(req);
+                    check_upgrade(req, resp, &node)
+                }
             }
         };
         let ws = tokio::time::timeout(
@@ -251,6 +256,7 @@ impl TunnelListener {
             ips: identity.ips.clone(),
             connected_at: SystemTime::now(),
             identity,
+            endpoints: std::mem::take(&mut *announced.lock().expect("endpoints lock")),
         };
         let io = WsStream::new(ws, self.limits.ws_message_size);
         tokio::time::timeout(timeout, H2Session::start(io, info, &self.limits))
@@ -258,6 +264,20 @@ impl TunnelListener {
             .map_err(|_| AcceptError::Timeout("session"))?
             .map_err(AcceptError::Session)
     }
+}
+
+/// The endpoints an edge announced; malformed entries are ignored.
+fn endpoints(req: &Request) -> Vec<SocketAddr> {
+    req.headers()
+        .get(crate::ENDPOINTS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .filter_map(|a| a.trim().parse().ok())
+                .take(64)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn refuse(status: StatusCode, reason: String) -> ErrorResponse {

@@ -82,6 +82,8 @@ pub struct SessionInfo {
     pub connected_at: SystemTime,
     /// The edge certificate's subject, serial and validity.
     pub identity: tether_pki::Identity,
+    /// Allow-listed local endpoints the edge announced (service discovery).
+    pub endpoints: Vec<std::net::SocketAddr>,
 }
 
 /// Holds one of the node's stream slots; dropped when the stream ends.
