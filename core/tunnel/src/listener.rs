@@ -210,6 +210,7 @@ impl TunnelListener {
         self.emit(TunnelEvent::Disconnected(&info));
     }
 
+    #[allow(clippy::result_large_err)] // tungstenite's upgrade callback signature
     async fn handshake(
         &self,
         tcp: TcpStream,
