@@ -112,3 +112,22 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdow
         });
     }
 }
+
+/// Registers `tether_build_info{version, role} 1`, a gauge (promtool 2.42
+/// cannot parse the OpenMetrics `info` type).
+pub(crate) fn register_build_info(registry: &mut Registry, role: &'static str) {
+    let info = prometheus_client::metrics::family::Family::<
+        Vec<(&'static str, &'static str)>,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    info.get_or_create(&vec![
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("role", role),
+    ])
+    .set(1);
+    registry.register(
+        "tether_build_info",
+        "Tether version and role (always 1)",
+        info,
+    );
+}

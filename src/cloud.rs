@@ -142,6 +142,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
     let mut registry = Registry::default();
+    crate::admin::register_build_info(&mut registry, "cloud");
     let metrics = CloudMetrics::register(&mut registry);
     let sessions = SessionRegistry::new();
     let front_local = front_listener.local_addr()?;

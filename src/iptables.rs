@@ -86,6 +86,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             .context("--resync-secs must be a positive number")?,
     };
     let mut registry = Registry::default();
+    crate::admin::register_build_info(&mut registry, "iptables-manager");
     let metrics = ManagerMetrics::register(&mut registry);
     let mut manager = Manager::new(cfg, metrics).await?;
     if a.cleanup {

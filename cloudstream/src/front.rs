@@ -122,9 +122,14 @@ impl KubeletFront {
             Some(certs) => certs.config_for(self.tls.current(), original_dst.map(|d| d.ip())),
             None => self.tls.current(),
         };
-        let tls = tokio::time::timeout(timeout, TlsAcceptor::from(cfg).accept(tcp))
-            .await
-            .map_err(|_| "tls handshake timed out")??;
+        let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(cfg).accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.metrics.auth_failure("tls");
+                return Err(e.into());
+            }
+            Err(_) => return Err("tls handshake timed out".into()),
+        };
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let authorized = self.authz.allows(&identity);
         if !authorized {
@@ -172,11 +177,7 @@ impl KubeletFront {
         shutdown: &Shutdown,
     ) -> Response<Body> {
         let started = Instant::now();
-        let kind = match wire::classify(&req) {
-            StreamKind::Http => Kind::Http,
-            StreamKind::Upgrade(_) => Kind::Upgrade,
-            StreamKind::Connect => Kind::Connect,
-        };
+        let kind = Kind::of(req.method(), req.uri().path());
         let span = info_span!(
             "request",
             method = %req.method(),
@@ -184,7 +185,16 @@ impl KubeletFront {
             node = tracing::field::Empty,
             user = %conn.identity.common_name,
         );
-        let resp = self.proxy(req, conn, shutdown).instrument(span).await;
+        let resp = self.proxy(req, conn, kind, shutdown).instrument(span).await;
+        // Count what reaches the client as it streams.
+        let to_client = self.metrics.bytes(kind, "to_client");
+        let resp = resp.map(|b| {
+            CountingBody {
+                inner: b,
+                counter: to_client,
+            }
+            .boxed_unsync()
+        });
         self.metrics.request(
             kind,
             resp.status().as_u16(),
@@ -197,9 +207,11 @@ impl KubeletFront {
         &self,
         mut req: Request<Incoming>,
         conn: &Conn,
+        kind_label: Kind,
         shutdown: &Shutdown,
     ) -> Response<Body> {
         if !conn.authorized {
+            self.metrics.auth_failure("forbidden");
             return status_response(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
@@ -259,7 +271,14 @@ impl KubeletFront {
                 route::ExplicitTarget::Kubelet => KUBELET_TARGET.to_owned(),
                 route::ExplicitTarget::Endpoint(a) => a.to_string(),
             };
-            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            let from_client = self.metrics.bytes(kind_label, "from_client");
+            let req = req.map(|b| {
+                CountingBody {
+                    inner: b.map_err(BoxError::from).boxed_unsync(),
+                    counter: from_client,
+                }
+                .boxed_unsync()
+            });
             return match session.send(req, &target).await {
                 Ok(r) => r,
                 Err(e) => stream_error(&e),
@@ -279,7 +298,14 @@ impl KubeletFront {
             _ => KUBELET_TARGET.to_owned(),
         };
         let client_side = (!matches!(kind, StreamKind::Http)).then(|| hyper::upgrade::on(&mut req));
-        let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
+        let from_client = self.metrics.bytes(kind_label, "from_client");
+        let req = req.map(|b| {
+            CountingBody {
+                inner: b.map_err(BoxError::from).boxed_unsync(),
+                counter: from_client,
+            }
+            .boxed_unsync()
+        });
         let mut resp = match session.send(req, &target).await {
             Ok(r) => r,
             Err(e) => return stream_error(&e),
@@ -297,6 +323,10 @@ impl KubeletFront {
         let tunnel_side = hyper::upgrade::on(&mut resp);
         let permit = resp.extensions_mut().remove::<StreamPermit>();
         let shutdown = shutdown.clone();
+        let (up_bytes, down_bytes) = (
+            self.metrics.bytes(kind_label, "from_client"),
+            self.metrics.bytes(kind_label, "to_client"),
+        );
         tokio::spawn(
             async move {
                 let _permit = permit;
@@ -309,7 +339,11 @@ impl KubeletFront {
                 };
                 let (mut c, mut t) = (TokioIo::new(c), TokioIo::new(t));
                 match tether_tunnel::splice(&mut c, &mut t, &shutdown).await {
-                    Ok((up, down)) => debug!(up, down, "upgraded stream closed"),
+                    Ok((up, down)) => {
+                        up_bytes.inc_by(up);
+                        down_bytes.inc_by(down);
+                        debug!(up, down, "upgraded stream closed")
+                    }
                     Err(e) => debug!(error = %e, "upgraded stream ended"),
                 }
             }
@@ -420,4 +454,36 @@ fn stream_error(e: &StreamError) -> Response<Body> {
         StreamError::Tunnel(_) => (StatusCode::BAD_GATEWAY, "BadGateway"),
     };
     status_response(code, reason, &e.to_string())
+}
+
+/// A body that counts the bytes of its data frames as they pass.
+struct CountingBody {
+    inner: Body,
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+impl hyper::body::Body for CountingBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counter.inc_by(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -1,4 +1,6 @@
 //! The cloud's metric families, updated by the front and the tunnel listener.
+//! Every label comes from a small closed set, so series stay bounded however
+//! many pods, paths or clients there are.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -9,20 +11,53 @@ use prometheus_client::registry::Registry;
 
 use tether_tunnel::TunnelEvent;
 
-/// Request kinds, a closed set.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+/// What a front request is for, a closed set.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub(crate) enum Kind {
-    Http,
-    Upgrade,
+    Logs,
+    Exec,
+    Attach,
+    PortForward,
+    Metrics,
+    Stats,
     Connect,
+    Other,
+}
+
+impl Kind {
+    /// Classifies by the kubelet path (after any explicit `/tether/v1/nodes/`
+    /// prefix) and method.
+    pub(crate) fn of(method: &http::Method, path: &str) -> Self {
+        if method == http::Method::CONNECT {
+            return Self::Connect;
+        }
+        let path = crate::route::explicit_path(path)
+            .map(|(_, _, p)| p)
+            .unwrap_or_else(|| path.to_owned());
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        match first {
+            "containerLogs" => Self::Logs,
+            "exec" | "run" => Self::Exec,
+            "attach" => Self::Attach,
+            "portForward" => Self::PortForward,
+            "metrics" => Self::Metrics,
+            "stats" => Self::Stats,
+            _ => Self::Other,
+        }
+    }
 }
 
 impl EncodeLabelValue for Kind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = match self {
-            Self::Http => "http",
-            Self::Upgrade => "upgrade",
+            Self::Logs => "logs",
+            Self::Exec => "exec",
+            Self::Attach => "attach",
+            Self::PortForward => "portforward",
+            Self::Metrics => "metrics",
+            Self::Stats => "stats",
             Self::Connect => "connect",
+            Self::Other => "other",
         };
         EncodeLabelValue::encode(&s, encoder)
     }
@@ -31,7 +66,7 @@ impl EncodeLabelValue for Kind {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     kind: Kind,
-    code: u16,
+    code_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,8 +75,19 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    kind: Kind,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabel {
     event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 /// Metric families of the cloud. Cheap to clone.
@@ -51,6 +97,8 @@ pub struct CloudMetrics {
     session_events: Family<EventLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<KindLabel, Histogram>,
+    bytes: Family<BytesLabels, Counter>,
+    auth_failures: Family<ReasonLabel, Counter>,
 }
 
 impl Default for CloudMetrics {
@@ -62,6 +110,8 @@ impl Default for CloudMetrics {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 4.0, 10))
             }),
+            bytes: Family::default(),
+            auth_failures: Family::default(),
         }
     }
 }
@@ -79,13 +129,23 @@ impl CloudMetrics {
         );
         r.register(
             "requests",
-            "Front requests by kind and status code (codes come from a small fixed set)",
+            "Front requests by kind and status code class",
             m.requests.clone(),
         );
         r.register(
             "request_duration_seconds",
-            "Time from front request to response headers",
+            "Time from front request to response headers, by kind",
             m.duration.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes carried by the front, by kind and direction (to_client, from_client)",
+            m.bytes.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Front clients refused: tls (no or foreign certificate), forbidden (subject not allowed)",
+            m.auth_failures.clone(),
         );
         m
     }
@@ -115,20 +175,54 @@ impl CloudMetrics {
     }
 
     pub(crate) fn request(&self, kind: Kind, code: u16, seconds: f64) {
-        // Bound the label set: unusual codes fold into their class's x00.
-        let code = match code {
-            101 | 200 | 201 | 204 | 206 | 301 | 302 | 304 | 400 | 401 | 403 | 404 | 409 | 429
-            | 500 | 502 | 503 | 504 => code,
-            c => c / 100 * 100,
+        let code_class = match code / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
         };
         self.requests
-            .get_or_create(&RequestLabels {
-                kind: kind.clone(),
-                code,
-            })
+            .get_or_create(&RequestLabels { kind, code_class })
             .inc();
         self.duration
             .get_or_create(&KindLabel { kind })
             .observe(seconds);
+    }
+
+    /// A counter for bytes of `kind` in `direction`, to hand to a body or splice.
+    pub(crate) fn bytes(&self, kind: Kind, direction: &'static str) -> Counter {
+        self.bytes
+            .get_or_create(&BytesLabels { kind, direction })
+            .clone()
+    }
+
+    pub(crate) fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_paths() {
+        let get = http::Method::GET;
+        assert_eq!(Kind::of(&get, "/containerLogs/ns/p/c"), Kind::Logs);
+        assert_eq!(Kind::of(&http::Method::POST, "/exec/ns/p/c"), Kind::Exec);
+        assert_eq!(Kind::of(&get, "/portForward/ns/p"), Kind::PortForward);
+        assert_eq!(
+            Kind::of(&get, "/tether/v1/nodes/n/kubelet/metrics/cadvisor"),
+            Kind::Metrics
+        );
+        assert_eq!(Kind::of(&get, "/stats/summary"), Kind::Stats);
+        assert_eq!(Kind::of(&get, "/pods"), Kind::Other);
+        assert_eq!(
+            Kind::of(&http::Method::CONNECT, "10.0.0.1:10250"),
+            Kind::Connect
+        );
     }
 }
