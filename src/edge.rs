@@ -100,6 +100,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     )
     .context("config field `kubelet_url`")?;
     let (trigger, shutdown) = Shutdown::new(cfg.drain());
+    let mut registry = Registry::default();
+    crate::admin::register_build_info(&mut registry, "edge");
+    let metrics = EdgeMetrics::register(&mut registry);
     let dialer = if cfg.file_credentials() {
         TunnelDialer::new(
             cfg.cloud_addr()?,
@@ -113,7 +116,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         let creds = manager.ensure(a.token.as_ref()).await?;
         info!(node, serial = %creds.identity.serial, renew_at = ?creds.renew_at(), "credentials ready");
         let (tx, rx) = tokio::sync::watch::channel(creds.client_config()?);
-        tokio::spawn(manager.run_rotation(creds, tx, shutdown.clone()));
+        metrics.certificate_expires(creds.identity.not_after);
+        let m = metrics.clone();
+        tokio::spawn(manager.run_rotation(
+            creds,
+            tx,
+            move |c| m.certificate_expires(c.identity.not_after),
+            shutdown.clone(),
+        ));
         TunnelDialer::rotating(
             cfg.cloud_addr()?,
             &server_name,
@@ -124,9 +134,6 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
-    let mut registry = Registry::default();
-    crate::admin::register_build_info(&mut registry, "edge");
-    let metrics = EdgeMetrics::register(&mut registry);
     let ready = {
         let m = metrics.clone();
         Arc::new(move || m.is_connected())

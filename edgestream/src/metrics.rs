@@ -45,6 +45,7 @@ pub struct EdgeMetrics {
     local_errors: Family<KindLabel, Counter>,
     dial_failures: Family<ReasonLabel, Counter>,
     connected: Gauge,
+    cert_expiry: Gauge,
 }
 
 impl EdgeMetrics {
@@ -76,6 +77,11 @@ impl EdgeMetrics {
             "connected",
             "1 while the tunnel to the cloud is up",
             m.connected.clone(),
+        );
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the node certificate in use expires (Unix time; 0 for file-based certificates)",
+            m.cert_expiry.clone(),
         );
         m
     }
@@ -112,6 +118,11 @@ impl EdgeMetrics {
         self.dial_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Records the expiry of the certificate in use (Unix seconds).
+    pub fn certificate_expires(&self, unix: i64) {
+        self.cert_expiry.set(unix);
     }
 
     /// True while the tunnel is up (readiness).

@@ -359,7 +359,7 @@ impl EdgeHandle {
             spec.limits.clone().unwrap_or_default(),
         )?;
         let (trigger, shutdown) = Shutdown::new(Duration::from_secs(2));
-        let rotation = tokio::spawn(manager.run_rotation(creds, tx, shutdown.clone()));
+        let rotation = tokio::spawn(manager.run_rotation(creds, tx, |_| {}, shutdown.clone()));
         Self::launch(spec, dialer, trigger, shutdown, Some(rotation))
     }
 

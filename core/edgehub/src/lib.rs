@@ -323,6 +323,7 @@ impl CertManager {
         self,
         mut current: EdgeCredentials,
         tx: watch::Sender<Arc<rustls::ClientConfig>>,
+        on_renewed: impl Fn(&EdgeCredentials) + Send,
         shutdown: Shutdown,
     ) {
         let mut backoff =
@@ -343,6 +344,7 @@ impl CertManager {
                     .and_then(|c| c.client_config().map(|cfg| (c, cfg)))
                 {
                     Ok((c, cfg)) => {
+                        on_renewed(&c);
                         current = c;
                         tx.send_replace(cfg);
                         backoff.reset();
