@@ -142,7 +142,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
     let mut registry = Registry::default();
-    crate::admin::register_build_info(&mut registry, "cloud");
+    tether_metrics_adapter::register_build_info(&mut registry, "cloud");
     let metrics = CloudMetrics::register(&mut registry);
     let sessions = SessionRegistry::new();
     let front_local = front_listener.local_addr()?;
@@ -164,15 +164,42 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             )
         }) as Arc<dyn Fn() -> hyper::body::Bytes + Send + Sync>
     };
+    let debug_sessions = {
+        let sessions = sessions.clone();
+        Arc::new(move || {
+            let now = SystemTime::now();
+            let mut list: Vec<serde_json::Value> = sessions
+                .all()
+                .iter()
+                .map(|s| {
+                    let i = s.info();
+                    serde_json::json!({
+                        "node": i.node,
+                        "session": i.id,
+                        "peer": i.peer.to_string(),
+                        "ips": i.ips,
+                        "age_seconds": now.duration_since(i.connected_at).map(|d| d.as_secs()).unwrap_or(0),
+                        "open_streams": s.open_streams(),
+                        "certificate_serial": i.identity.serial,
+                        "certificate_not_after": i.identity.not_after,
+                        "endpoints": i.endpoints,
+                    })
+                })
+                .collect();
+            list.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+            hyper::body::Bytes::from(serde_json::Value::Array(list).to_string())
+        }) as tether_metrics_adapter::Json
+    };
     let drain = cfg.drain();
     let (trigger, shutdown) = Shutdown::new(drain);
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
-        crate::admin::Admin {
+        tether_metrics_adapter::Admin {
             registry: Arc::new(Mutex::new(registry)),
             ready: Arc::new(|| true),
             tunnelport,
             sd: Some(sd),
+            sessions: Some(debug_sessions),
         },
         shutdown.clone(),
     ));

@@ -58,13 +58,14 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     let admin_addr = admin.local_addr()?;
     let (admin_stop, admin_shutdown) = Shutdown::new(Duration::ZERO);
     let registry = cloud.registry.clone();
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(tether_metrics_adapter::serve(
         admin,
-        crate::admin::Admin {
+        tether_metrics_adapter::Admin {
             registry: cloud.metrics.clone(),
             ready: Arc::new(move || !registry.is_empty()),
             tunnelport: None,
             sd: None,
+            sessions: None,
         },
         admin_shutdown,
     ));

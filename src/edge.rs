@@ -101,7 +101,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     .context("config field `kubelet_url`")?;
     let (trigger, shutdown) = Shutdown::new(cfg.drain());
     let mut registry = Registry::default();
-    crate::admin::register_build_info(&mut registry, "edge");
+    tether_metrics_adapter::register_build_info(&mut registry, "edge");
     let metrics = EdgeMetrics::register(&mut registry);
     let dialer = if cfg.file_credentials() {
         TunnelDialer::new(
@@ -138,13 +138,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         let m = metrics.clone();
         Arc::new(move || m.is_connected())
     };
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
-        crate::admin::Admin {
+        tether_metrics_adapter::Admin {
             registry: Arc::new(Mutex::new(registry)),
             ready,
             tunnelport: None,
             sd: None,
+            sessions: None,
         },
         shutdown.clone(),
     ));

@@ -86,7 +86,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             .context("--resync-secs must be a positive number")?,
     };
     let mut registry = Registry::default();
-    crate::admin::register_build_info(&mut registry, "iptables-manager");
+    tether_metrics_adapter::register_build_info(&mut registry, "iptables-manager");
     let metrics = ManagerMetrics::register(&mut registry);
     let mut manager = Manager::new(cfg, metrics).await?;
     if a.cleanup {
@@ -109,13 +109,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let listener = crate::bind(a.admin_addr, "the admin endpoint").await?;
     let admin_addr = listener.local_addr()?;
     let (trigger, shutdown) = Shutdown::new(Duration::ZERO);
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(tether_metrics_adapter::serve(
         listener,
-        crate::admin::Admin {
+        tether_metrics_adapter::Admin {
             registry: Arc::new(Mutex::new(registry)),
             ready: Arc::new(|| true),
             tunnelport: None,
             sd: None,
+            sessions: None,
         },
         shutdown.clone(),
     ));

@@ -2,7 +2,6 @@
 //! the operator commands around them. This file only parses flags and calls
 //! each role's `run`.
 
-mod admin;
 mod cloud;
 mod config;
 mod demo;

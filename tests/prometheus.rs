@@ -88,6 +88,11 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         ensure!(groups.as_array().is_some_and(|g| g.len() == 4), "sd: {groups}");
+        // /debug/sessions shows the node, its age, streams and announced endpoints.
+        let sessions = get_json(&format!("http://{admin}/debug/sessions")).await?;
+        ensure!(sessions[0]["node"] == "edge-prom", "{sessions}");
+        ensure!(sessions[0]["endpoints"][0] == ne_addr.as_str(), "{sessions}");
+        ensure!(sessions[0]["open_streams"].is_u64() && sessions[0]["age_seconds"].is_u64(), "{sessions}");
 
         let prom_port = free_port()?;
         let config = format!(

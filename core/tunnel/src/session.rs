@@ -106,6 +106,8 @@ pub trait NodeSession: Send + Sync + 'static {
     fn close(&self);
     /// Ends the session now, failing every stream (revocation).
     fn terminate(&self);
+    /// Streams open right now.
+    fn open_streams(&self) -> usize;
     /// True once closed or gone.
     fn is_closed(&self) -> bool;
 }
@@ -189,11 +191,6 @@ impl H2Session {
         let mut io = self.io_dropped.clone();
         let _ = io.wait_for(|d| *d).await;
     }
-
-    /// Streams currently open.
-    pub fn open_streams(&self) -> usize {
-        self.max_streams as usize - self.streams.available_permits()
-    }
 }
 
 impl NodeSession for H2Session {
@@ -259,6 +256,10 @@ impl NodeSession for H2Session {
     fn terminate(&self) {
         self.close();
         self.kill.kill();
+    }
+
+    fn open_streams(&self) -> usize {
+        self.max_streams as usize - self.streams.available_permits()
     }
 
     fn is_closed(&self) -> bool {

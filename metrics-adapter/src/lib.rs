@@ -1,8 +1,10 @@
 //! The admin HTTP endpoint of every role: `/metrics` (OpenMetrics text),
 //! `/healthz` (the process runs), `/readyz` (the role can do its job) and, on
 //! the cloud, `/tunnelport` (this replica's tunnel-port record, the input of
-//! iptables-manager). Plain HTTP, meant for loopback or a pod network with a
-//! NetworkPolicy.
+//! iptables-manager), `/sd` (Prometheus HTTP service discovery) and
+//! `/debug/sessions` (connected nodes). Plain HTTP, meant for loopback or a
+//! pod network with a NetworkPolicy. Each crate registers its own metric
+//! families into the registry handed in here.
 
 use std::sync::{Arc, Mutex};
 
@@ -15,20 +17,25 @@ use tether_tunnel::Shutdown;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-pub(crate) type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
+pub type Ready = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What the admin endpoint serves.
 #[derive(Clone)]
-pub(crate) struct Admin {
+pub struct Admin {
     /// Metric families for `/metrics`.
-    pub(crate) registry: Arc<Mutex<Registry>>,
+    pub registry: Arc<Mutex<Registry>>,
     /// Readiness for `/readyz`.
-    pub(crate) ready: Ready,
+    pub ready: Ready,
     /// This replica's tunnel-port record for `/tunnelport` (cloud only).
-    pub(crate) tunnelport: Option<Bytes>,
+    pub tunnelport: Option<Bytes>,
     /// Prometheus HTTP service discovery for `/sd` (cloud only).
-    pub(crate) sd: Option<Arc<dyn Fn() -> Bytes + Send + Sync>>,
+    pub sd: Option<Json>,
+    /// Connected nodes for `/debug/sessions` (cloud only).
+    pub sessions: Option<Json>,
 }
+
+/// Produces a JSON document on each request.
+pub type Json = Arc<dyn Fn() -> Bytes + Send + Sync>;
 
 impl Admin {
     fn answer(&self, path: &str) -> (StatusCode, &'static str, Bytes) {
@@ -63,13 +70,17 @@ impl Admin {
                 Some(sd) => (StatusCode::OK, "application/json", sd()),
                 None => text(StatusCode::NOT_FOUND, "no service discovery on this role\n"),
             },
+            "/debug/sessions" => match &self.sessions {
+                Some(s) => (StatusCode::OK, "application/json", s()),
+                None => text(StatusCode::NOT_FOUND, "no sessions on this role\n"),
+            },
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 }
 
 /// Serves the admin endpoint until shutdown.
-pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
     let admin = Arc::new(admin);
     // Scrapes and probes are few; bound them so a misbehaving client cannot
     // pile up connections.
@@ -115,7 +126,7 @@ pub(crate) async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdow
 
 /// Registers `tether_build_info{version, role} 1`, a gauge (promtool 2.42
 /// cannot parse the OpenMetrics `info` type).
-pub(crate) fn register_build_info(registry: &mut Registry, role: &'static str) {
+pub fn register_build_info(registry: &mut Registry, role: &'static str) {
     let info = prometheus_client::metrics::family::Family::<
         Vec<(&'static str, &'static str)>,
         prometheus_client::metrics::gauge::Gauge,
