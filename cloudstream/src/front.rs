@@ -271,14 +271,7 @@ impl KubeletFront {
                 route::ExplicitTarget::Kubelet => KUBELET_TARGET.to_owned(),
                 route::ExplicitTarget::Endpoint(a) => a.to_string(),
             };
-            let from_client = self.metrics.bytes(kind_label, "from_client");
-            let req = req.map(|b| {
-                CountingBody {
-                    inner: b.map_err(BoxError::from).boxed_unsync(),
-                    counter: from_client,
-                }
-                .boxed_unsync()
-            });
+            let req = self.counted(req, kind_label);
             return match session.send(req, &target).await {
                 Ok(r) => r,
                 Err(e) => stream_error(&e),
@@ -298,14 +291,7 @@ impl KubeletFront {
             _ => KUBELET_TARGET.to_owned(),
         };
         let client_side = (!matches!(kind, StreamKind::Http)).then(|| hyper::upgrade::on(&mut req));
-        let from_client = self.metrics.bytes(kind_label, "from_client");
-        let req = req.map(|b| {
-            CountingBody {
-                inner: b.map_err(BoxError::from).boxed_unsync(),
-                counter: from_client,
-            }
-            .boxed_unsync()
-        });
+        let req = self.counted(req, kind_label);
         let mut resp = match session.send(req, &target).await {
             Ok(r) => r,
             Err(e) => return stream_error(&e),
@@ -351,6 +337,18 @@ impl KubeletFront {
         );
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, body_empty())
+    }
+
+    /// The request with its body counted into `from_client` bytes as it streams.
+    fn counted(&self, req: Request<Incoming>, kind: Kind) -> Request<Body> {
+        let counter = self.metrics.bytes(kind, "from_client");
+        req.map(|b| {
+            CountingBody {
+                inner: b.map_err(BoxError::from).boxed_unsync(),
+                counter,
+            }
+            .boxed_unsync()
+        })
     }
 
     /// Resolves the node, in order: original destination of a DNAT'd
