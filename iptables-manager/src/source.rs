@@ -53,6 +53,9 @@ pub trait RecordSource: Send {
     fn next(&mut self) -> Next<'_>;
 }
 
+/// How long changed content must stay the same before it counts.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// Content-change detector shared by the polling sources.
 struct Poller {
     origin: String,
@@ -89,6 +92,16 @@ impl Poller {
                 Err(e) => Err(e.to_string()),
             };
             if self.last.as_ref() == Some(&key) {
+                continue;
+            }
+            // Act only on content that holds still: a file caught halfway
+            // through a (non-atomic) write must not be reported as bad input.
+            tokio::time::sleep(self.every.min(SETTLE)).await;
+            let again = match fetch().await {
+                Ok(b) => Ok(b),
+                Err(e) => Err(e.to_string()),
+            };
+            if again != key {
                 continue;
             }
             self.last = Some(key);
