@@ -124,7 +124,7 @@ impl CloudMetrics {
         r.register("sessions", "Live edge tunnel sessions", m.sessions.clone());
         r.register(
             "session_events",
-            "Tunnel session events: connected, replaced, disconnected, refused_<reason>",
+            "Tunnel session events: connected, replaced, disconnected_<reason> (closed, error, replaced, revoked, shutdown), refused_<reason>",
             m.session_events.clone(),
         );
         r.register(
@@ -157,9 +157,15 @@ impl CloudMetrics {
                 self.sessions.inc();
                 if *replaced { "replaced" } else { "connected" }
             }
-            TunnelEvent::Disconnected(_) => {
+            TunnelEvent::Disconnected { reason, .. } => {
                 self.sessions.dec();
-                "disconnected"
+                match *reason {
+                    "closed" => "disconnected_closed",
+                    "replaced" => "disconnected_replaced",
+                    "revoked" => "disconnected_revoked",
+                    "shutdown" => "disconnected_shutdown",
+                    _ => "disconnected_error",
+                }
             }
             TunnelEvent::Refused(e) => match e.label() {
                 "timeout" => "refused_timeout",

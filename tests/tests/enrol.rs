@@ -500,6 +500,19 @@ async fn revoked_node_is_cut_off_within_5s_and_cannot_reconnect() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(refused, "no reconnect was refused");
+        let mut counted = false;
+        for _ in 0..100 {
+            if count(&cloud.metrics_text(), "disconnected_revoked") == 1 {
+                counted = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(
+            counted,
+            "revoked session not counted:\n{}",
+            cloud.metrics_text()
+        );
         ensure!(
             cloud.registry.get("edge-x").is_none(),
             "revoked node reconnected"

@@ -593,6 +593,23 @@ async fn second_session_replaces_the_first_cleanly() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(served, "the second agent never served the node");
+        let mut counted = false;
+        for _ in 0..100 {
+            if env
+                .cloud
+                .metrics_text()
+                .contains("event=\"disconnected_replaced\"")
+            {
+                counted = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(
+            counted,
+            "replaced session not counted:\n{}",
+            env.cloud.metrics_text()
+        );
         second_edge.stop().await;
         Ok(())
     })

@@ -79,8 +79,15 @@ pub enum TunnelEvent<'a> {
         /// Whether an older session of the node was replaced.
         replaced: bool,
     },
-    /// A session ended.
-    Disconnected(&'a SessionInfo),
+    /// A session ended, and why: `closed` (the edge or the cloud closed it
+    /// cleanly), `error` (transport failure or keepalive timeout), `replaced`
+    /// (a newer session of the node took over), `revoked`, or `shutdown`.
+    Disconnected {
+        /// The session.
+        info: &'a SessionInfo,
+        /// Why it ended.
+        reason: &'static str,
+    },
     /// A connection was refused.
     Refused(&'a AcceptError),
 }
@@ -205,9 +212,19 @@ impl TunnelListener {
             _ = session.closed() => {}
             _ = shutdown.drained() => {}
         }
-        self.registry.remove(&info.node, info.id);
-        info!(node = %info.node, session.id = info.id, "edge disconnected");
-        self.emit(TunnelEvent::Disconnected(&info));
+        let removed = self.registry.remove(&info.node, info.id);
+        let reason = if shutdown.is_triggered() {
+            "shutdown"
+        } else if !removed {
+            "replaced"
+        } else {
+            session.end_reason()
+        };
+        info!(node = %info.node, session.id = info.id, reason, "edge disconnected");
+        self.emit(TunnelEvent::Disconnected {
+            info: &info,
+            reason,
+        });
     }
 
     #[allow(clippy::result_large_err)] // tungstenite's upgrade callback signature

@@ -121,6 +121,7 @@ pub struct H2Session {
     done: watch::Receiver<bool>,
     io_dropped: watch::Receiver<bool>,
     kill: crate::KillSwitch,
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -159,13 +160,18 @@ impl H2Session {
             .handshake(TokioIo::new(io))
             .await?;
         let (done_tx, done) = watch::channel(false);
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failed_in_task = failed.clone();
         let span =
             info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
         tokio::spawn(
             async move {
                 match conn.await {
                     Ok(()) => debug!("session closed"),
-                    Err(e) => debug!(error = %e, "session ended"),
+                    Err(e) => {
+                        failed_in_task.store(true, std::sync::atomic::Ordering::Release);
+                        debug!(error = %e, "session ended");
+                    }
                 }
                 let _ = done_tx.send(true);
             }
@@ -179,7 +185,20 @@ impl H2Session {
             done,
             io_dropped,
             kill,
+            failed,
         }))
+    }
+
+    /// Why the connection ended: `revoked` (terminated), `error` (transport
+    /// failure or keepalive timeout) or `closed`.
+    pub fn end_reason(&self) -> &'static str {
+        if self.kill.is_killed() {
+            "revoked"
+        } else if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            "error"
+        } else {
+            "closed"
+        }
     }
 
     /// Resolves when the session is over and its transport released: after

@@ -52,6 +52,11 @@ impl KillSwitch {
         }
     }
 
+    /// True once [`KillSwitch::kill`] was called.
+    pub fn is_killed(&self) -> bool {
+        self.0.killed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn check(&self, cx: Option<&Context<'_>>) -> io::Result<()> {
         if let Some(cx) = cx {
             *self.0.reader.lock().expect("kill lock") = Some(cx.waker().clone());
