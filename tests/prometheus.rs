@@ -52,12 +52,14 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
             .kill_on_drop(true)
             .spawn()
             .context("start prometheus-node-exporter")?;
+        // Probe the tunnel every second so the round-trip panel has data soon.
+        let cloud_config = f("cloud.yaml", "limits:\n  keepalive_interval: 1\n")?;
         let kubelet = process::spawn(&[], &["fixture-kubelet"], "listening on").await?;
         let kubelet_url = format!("http://{}", kubelet.started.trim_start_matches("listening on ").trim());
         let cloud = process::spawn(
             &[],
             &[
-                "cloud", "--tunnel-addr", "127.0.0.1:0", "--front-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                "cloud", "--config", &cloud_config, "--tunnel-addr", "127.0.0.1:0", "--front-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                 "--tunnel-cert", &tc, "--tunnel-key", &tk, "--edge-ca", &edge_ca, "--front-cert", &fc, "--front-key", &fk,
                 "--front-client-ca", &front_ca,
             ],

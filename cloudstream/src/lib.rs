@@ -54,6 +54,12 @@ pub struct CloudOptions {
 /// Runs the tunnel listener and the front until shutdown, then drains both.
 pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let metrics = opts.metrics.clone();
+    tokio::spawn(measure_rtt(
+        opts.registry.clone(),
+        opts.metrics.clone(),
+        opts.limits.keepalive_interval,
+        shutdown.clone(),
+    ));
     let mut tunnel = TunnelListener::new(
         opts.tunnel_listener,
         opts.tunnel_tls,
@@ -110,6 +116,39 @@ async fn terminate_revoked(deny: Arc<DenyList>, registry: SessionRegistry, shutd
                 warn!(node = %s.info().node, serial = %s.info().identity.serial, "certificate revoked; terminating its session");
                 s.terminate();
             }
+        }
+    }
+}
+
+/// Times a probe through every session each `every` (the keepalive
+/// interval): the edge answers it itself, so this is the tunnel's round trip.
+async fn measure_rtt(
+    registry: SessionRegistry,
+    metrics: CloudMetrics,
+    every: std::time::Duration,
+    shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.triggered() => return,
+        }
+        for s in registry.all() {
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get("/")
+                    .body(tether_tunnel::body_empty())
+                    .expect("static request");
+                let started = std::time::Instant::now();
+                let sent = s.send(req, tether_tunnel::wire::PING_TARGET);
+                if let Ok(Ok(resp)) = tokio::time::timeout(every, sent).await
+                    && resp.status() == http::StatusCode::NO_CONTENT
+                {
+                    metrics.rtt(started.elapsed().as_secs_f64());
+                }
+            });
         }
     }
 }

@@ -99,6 +99,7 @@ pub struct CloudMetrics {
     duration: Family<KindLabel, Histogram>,
     bytes: Family<BytesLabels, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
+    rtt: Histogram,
 }
 
 impl Default for CloudMetrics {
@@ -112,6 +113,7 @@ impl Default for CloudMetrics {
             }),
             bytes: Family::default(),
             auth_failures: Family::default(),
+            rtt: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
         }
     }
 }
@@ -147,7 +149,16 @@ impl CloudMetrics {
             "Front clients refused: tls (no or foreign certificate), forbidden (subject not allowed)",
             m.auth_failures.clone(),
         );
+        r.register(
+            "tunnel_rtt_seconds",
+            "Round trip of a probe through each tunnel session (cloud -> edge -> cloud)",
+            m.rtt.clone(),
+        );
         m
+    }
+
+    pub(crate) fn rtt(&self, seconds: f64) {
+        self.rtt.observe(seconds);
     }
 
     pub(crate) fn tunnel_event(&self, ev: &TunnelEvent<'_>) {

@@ -63,6 +63,12 @@ impl StreamHandler {
                 return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string());
             }
         };
+        if matches!(&inbound, Inbound::Http { target } if target == wire::PING_TARGET) {
+            return Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(tether_tunnel::body_empty())
+                .expect("static response");
+        }
         let (kind, target) = match &inbound {
             Inbound::Http { target } => (Kind::Http, target.clone()),
             Inbound::Upgrade { target, .. } => (Kind::Upgrade, target.clone()),

@@ -19,6 +19,9 @@ pub const METHOD_HEADER: &str = "tether-method";
 pub const UPGRADED_HEADER: &str = "tether-upgraded";
 /// The `:authority` that names the edge's kubelet endpoint.
 pub const KUBELET_TARGET: &str = "kubelet";
+/// The `:authority` of the cloud's round-trip probe; the edge answers `204`
+/// itself, so the time measures the tunnel alone.
+pub const PING_TARGET: &str = "tether-ping";
 
 /// Input that cannot be mapped onto the tunnel.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
