@@ -8,7 +8,6 @@ mod metrics;
 mod streams;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tether_tunnel::{Backoff, DialError, EdgeTransport, Shutdown, TunnelDialer};
@@ -134,6 +133,3 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
     .instrument(span)
     .await
 }
-
-/// Shared handle used by tests and the binary to build options.
-pub type SharedClientConfig = Arc<rustls::ClientConfig>;
