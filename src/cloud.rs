@@ -180,6 +180,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                         "ips": i.ips,
                         "age_seconds": now.duration_since(i.connected_at).map(|d| d.as_secs()).unwrap_or(0),
                         "open_streams": s.open_streams(),
+                        "rtt_ms": s.last_rtt().map(|d| d.as_secs_f64() * 1000.0),
                         "certificate_serial": i.identity.serial,
                         "certificate_not_after": i.identity.not_after,
                         "endpoints": i.endpoints,

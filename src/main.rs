@@ -22,6 +22,10 @@ use tokio::net::TcpListener;
     about = "Cloud-edge stream tunnel for Kubernetes kubelet traffic"
 )]
 struct Cli {
+    /// Export request traces (cloud front and tunnel, edge forward) over
+    /// OTLP/gRPC to this collector, e.g. http://otel-collector:4317. Off when unset.
+    #[arg(long, global = true, env = "TETHER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -72,18 +76,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let service = match cli.cmd {
+        Cmd::Cloud(_) => "tether-cloud",
+        Cmd::Edge(_) => "tether-edge",
+        Cmd::IptablesManager(_) => "tether-iptables-manager",
+        _ => "tether",
+    };
+    // The OTLP client lives on the runtime, so build it inside.
+    let provider = {
+        let _rt = rt.enter();
+        cli.otlp_endpoint
+            .as_deref()
+            .map(|e| tether_metrics_adapter::traces::otlp_provider(e, service))
+            .transpose()?
+    };
+    {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .with(provider.as_ref().map(tether_metrics_adapter::traces::layer))
+            .init();
+    }
+    let result = run_role(cli.cmd, &rt);
+    if let Some(p) = provider {
+        // Flush the spans still batched.
+        let _rt = rt.enter();
+        if let Err(e) = p.shutdown() {
+            eprintln!("warning: flushing traces failed: {e}");
+        }
+    }
+    result
+}
+
+fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     rt.block_on(async {
-        match cli.cmd {
+        match cmd {
             Cmd::Cloud(a) => cloud::run(a).await,
             Cmd::Edge(a) => edge::run(a).await,
             Cmd::Demo(a) => {

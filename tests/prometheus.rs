@@ -155,6 +155,25 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
         }
         let path = kubectl::exec_path("default", "web", "app", &["echo", "hi"], false);
         kubectl::exec_ws(conn().await?, "edge-prom", &path, b"").await?;
+        // A slow reader: the front waits for it and the edge waits for
+        // tunnel window. Both count a flow-control stall.
+        {
+            let resp = kubectl::get_streaming(conn().await?, "edge-prom", "/containerLogs/default/web/app?bytes=33554432").await?;
+            let mut body = resp.into_body();
+            kubectl::next_chunk(&mut body).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut n = 0;
+            while kubectl::next_chunk(&mut body).await?.is_some() {
+                n += 1;
+                ensure!(n < 100_000, "endless body");
+            }
+        }
+        let cloud_text = process::ok(&["curl", "-sf", &format!("http://{admin}/metrics")]).await?;
+        let edge_text = process::ok(&["curl", "-sf", &format!("http://{edge_admin}/metrics")]).await?;
+        ensure!(sample(&cloud_text, "tether_cloud_flow_control_stalls_total{kind=\"logs\"}") >= 1.0, "no front stall counted");
+        ensure!(sample(&edge_text, "tether_edge_flow_control_stalls_total{kind=\"http\"}") >= 1.0, "no edge stall counted");
+        ensure!(sample(&edge_text, "tether_edge_session_state{state=\"connected\"}") == 1.0, "edge state");
+        ensure!(sample(&cloud_text, "tether_cloud_sessions{state=\"active\"}") == 1.0, "cloud sessions");
         // A client without a certificate is refused (an auth failure).
         let anonymous = tether_pki::client_config(std::slice::from_ref(pki.front_ca.cert_der()), None, &[b"http/1.1"])?;
         let tcp = tokio::net::TcpStream::connect(&front_addr).await?;
@@ -248,6 +267,9 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
             }
         }
         ensure!(checked >= 10, "only {checked} panel queries checked");
+        // The RTT panel has data, so the probe ran: /debug/sessions shows it.
+        let sessions = get_json(&format!("http://{admin}/debug/sessions")).await?;
+        ensure!(sessions[0]["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{sessions}");
         drop(edge);
         drop(cloud);
         let _ = std::fs::remove_dir_all(&dir);
@@ -256,4 +278,11 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
     .await
     .expect("test timed out")
     .expect("test failed");
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }

@@ -179,21 +179,29 @@ impl KubeletFront {
         let started = Instant::now();
         let kind = Kind::of(req.method(), req.uri().path());
         let span = info_span!(
-            "request",
+            target: tether_tunnel::trace::TARGET,
+            "front.request",
             method = %req.method(),
             path = %req.uri().path(),
             node = tracing::field::Empty,
             user = %conn.identity.common_name,
+            client.traceparent = tracing::field::Empty,
         );
+        // The apiserver's trace, when it sent one, is this span's parent.
+        if let Some(tp) = tether_tunnel::trace::adopt_parent(&span, req.headers()) {
+            span.record("client.traceparent", tp.as_str());
+        }
         let resp = self.proxy(req, conn, kind, shutdown).instrument(span).await;
         // Count what reaches the client as it streams.
         let to_client = self.metrics.bytes(kind, "to_client");
+        let stalls = self.metrics.stall_hook(kind);
         let resp = resp.map(|b| {
-            CountingBody {
+            let counted = CountingBody {
                 inner: b,
                 counter: to_client,
             }
-            .boxed_unsync()
+            .boxed_unsync();
+            tether_tunnel::stall_metered(counted, stalls)
         });
         self.metrics.request(
             kind,

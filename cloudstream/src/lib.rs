@@ -146,7 +146,9 @@ async fn measure_rtt(
                 if let Ok(Ok(resp)) = tokio::time::timeout(every, sent).await
                     && resp.status() == http::StatusCode::NO_CONTENT
                 {
-                    metrics.rtt(started.elapsed().as_secs_f64());
+                    let rtt = started.elapsed();
+                    s.record_rtt(rtt);
+                    metrics.rtt(rtt.as_secs_f64());
                 }
             });
         }

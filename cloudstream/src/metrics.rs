@@ -86,6 +86,11 @@ struct EventLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -93,19 +98,21 @@ struct ReasonLabel {
 /// Metric families of the cloud. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CloudMetrics {
-    sessions: Gauge,
+    sessions: Family<StateLabel, Gauge>,
     session_events: Family<EventLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<KindLabel, Histogram>,
     bytes: Family<BytesLabels, Counter>,
     auth_failures: Family<ReasonLabel, Counter>,
     rtt: Histogram,
+    stalls: Family<KindLabel, Counter>,
+    stall_seconds: Family<KindLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for CloudMetrics {
     fn default() -> Self {
         Self {
-            sessions: Gauge::default(),
+            sessions: Family::default(),
             session_events: Family::default(),
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
@@ -114,6 +121,8 @@ impl Default for CloudMetrics {
             bytes: Family::default(),
             auth_failures: Family::default(),
             rtt: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            stalls: Family::default(),
+            stall_seconds: Family::default(),
         }
     }
 }
@@ -123,7 +132,14 @@ impl CloudMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("tether_cloud");
-        r.register("sessions", "Live edge tunnel sessions", m.sessions.clone());
+        r.register(
+            "sessions",
+            "Edge tunnel sessions by state: active (serving new streams), draining (replaced, finishing its streams)",
+            m.sessions.clone(),
+        );
+        for state in ["active", "draining"] {
+            let _ = m.sessions.get_or_create(&StateLabel { state });
+        }
         r.register(
             "session_events",
             "Tunnel session events: connected, replaced, disconnected_<reason> (closed, error, replaced, revoked, shutdown), refused_<reason>",
@@ -154,7 +170,30 @@ impl CloudMetrics {
             "Round trip of a probe through each tunnel session (cloud -> edge -> cloud)",
             m.rtt.clone(),
         );
+        r.register(
+            "flow_control_stalls",
+            "Waits of 50 ms or more for a client to take the next chunk of a response body, by kind",
+            m.stalls.clone(),
+        );
+        r.register(
+            "flow_control_stall_seconds",
+            "Time response bodies spent waiting for slow clients, by kind",
+            m.stall_seconds.clone(),
+        );
         m
+    }
+
+    /// Counts a stream's flow-control stalls under `kind`.
+    pub(crate) fn stall_hook(&self, kind: Kind) -> tether_tunnel::StallHook {
+        let count = self.stalls.get_or_create(&KindLabel { kind }).clone();
+        let seconds = self
+            .stall_seconds
+            .get_or_create(&KindLabel { kind })
+            .clone();
+        std::sync::Arc::new(move |d: std::time::Duration| {
+            count.inc();
+            seconds.inc_by(d.as_secs_f64());
+        })
     }
 
     pub(crate) fn rtt(&self, seconds: f64) {
@@ -164,12 +203,24 @@ impl CloudMetrics {
     pub(crate) fn tunnel_event(&self, ev: &TunnelEvent<'_>) {
         let event = match ev {
             TunnelEvent::Connected { replaced, .. } => {
-                // A replaced session still emits its own Disconnected later.
-                self.sessions.inc();
-                if *replaced { "replaced" } else { "connected" }
+                self.session_state("active").inc();
+                if *replaced {
+                    // The old session drains; it emits its own Disconnected
+                    // (reason "replaced") when its streams are done.
+                    self.session_state("active").dec();
+                    self.session_state("draining").inc();
+                    "replaced"
+                } else {
+                    "connected"
+                }
             }
             TunnelEvent::Disconnected { reason, .. } => {
-                self.sessions.dec();
+                let state = if *reason == "replaced" {
+                    "draining"
+                } else {
+                    "active"
+                };
+                self.session_state(state).dec();
                 match *reason {
                     "closed" => "disconnected_closed",
                     "replaced" => "disconnected_replaced",
@@ -189,6 +240,10 @@ impl CloudMetrics {
         self.session_events
             .get_or_create(&EventLabel { event })
             .inc();
+    }
+
+    fn session_state(&self, state: &'static str) -> Gauge {
+        self.sessions.get_or_create(&StateLabel { state }).clone()
     }
 
     pub(crate) fn request(&self, kind: Kind, code: u16, seconds: f64) {

@@ -66,11 +66,13 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                     match dialed {
                         Ok(t) => {
                             metrics.connected(true);
+                            metrics.set_state("connected");
                             info!("tunnel connected");
                             State::Connected(Box::new(t))
                         }
                         Err(e) => {
                             metrics.dial_failed(&e);
+                            metrics.set_state("backoff");
                             let delay = backoff.next_delay();
                             match &e {
                                 DialError::Refused { .. } => {
@@ -101,6 +103,8 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                             // cloud replaces the old session, whose in-flight
                             // streams finish in the background.
                             info!("certificate renewed; opening a session with it");
+                            metrics.disconnected("certificate_renewed");
+                            metrics.set_state("connecting");
                             tokio::spawn(async move { let _ = session.await; }.in_current_span());
                             state = State::Connecting;
                             continue;
@@ -108,9 +112,16 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                     };
                     metrics.connected(false);
                     if shutdown.is_triggered() {
+                        metrics.disconnected("shutdown");
                         info!("tunnel closed for shutdown");
                         return;
                     }
+                    metrics.disconnected(if result.is_ok() {
+                        "closed_by_cloud"
+                    } else {
+                        "lost"
+                    });
+                    metrics.set_state("backoff");
                     if started.elapsed() >= HEALTHY_SESSION {
                         backoff.reset();
                     }
@@ -123,7 +134,10 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                 }
                 State::Backoff(delay) => {
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => State::Connecting,
+                        _ = tokio::time::sleep(delay) => {
+                            metrics.set_state("connecting");
+                            State::Connecting
+                        }
                         _ = shutdown.triggered() => return,
                     }
                 }

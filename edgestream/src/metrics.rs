@@ -37,6 +37,14 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The agent's session states, for `tether_edge_session_state`.
+pub(crate) const STATES: [&str; 3] = ["connecting", "connected", "backoff"];
+
 /// Metric families of the edge agent. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct EdgeMetrics {
@@ -46,6 +54,10 @@ pub struct EdgeMetrics {
     dial_failures: Family<ReasonLabel, Counter>,
     connected: Gauge,
     cert_expiry: Gauge,
+    state: Family<StateLabel, Gauge>,
+    disconnects: Family<ReasonLabel, Counter>,
+    stalls: Family<KindLabel, Counter>,
+    stall_seconds: Family<KindLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl EdgeMetrics {
@@ -83,7 +95,62 @@ impl EdgeMetrics {
             "When the node certificate in use expires (Unix time; 0 for file-based certificates)",
             m.cert_expiry.clone(),
         );
+        r.register(
+            "session_state",
+            "1 for the state the tunnel session is in: connecting, connected, backoff",
+            m.state.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Tunnel sessions ended, by reason: closed_by_cloud, lost, certificate_renewed, shutdown",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "flow_control_stalls",
+            "Waits of 50 ms or more for tunnel window to send the next chunk of a response, by kind",
+            m.stalls.clone(),
+        );
+        r.register(
+            "flow_control_stall_seconds",
+            "Time response bodies waited for tunnel window, by kind",
+            m.stall_seconds.clone(),
+        );
+        m.set_state("connecting");
+        for reason in ["closed_by_cloud", "lost", "certificate_renewed", "shutdown"] {
+            let _ = m.disconnects.get_or_create(&ReasonLabel { reason });
+        }
         m
+    }
+
+    /// Marks `state` (one of [`STATES`]) as the current one.
+    pub(crate) fn set_state(&self, state: &'static str) {
+        for s in STATES {
+            self.state
+                .get_or_create(&StateLabel { state: s })
+                .set(i64::from(s == state));
+        }
+    }
+
+    pub(crate) fn disconnected(&self, reason: &'static str) {
+        self.disconnects
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a stream's flow-control stalls under `kind`.
+    pub(crate) fn stall_hook(&self, kind: Kind) -> tether_tunnel::StallHook {
+        let count = self
+            .stalls
+            .get_or_create(&KindLabel { kind: kind.clone() })
+            .clone();
+        let seconds = self
+            .stall_seconds
+            .get_or_create(&KindLabel { kind })
+            .clone();
+        std::sync::Arc::new(move |d: std::time::Duration| {
+            count.inc();
+            seconds.inc_by(d.as_secs_f64());
+        })
     }
 
     pub(crate) fn stream(&self, kind: Kind) {

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use tether_tunnel::wire::{self, Inbound, KUBELET_TARGET, status_response};
 use tether_tunnel::{Body, BoxError, Shutdown, body_empty};
@@ -74,7 +74,10 @@ impl StreamHandler {
             Inbound::Upgrade { target, .. } => (Kind::Upgrade, target.clone()),
             Inbound::Connect { target } => (Kind::Connect, target.clone()),
         };
-        let span = debug_span!("stream", kind = ?kind, target = %target, path = %req.uri().path());
+        let span = info_span!(target: tether_tunnel::trace::TARGET, "edge.stream",
+            kind = ?kind, target = %target, path = %req.uri().path());
+        // The cloud's tunnel.stream span is the parent (W3C traceparent).
+        tether_tunnel::trace::adopt_parent(&span, req.headers());
         async move {
             let Some(local) = self.permit(&inbound) else {
                 self.inner.metrics.refused(kind);
@@ -174,6 +177,8 @@ impl StreamHandler {
         let mut uri = base.into_parts();
         uri.path_and_query = pq;
         parts.uri = Uri::from_parts(uri).expect("base uri with a path is valid");
+        // The kubelet traces too; its spans become children of this one.
+        tether_tunnel::trace::inject(&tracing::Span::current(), &mut parts.headers);
         let mut resp = match self
             .inner
             .client
@@ -193,7 +198,11 @@ impl StreamHandler {
         let Some(tunnel_side) = tunnel_side else {
             let (mut parts, body) = resp.into_parts();
             wire::strip_hop_by_hop(&mut parts.headers);
-            return Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+            let body = tether_tunnel::stall_metered(
+                body.map_err(BoxError::from).boxed_unsync(),
+                self.inner.metrics.stall_hook(Kind::Http),
+            );
+            return Response::from_parts(parts, body);
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             if resp.status().is_success() {

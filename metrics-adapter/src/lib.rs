@@ -6,6 +6,8 @@
 //! pod network with a NetworkPolicy. Each crate registers its own metric
 //! families into the registry handed in here.
 
+pub mod traces;
+
 use std::sync::{Arc, Mutex};
 
 use http::{Response, StatusCode};

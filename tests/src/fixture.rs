@@ -183,9 +183,14 @@ where
         let state = state.clone();
         async move {
             state.requests.fetch_add(1, Ordering::Relaxed);
+            // A real kubelet continues the caller's trace; echo what arrived.
+            let traceparent = req.headers().get("traceparent").cloned();
             let mut resp = route(&state, req).await;
             resp.headers_mut()
                 .insert("x-fixture", HeaderValue::from_static("kubelet"));
+            if let Some(tp) = traceparent {
+                resp.headers_mut().insert("x-fixture-traceparent", tp);
+            }
             Ok::<_, Infallible>(resp)
         }
     });

@@ -16,6 +16,8 @@ mod server_tls;
 mod session;
 mod shutdown;
 mod splice;
+mod stall;
+pub mod trace;
 pub mod wire;
 mod ws;
 
@@ -31,6 +33,7 @@ pub use session::{
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use splice::splice;
+pub use stall::{STALL_THRESHOLD, StallHook, stall_metered};
 pub use ws::{KillSwitch, WsStream};
 
 /// The WebSocket subprotocol naming the protocol version this build speaks.

@@ -110,6 +110,12 @@ pub trait NodeSession: Send + Sync + 'static {
     fn open_streams(&self) -> usize;
     /// True once closed or gone.
     fn is_closed(&self) -> bool;
+    /// Records a measured round trip through this session.
+    fn record_rtt(&self, _rtt: std::time::Duration) {}
+    /// The last measured round trip, if any.
+    fn last_rtt(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The cloud end of an HTTP/2 tunnel session.
@@ -122,6 +128,8 @@ pub struct H2Session {
     io_dropped: watch::Receiver<bool>,
     kill: crate::KillSwitch,
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Last probe round trip in microseconds; 0 = not measured yet.
+    rtt_micros: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -186,6 +194,7 @@ impl H2Session {
             io_dropped,
             kill,
             failed,
+            rtt_micros: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -223,47 +232,61 @@ impl NodeSession for H2Session {
         let permit = self.streams.clone().try_acquire_owned();
         let limit = self.max_streams;
         let target = target.to_owned();
-        Box::pin(async move {
-            let mut sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
-            let permit = permit.map_err(|_| StreamError::Busy {
-                node: node.clone(),
-                limit,
-            })?;
-            let kind = wire::classify(&req);
-            let req = wire::request_to_tunnel(req, &target)?;
-            let resp = sender.send_request(req).await.map_err(|e| {
-                if e.is_closed() || sender.is_closed() {
-                    StreamError::Closed(node.clone())
-                } else if matches!(kind, StreamKind::Upgrade(_)) {
-                    // h2 does not check the peer's SETTINGS_ENABLE_CONNECT_PROTOCOL
-                    // before sending; a peer without it resets the stream.
-                    StreamError::UpgradeRefused(node.clone(), e)
+        // One span per tunnel stream, child of the caller's request span; the
+        // edge's span becomes its child through the injected traceparent.
+        // Round-trip probes are not traced.
+        let span = if target == wire::PING_TARGET {
+            tracing::Span::none()
+        } else {
+            info_span!(target: crate::trace::TARGET, "tunnel.stream",
+                node = %node, session.id = self.info.id, tunnel.target = %target)
+        };
+        let mut req = req;
+        crate::trace::inject(&span, req.headers_mut());
+        Box::pin(
+            async move {
+                let mut sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
+                let permit = permit.map_err(|_| StreamError::Busy {
+                    node: node.clone(),
+                    limit,
+                })?;
+                let kind = wire::classify(&req);
+                let req = wire::request_to_tunnel(req, &target)?;
+                let resp = sender.send_request(req).await.map_err(|e| {
+                    if e.is_closed() || sender.is_closed() {
+                        StreamError::Closed(node.clone())
+                    } else if matches!(kind, StreamKind::Upgrade(_)) {
+                        // h2 does not check the peer's SETTINGS_ENABLE_CONNECT_PROTOCOL
+                        // before sending; a peer without it resets the stream.
+                        StreamError::UpgradeRefused(node.clone(), e)
+                    } else {
+                        StreamError::Tunnel(e)
+                    }
+                })?;
+                let permit = StreamPermit(Arc::new(permit));
+                let (resp, holds_stream) = match &kind {
+                    StreamKind::Upgrade(p) => wire::upgraded_from_tunnel(resp, p),
+                    StreamKind::Connect => {
+                        let ok = resp.status().is_success();
+                        (resp, ok)
+                    }
+                    StreamKind::Http => (resp, false),
+                };
+                let (mut parts, body) = resp.into_parts();
+                let body = if holds_stream {
+                    parts.extensions.insert(permit);
+                    body.map_err(BoxError::from).boxed_unsync()
                 } else {
-                    StreamError::Tunnel(e)
-                }
-            })?;
-            let permit = StreamPermit(Arc::new(permit));
-            let (resp, holds_stream) = match &kind {
-                StreamKind::Upgrade(p) => wire::upgraded_from_tunnel(resp, p),
-                StreamKind::Connect => {
-                    let ok = resp.status().is_success();
-                    (resp, ok)
-                }
-                StreamKind::Http => (resp, false),
-            };
-            let (mut parts, body) = resp.into_parts();
-            let body = if holds_stream {
-                parts.extensions.insert(permit);
-                body.map_err(BoxError::from).boxed_unsync()
-            } else {
-                PermitBody {
-                    inner: body,
-                    _permit: permit,
-                }
-                .boxed_unsync()
-            };
-            Ok(Response::from_parts(parts, body))
-        })
+                    PermitBody {
+                        inner: body,
+                        _permit: permit,
+                    }
+                    .boxed_unsync()
+                };
+                Ok(Response::from_parts(parts, body))
+            }
+            .instrument(span),
+        )
     }
 
     fn close(&self) {
@@ -289,6 +312,19 @@ impl NodeSession for H2Session {
                 .expect("session lock")
                 .as_ref()
                 .is_none_or(|s| s.is_closed())
+    }
+
+    fn record_rtt(&self, rtt: std::time::Duration) {
+        let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.rtt_micros
+            .store(micros, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last_rtt(&self) -> Option<std::time::Duration> {
+        match self.rtt_micros.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            us => Some(std::time::Duration::from_micros(us)),
+        }
     }
 }
 
