@@ -42,7 +42,7 @@ enum Cmd {
     IptablesManager(iptables::Args),
     /// Create, list and revoke bootstrap tokens.
     Token(pki_cmds::TokenArgs),
-    /// Inspect and revoke certificates.
+    /// Inspect, revoke and issue certificates.
     Certs(pki_cmds::CertsArgs),
     /// Serve the sample kubelet alone (used by tests inside network namespaces).
     #[command(hide = true)]

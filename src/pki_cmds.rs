@@ -77,6 +77,27 @@ enum CertsCmd {
         #[arg(long)]
         serial: Option<String>,
     },
+    /// Issue a client certificate for the kubelet-API front, e.g. the one
+    /// kube-apiserver's egress selector presents (iptables-free mode). Sign
+    /// it with the front's client CA (`front_client_ca`) and allow its
+    /// subject in the cloud's `authz`.
+    IssueClient {
+        /// CA certificate (PEM) that signs it.
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// Key of --ca-cert (PEM).
+        #[arg(long)]
+        ca_key: PathBuf,
+        /// Subject common name: the user the front authorizes.
+        #[arg(long)]
+        common_name: String,
+        /// Subject organization: a group the front authorizes (repeatable).
+        #[arg(long = "group", value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Writes `<out>.crt` and `<out>.key` (0600); existing files are kept.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub(crate) fn token(a: TokenArgs) -> anyhow::Result<()> {
@@ -171,6 +192,43 @@ pub(crate) fn certs(a: CertsArgs) -> anyhow::Result<()> {
                 }
                 (None, None) => unreachable!("clap requires one"),
             }
+        }
+        CertsCmd::IssueClient {
+            ca_cert,
+            ca_key,
+            common_name,
+            groups,
+            out,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let ca = tether_pki::Ca::from_pem(&read(&ca_cert)?, &read(&ca_key)?)
+                .context("--ca-cert/--ca-key")?;
+            let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+            let issued = ca.issue_client(&common_name, &groups)?;
+            let with = |ext: &str| {
+                let mut p = out.clone().into_os_string();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            let (crt, key) = (with(".crt"), with(".key"));
+            for p in [&crt, &key] {
+                // A second run must not silently replace a deployed identity.
+                anyhow::ensure!(!p.exists(), "{} exists; not overwriting it", p.display());
+            }
+            tether_cloudhub::write_atomic(&key, issued.key_pem.expose().as_bytes(), 0o600)?;
+            tether_cloudhub::write_atomic(&crt, issued.cert_pem.as_bytes(), 0o644)?;
+            let id = Identity::from_der(&issued.cert_chain()?[0])?;
+            println!(
+                "wrote {} and {}: CN={} O={} serial {} not after {} (unix)",
+                crt.display(),
+                key.display(),
+                id.common_name,
+                id.organizations.join(","),
+                id.serial,
+                id.not_after
+            );
         }
     }
     Ok(())

@@ -294,3 +294,134 @@ async fn replaced_certificate_on_disk_is_used_without_restart() {
     .expect("test timed out")
     .expect("test failed");
 }
+
+/// The iptables-free steps of the operator guide: `tether certs issue-client`
+/// makes the egress selector's client certificate from the front's client CA,
+/// the cloud's `authz` names it, and the front then routes its CONNECTs
+/// (here to an address no node has: 404) while the default apiserver
+/// identity, no longer listed, is refused (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issued_egress_client_certificate_is_authorized_by_the_cloud() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let dir = std::env::temp_dir().join(format!("tether-egress-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::generate()?;
+        let tunnel = pki.edge_ca.issue_server("tether-cloud", &["localhost"])?;
+        let front = pki.front_ca.issue_server("tether-cloud", &["localhost"])?;
+        let f = |n: &str, pem: &str| write(&dir, n, pem);
+        let edge_ca = f("edge-ca.crt", pki.edge_ca.cert_pem())?;
+        let (ca_crt, ca_key) = (
+            f("front-ca.crt", pki.front_ca.cert_pem())?,
+            f("front-ca.key", pki.front_ca.key_pem().expose())?,
+        );
+        let (tc, tk) = (
+            f("tunnel.crt", &tunnel.cert_pem)?,
+            f("tunnel.key", tunnel.key_pem.expose())?,
+        );
+        let (fc, fk) = (
+            f("front.crt", &front.cert_pem)?,
+            f("front.key", front.key_pem.expose())?,
+        );
+        let config = f(
+            "cloud.yaml",
+            "authz:\n  users: [tether-egress]\n  groups: []\n",
+        )?;
+        let out = dir.join("egress").display().to_string();
+        let issue = [
+            "certs",
+            "issue-client",
+            "--ca-cert",
+            &ca_crt,
+            "--ca-key",
+            &ca_key,
+            "--common-name",
+            "tether-egress",
+            "--out",
+            &out,
+        ];
+        let run = Command::new(BIN).args(issue).output().await?;
+        ensure!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        ensure!(String::from_utf8_lossy(&run.stdout).contains("CN=tether-egress"));
+        let key_mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join("egress.key"))?
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        ensure!(key_mode == 0o600, "key mode {key_mode:o}");
+        // A second run keeps the deployed pair.
+        let again = Command::new(BIN).args(issue).output().await?;
+        ensure!(!again.status.success());
+        ensure!(String::from_utf8_lossy(&again.stderr).contains("not overwriting"));
+
+        let cloud = process::spawn(
+            &[],
+            &[
+                "cloud",
+                "--config",
+                &config,
+                "--tunnel-addr",
+                "127.0.0.1:0",
+                "--front-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--tunnel-cert",
+                &tc,
+                "--tunnel-key",
+                &tk,
+                "--edge-ca",
+                &edge_ca,
+                "--front-cert",
+                &fc,
+                "--front-key",
+                &fk,
+                "--front-client-ca",
+                &ca_crt,
+            ],
+            "started",
+        )
+        .await?;
+        let front_addr = field(&cloud.started, "front")?;
+        let egress = Arc::new(tether_pki::client_config(
+            std::slice::from_ref(pki.front_ca.cert_der()),
+            Some((
+                tether_pki::load_certs(&dir.join("egress.crt"))?,
+                tether_pki::load_key(&dir.join("egress.key"))?,
+            )),
+            &[],
+        )?);
+        ensure!(connect_status(&front_addr, egress).await? == "404");
+        ensure!(connect_status(&front_addr, pki.apiserver_tls()?).await? == "403");
+        drop(cloud);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .expect("test failed");
+}
+
+/// The status code of kube-apiserver's egress CONNECT (its exact bytes) to
+/// an address no node claims.
+async fn connect_status(front: &str, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(front).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tls.write_all(b"CONNECT 127.0.0.99:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(head.len() < 64 << 10, "answer head too long");
+        head.push(tls.read_u8().await?);
+    }
+    let head = String::from_utf8(head)?;
+    Ok(head.split(' ').nth(1).unwrap_or_default().to_owned())
+}

@@ -360,8 +360,9 @@ impl KubeletFront {
     }
 
     /// Resolves the node, in order: original destination of a DNAT'd
-    /// connection, Host header, X-Forwarded-Uri. Keys that name no live
-    /// session are reported in the error.
+    /// connection, Host header (for CONNECT: the request target),
+    /// X-Forwarded-Uri. Keys that name no live session are reported in the
+    /// error.
     #[allow(clippy::result_large_err)]
     fn route(
         &self,
@@ -372,16 +373,27 @@ impl KubeletFront {
         if let Some(dst) = conn.original_dst {
             keys.push(("original destination", NodeKey::Ip(dst.ip())));
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        // A CONNECT names its destination in the request target; its Host
+        // says nothing (kube-apiserver's egress dialer always sends
+        // `Host: 127.0.0.1`), so only the target counts.
+        let (source, host) = if req.method() == http::Method::CONNECT {
+            (
+                "connect target",
+                req.uri().authority().map(|a| a.to_string()),
+            )
+        } else {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| req.uri().authority().map(|a| a.to_string()));
+            ("host", host)
+        };
         if let Some(key) = host.as_deref().and_then(route::host_key)
             && !is_front_itself(&key, conn.local)
         {
-            keys.push(("host", key));
+            keys.push((source, key));
         }
         if let Some(name) = req
             .headers()
@@ -395,7 +407,7 @@ impl KubeletFront {
             return Err(status_response(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                "cannot tell which node this request is for: no DNAT'd destination, no node in Host, no X-Forwarded-Uri /api/v1/nodes/<name>/proxy/...",
+                "cannot tell which node this request is for: no DNAT'd destination, no node in Host (or CONNECT target), no X-Forwarded-Uri /api/v1/nodes/<name>/proxy/...",
             ));
         }
         for (_, key) in &keys {

@@ -118,21 +118,9 @@ impl StreamHandler {
                     allow(target)
                 }
             }
-            // CONNECT names the node address the apiserver dialled; only the
-            // port selects the local endpoint, so the cloud can never make the
-            // edge dial an arbitrary host.
             Inbound::Connect { target } => {
-                let port = target.rsplit_once(':')?.1.parse::<u16>().ok()?;
-                if port == self.inner.kubelet.addr.port() {
-                    Some(Local::Endpoint(self.inner.kubelet.addr))
-                } else {
-                    self.inner
-                        .allow
-                        .iter()
-                        .find(|a| a.port() == port)
-                        .copied()
-                        .map(Local::Endpoint)
-                }
+                connect_local(self.inner.kubelet.addr, &self.inner.allow, target)
+                    .map(Local::Endpoint)
             }
         }
     }
@@ -281,5 +269,57 @@ impl StreamHandler {
             .in_current_span(),
         );
         Response::new(body_empty())
+    }
+}
+
+/// The local endpoint a raw `CONNECT host:port` goes to. The host is what the
+/// client dialled (the node's InternalIP or name from the apiserver's egress
+/// selector), not a local address, so the port selects: the kubelet's port
+/// means the kubelet endpoint, any other port an allow-listed endpoint (the
+/// one with exactly that address when several share the port). The edge
+/// never dials anything else, whatever the cloud sends.
+fn connect_local(kubelet: SocketAddr, allow: &[SocketAddr], target: &str) -> Option<SocketAddr> {
+    let port = target.rsplit_once(':')?.1.parse::<u16>().ok()?;
+    if port == kubelet.port() {
+        return Some(kubelet);
+    }
+    let exact = target
+        .parse::<SocketAddr>()
+        .ok()
+        .filter(|a| allow.contains(a));
+    exact.or_else(|| allow.iter().find(|a| a.port() == port).copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn connect_targets_map_by_port_to_kubelet_or_allow_list_only() {
+        let kubelet = sa("127.0.0.1:10250");
+        let allow = [
+            sa("127.0.0.1:9100"),
+            sa("10.0.0.5:9100"),
+            sa("127.0.0.1:8443"),
+        ];
+        let c = |t: &str| connect_local(kubelet, &allow, t);
+        // The node IP or name the apiserver dialled selects by port.
+        assert_eq!(c("192.168.100.6:10250"), Some(kubelet));
+        assert_eq!(c("edge-1:10250"), Some(kubelet));
+        assert_eq!(c("[fd00::6]:10250"), Some(kubelet));
+        assert_eq!(c("192.168.100.6:8443"), Some(sa("127.0.0.1:8443")));
+        // Several endpoints on one port: the exact address wins, else the first.
+        assert_eq!(c("10.0.0.5:9100"), Some(sa("10.0.0.5:9100")));
+        assert_eq!(c("192.168.100.6:9100"), Some(sa("127.0.0.1:9100")));
+        // Anything else is refused.
+        assert_eq!(c("192.168.100.6:22"), None);
+        assert_eq!(c("8.8.8.8:53"), None);
+        assert_eq!(c("192.168.100.6"), None);
+        assert_eq!(c("192.168.100.6:http"), None);
+        assert_eq!(c(""), None);
     }
 }
