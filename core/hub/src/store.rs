@@ -1,0 +1,1 @@
+//! Durable queues (placeholder until the store lands).
