@@ -2,4 +2,12 @@
 //! KubeEdge-shaped message model, its framing, acknowledged and
 //! de-duplicated delivery, and the durable queues behind it.
 
+pub mod channel;
+pub mod message;
+mod metrics;
 pub mod store;
+
+pub use channel::{Channel, ChannelConfig, ConnectionEnd, Delivery, PublishError, RequestError};
+pub use message::{BadMessage, Content, Header, Message, Route};
+pub use metrics::HubMetrics;
+pub use store::{Store, StoreError};
