@@ -4,6 +4,7 @@
 
 mod bootstrap;
 mod files;
+pub mod hub;
 
 pub use files::write_atomic;
 mod revocation;

@@ -3,6 +3,7 @@
 //! de-duplicated delivery, and the durable queues behind it.
 
 pub mod channel;
+pub mod dispatch;
 pub mod message;
 mod metrics;
 pub mod store;

@@ -97,7 +97,8 @@ impl HubMetrics {
         m
     }
 
-    pub(crate) fn drop(&self, reason: &'static str) {
+    /// Counts a message not handed on, by reason.
+    pub fn drop(&self, reason: &'static str) {
         self.drops.get_or_create(&ReasonLabel { reason }).inc();
     }
 
