@@ -13,7 +13,7 @@ use tether_hub::{
     StoreError,
 };
 use tether_tunnel::{
-    NodeSession, ServerTls, SessionRegistry, TunnelEvent, TunnelLimits, TunnelListener,
+    NodeSession, ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
 };
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -102,6 +102,8 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     deliveries: mpsc::Sender<Delivery>,
     dispatcher: Dispatcher,
+    /// Live hub sessions, one per node.
+    sessions: SessionRegistry,
 }
 
 impl CloudHub {
@@ -118,6 +120,7 @@ impl CloudHub {
                 channels: Mutex::new(HashMap::new()),
                 deliveries,
                 dispatcher,
+                sessions: SessionRegistry::default(),
             }),
         };
         for q in store.queues()? {
@@ -212,10 +215,23 @@ impl CloudHub {
         tcp: tokio::net::TcpListener,
         tls: impl Into<ServerTls>,
         limits: TunnelLimits,
+        shutdown: Shutdown,
     ) -> TunnelListener {
-        let registry = SessionRegistry::default();
+        let registry = self.inner.sessions.clone();
         TunnelListener::new(tcp, tls, limits, registry.clone())
-            .on_event(self.session_hook(registry))
+            .on_event(self.session_hook(registry, shutdown))
+    }
+
+    /// Cuts `node`'s hub session now (it reconnects on its own; nothing
+    /// accepted is lost). False if it had none.
+    pub fn disconnect(&self, node: &str) -> bool {
+        match self.inner.sessions.get(node) {
+            Some(s) => {
+                s.terminate();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Serves the hub sessions registered in `registry` (fed by the hub's
@@ -224,6 +240,7 @@ impl CloudHub {
     fn session_hook(
         &self,
         registry: SessionRegistry,
+        shutdown: Shutdown,
     ) -> impl Fn(TunnelEvent<'_>) + Send + Sync + 'static {
         let hub = self.clone();
         move |ev| {
@@ -232,13 +249,16 @@ impl CloudHub {
                 && session.info().id == info.id
             {
                 let hub = hub.clone();
+                let shutdown = shutdown.clone();
                 let span = info_span!("hub", node = %info.node, session.id = info.id);
-                tokio::spawn(async move { hub.serve_session(session).await }.instrument(span));
+                tokio::spawn(
+                    async move { hub.serve_session(session, shutdown).await }.instrument(span),
+                );
             }
         }
     }
 
-    async fn serve_session(&self, session: Arc<dyn NodeSession>) {
+    async fn serve_session(&self, session: Arc<dyn NodeSession>, shutdown: Shutdown) {
         let node: Arc<str> = session.info().node.as_str().into();
         let channel = match self.channel(&node) {
             Ok(c) => c,
@@ -275,7 +295,12 @@ impl CloudHub {
             .dispatcher
             .announce(Event::Online { peer: node.clone() })
             .await;
-        let end = channel.serve(io).await;
+        // The channel stream lives as long as the session: end it at
+        // shutdown so the session can close instead of draining forever.
+        let end = tokio::select! {
+            end = channel.serve(io) => end,
+            _ = shutdown.triggered() => tether_hub::ConnectionEnd::Shutdown,
+        };
         info!(reason = %end, "hub channel down");
         // A replaced connection is not an outage: the newer one is up.
         if !matches!(end, tether_hub::ConnectionEnd::Replaced) {

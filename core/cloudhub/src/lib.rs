@@ -2,6 +2,7 @@
 //! certificates, deny list), the bootstrap HTTPS server that enrols and renews
 //! edge nodes, and revocation.
 
+pub mod api;
 mod bootstrap;
 mod files;
 pub mod hub;

@@ -113,9 +113,13 @@ impl EdgeHub {
                         let session = tether_tunnel::serve_edge_session(
                             transport,
                             dialer.limits().clone(),
-                            move |req| {
-                                let hub = hub.clone();
-                                async move { hub.accept(req) }
+                            {
+                                let shutdown = shutdown.clone();
+                                move |req| {
+                                    let hub = hub.clone();
+                                    let shutdown = shutdown.clone();
+                                    async move { hub.accept(req, shutdown) }
+                                }
                             },
                             shutdown.clone(),
                         );
@@ -148,7 +152,7 @@ impl EdgeHub {
     }
 
     /// Accepts the cloud's hub stream and serves the channel on it.
-    fn accept(&self, mut req: Request<Incoming>) -> Response<Body> {
+    fn accept(&self, mut req: Request<Incoming>, shutdown: Shutdown) -> Response<Body> {
         let is_hub = req.method() == http::Method::CONNECT
             && req.uri().authority().map(|a| a.as_str()) == Some(HUB_TARGET);
         if !is_hub {
@@ -174,7 +178,10 @@ impl EdgeHub {
                 hub.dispatcher
                     .announce(Event::Online { peer: peer.clone() })
                     .await;
-                let end = hub.channel.serve(io).await;
+                let end = tokio::select! {
+                    end = hub.channel.serve(io) => end,
+                    _ = shutdown.triggered() => tether_hub::ConnectionEnd::Shutdown,
+                };
                 info!(reason = %end, "hub channel down");
                 if !matches!(end, tether_hub::ConnectionEnd::Replaced) {
                     hub.dispatcher.announce(Event::Offline { peer }).await;

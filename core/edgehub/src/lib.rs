@@ -4,6 +4,7 @@
 //! jittered 70-90% of its lifetime over mTLS, handing each new TLS
 //! configuration to the tunnel dialer without dropping live streams.
 
+pub mod api;
 pub mod hub;
 mod pinning;
 

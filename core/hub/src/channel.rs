@@ -158,6 +158,9 @@ pub enum ConnectionEnd {
     /// A newer connection of the same peer took over.
     #[error("replaced by a newer connection")]
     Replaced,
+    /// This side is shutting down.
+    #[error("shutting down")]
+    Shutdown,
 }
 
 /// The channel to one peer. Cheap to clone.
