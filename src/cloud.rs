@@ -79,6 +79,12 @@ pub(crate) struct Args {
     /// host:port Prometheus reaches the front at, for /sd [default: the front address].
     #[arg(long, env = "TETHER_SD_FRONT_ADDRESS")]
     sd_front_address: Option<String>,
+    /// Message hub listen address [default 0.0.0.0:10000].
+    #[arg(long, env = "TETHER_HUB_ADDR")]
+    hub_addr: Option<SocketAddr>,
+    /// File with the bearer token of the hub API (admin port, /hub/v1/); off without it.
+    #[arg(long, env = "TETHER_HUB_API_TOKEN_FILE")]
+    hub_api_token_file: Option<PathBuf>,
 }
 
 fn apply(a: Args, cfg: &mut CloudConfig) {
@@ -89,7 +95,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         tunnel_addr,
         front_addr,
         admin_addr,
-        cert_lifetime_hours
+        cert_lifetime_hours,
+        hub_addr
     );
     set_opt!(
         state_dir,
@@ -103,7 +110,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         serving_ca_key,
         advertise_address,
         tunnel_port,
-        sd_front_address
+        sd_front_address,
+        hub_api_token_file
     );
     if !a.server_names.is_empty() {
         cfg.server_names = a.server_names;
@@ -193,6 +201,67 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let drain = cfg.drain();
     let (trigger, shutdown) = Shutdown::new(drain);
+    let hub_store = match &cfg.state_dir {
+        Some(dir) => tether_hub::Store::open(&dir.join("hub.redb"))
+            .context("the message hub's store in `state_dir`")?,
+        None => {
+            warn!("no state_dir: hub messages accepted for nodes do not survive a restart");
+            tether_hub::Store::in_memory()
+        }
+    };
+    let hub_cfg = tether_cloudhub::hub::CloudHubConfig {
+        channel: cfg.hub.channel()?,
+        ..Default::default()
+    };
+    let hub = tether_cloudhub::hub::CloudHub::new(
+        hub_cfg,
+        hub_store,
+        tether_hub::HubMetrics::register(&mut registry, "cloud"),
+    )?;
+    let hub_tcp = crate::bind(cfg.hub_addr, "the message hub").await?;
+    let hub_addr = hub_tcp.local_addr()?;
+    let mut hub_listener = hub.listener(
+        hub_tcp,
+        tunnel_tls.clone(),
+        cfg.limits.clone(),
+        shutdown.clone(),
+    );
+    if let Some(state) = &state {
+        let deny = state.deny.clone();
+        tokio::spawn(tether_cloudstream::terminate_revoked(
+            deny.clone(),
+            hub.sessions(),
+            shutdown.clone(),
+        ));
+        hub_listener = hub_listener.admit(move |id| {
+            if deny.denies(id) {
+                Err(format!("certificate serial {} is revoked", id.serial))
+            } else {
+                Ok(())
+            }
+        });
+    }
+    let (hub_listener, hub_shutdown) = (Some(hub_listener), shutdown.clone());
+    let hub_api = match &cfg.hub_api_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path).with_context(|| {
+                format!("config field `hub_api_token_file` ({})", path.display())
+            })?;
+            let token = token.trim();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "the hub API token in {} is shorter than 16 characters",
+                    path.display()
+                );
+            }
+            Some(tether_cloudhub::api::cloud_handler(
+                hub.clone(),
+                token.into(),
+                cfg.hub.max_message_bytes,
+            ))
+        }
+        None => None,
+    };
     tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
         tether_metrics_adapter::Admin {
@@ -201,6 +270,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             tunnelport,
             sd: Some(sd),
             sessions: Some(debug_sessions),
+            hub_api,
         },
         shutdown.clone(),
     ));
@@ -249,9 +319,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         front = %opts.front_listener.local_addr()?,
         bootstrap = %bootstrap_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         admin = %admin_addr,
+        hub = %hub_addr,
         "cloud started"
     );
     let run = tokio::spawn(tether_cloudstream::run(opts, shutdown));
+    if let Some(hub_listener) = hub_listener {
+        tokio::spawn(hub_listener.run(hub_shutdown));
+    }
     crate::stop_signal().await;
     info!(?drain, "shutting down");
     trigger.trigger();

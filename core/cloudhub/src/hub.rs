@@ -143,6 +143,11 @@ impl CloudHub {
             self.inner.store.clone(),
             self.inner.metrics.clone(),
             self.inner.deliveries.clone(),
+            {
+                let d = self.inner.dispatcher.clone();
+                let peer = node.to_owned();
+                Arc::new(move |m: &Message| d.accepts(&peer, m))
+            },
         )?;
         channels.insert(node.to_owned(), c.clone());
         Ok(c)
@@ -220,6 +225,11 @@ impl CloudHub {
         let registry = self.inner.sessions.clone();
         TunnelListener::new(tcp, tls, limits, registry.clone())
             .on_event(self.session_hook(registry, shutdown))
+    }
+
+    /// The live hub sessions (to terminate revoked nodes).
+    pub fn sessions(&self) -> SessionRegistry {
+        self.inner.sessions.clone()
     }
 
     /// Cuts `node`'s hub session now (it reconnects on its own; nothing

@@ -59,7 +59,19 @@ impl EdgeHub {
     pub fn new(cfg: EdgeHubConfig, store: Store, metrics: HubMetrics) -> Result<Self, StoreError> {
         let (dispatcher, deliveries) =
             Dispatcher::start(cfg.max_subscribers, cfg.subscriber_timeout, metrics.clone());
-        let channel = Channel::open(CLOUD_PEER, "up", cfg.channel, store, metrics, deliveries)?;
+        let accepts = {
+            let d = dispatcher.clone();
+            Arc::new(move |m: &Message| d.accepts(CLOUD_PEER, m))
+        };
+        let channel = Channel::open(
+            CLOUD_PEER,
+            "up",
+            cfg.channel,
+            store,
+            metrics,
+            deliveries,
+            accepts,
+        )?;
         Ok(Self {
             channel,
             dispatcher,

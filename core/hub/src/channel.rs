@@ -178,8 +178,12 @@ struct Inner {
     state: Mutex<State>,
     wake: Notify,
     deliver: mpsc::Sender<Delivery>,
+    accepts: Accepts,
     persist: mpsc::Sender<Persist>,
 }
+
+/// Whether the application takes a message now (a subscriber matches).
+pub type Accepts = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
 
 struct Pending {
     seq: u64,
@@ -188,6 +192,8 @@ struct Pending {
     frame: Bytes,
     attempts: u32,
     sent_at: Option<Instant>,
+    /// When to resend if not acknowledged.
+    due: Option<Instant>,
 }
 
 struct State {
@@ -262,6 +268,9 @@ impl Bucket {
     }
 }
 
+/// First wait before offering a deferred message again.
+const DEFER_WAIT: Duration = Duration::from_millis(250);
+
 /// Frames beyond this many times `max_message` end the connection instead
 /// of being skipped.
 const SKIP_LIMIT_FACTOR: usize = 16;
@@ -278,6 +287,7 @@ impl Channel {
         store: Store,
         metrics: HubMetrics,
         deliver: mpsc::Sender<Delivery>,
+        accepts: Accepts,
     ) -> Result<Self, StoreError> {
         let mut pending = VecDeque::new();
         let mut next_seq = 1;
@@ -291,6 +301,7 @@ impl Channel {
                     frame: frame.into(),
                     attempts: 0,
                     sent_at: None,
+                    due: None,
                 }),
                 Err(e) => warn!(peer, seq, error = %e, "unreadable stored message skipped"),
             }
@@ -328,6 +339,7 @@ impl Channel {
             }),
             wake: Notify::new(),
             deliver,
+            accepts,
             persist,
             cfg,
         });
@@ -424,6 +436,7 @@ impl Channel {
                 frame: frame.into(),
                 attempts: 0,
                 sent_at: None,
+                due: None,
             },
         );
         drop(st);
@@ -584,6 +597,10 @@ impl Channel {
                 Ok(())
             }
             "keepalive" => Ok(()),
+            "defer" => {
+                self.deferred(&msg.header.parent_msg_id);
+                Ok(())
+            }
             "error" => {
                 self.inner.metrics.error("peer_error");
                 warn!(peer = %self.inner.peer, parent = %msg.header.parent_msg_id,
@@ -599,6 +616,19 @@ impl Channel {
                 .await
             }
         }
+    }
+
+    /// The peer has no subscriber for `id` yet: offer it again after a
+    /// short wait (doubling per attempt, at most the ack timeout).
+    fn deferred(&self, id: &str) {
+        let mut st = self.lock();
+        if let Some(p) = st.pending.iter_mut().find(|p| p.id == id) {
+            let wait = (DEFER_WAIT * (1u32 << p.attempts.saturating_sub(1).min(5)))
+                .min(self.inner.cfg.ack_timeout);
+            p.due = Some(Instant::now() + wait);
+        }
+        drop(st);
+        self.inner.wake.notify_one();
     }
 
     /// Removes an acknowledged message; false if the id was never pending
@@ -651,6 +681,7 @@ impl Channel {
             Stale,
             Respond(oneshot::Sender<Message>),
             Deliver,
+            Defer,
         }
         let verdict = {
             let mut st = self.lock();
@@ -661,11 +692,21 @@ impl Channel {
                 Verdict::Stale
             } else if let Some(w) = st.waiters.remove(&msg.header.parent_msg_id) {
                 Verdict::Respond(w)
-            } else {
+            } else if (self.inner.accepts)(&msg) {
                 Verdict::Deliver
+            } else {
+                Verdict::Defer
             }
         };
         match verdict {
+            Verdict::Defer => {
+                // Nobody subscribes to it yet: the sender keeps it and
+                // offers it again soon (an application starting up).
+                m.drop("deferred");
+                return ctl
+                    .send(Message::control("defer", &id, Content::None))
+                    .await;
+            }
             Verdict::Duplicate => m.drop("duplicate"),
             Verdict::Stale => {
                 m.drop("stale");
@@ -827,7 +868,9 @@ impl Channel {
             if p.attempts > 1 {
                 self.inner.metrics.redeliveries.inc();
             }
-            p.sent_at = Some(Instant::now());
+            let now = Instant::now();
+            p.sent_at = Some(now);
+            p.due = Some(now + cfg.ack_timeout * (1u32 << (p.attempts - 1).min(3)));
             let frame = p.frame.clone();
             st.in_flight += 1;
             return Ok((Some(frame), None));
@@ -836,10 +879,7 @@ impl Channel {
             .pending
             .front()
             .filter(|_| st.in_flight > 0)
-            .and_then(|p| {
-                let factor = 1u32 << p.attempts.saturating_sub(1).min(3);
-                p.sent_at.map(|at| at + cfg.ack_timeout * factor)
-            });
+            .and_then(|p| p.due);
         Ok((None, due))
     }
 
@@ -987,6 +1027,10 @@ mod tests {
         }
     }
 
+    fn yes() -> Accepts {
+        Arc::new(|_| true)
+    }
+
     fn msg(resource: &str, n: u64) -> Message {
         Message::new(route(resource), Content::Json(serde_json::json!(n)))
     }
@@ -1002,9 +1046,17 @@ mod tests {
         let (atx, arx) = mpsc::channel(64);
         let (btx, brx) = mpsc::channel(64);
         let m = HubMetrics::default();
-        let a =
-            Channel::open("b", "to-b", cfg.clone(), Store::in_memory(), m.clone(), atx).unwrap();
-        let b = Channel::open("a", "to-a", cfg, Store::in_memory(), m, btx).unwrap();
+        let a = Channel::open(
+            "b",
+            "to-b",
+            cfg.clone(),
+            Store::in_memory(),
+            m.clone(),
+            atx,
+            yes(),
+        )
+        .unwrap();
+        let b = Channel::open("a", "to-a", cfg, Store::in_memory(), m, btx, yes()).unwrap();
         (a, arx, b, brx)
     }
 
@@ -1309,5 +1361,46 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, RequestError::Timeout { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_message_nobody_takes_yet_waits_for_a_subscriber() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let open = Arc::new(AtomicBool::new(false));
+        let (atx, _arx) = mpsc::channel(64);
+        let (btx, mut brx) = mpsc::channel(64);
+        let m = HubMetrics::default();
+        let cfg = ChannelConfig::default();
+        let a = Channel::open("b", "q", cfg.clone(), Store::in_memory(), m.clone(), atx, yes())
+            .unwrap();
+        let gate = open.clone();
+        let b = Channel::open(
+            "a",
+            "q",
+            cfg,
+            Store::in_memory(),
+            m,
+            btx,
+            Arc::new(move |_| gate.load(Ordering::SeqCst)),
+        )
+        .unwrap();
+        a.publish(msg("r", 1)).await.unwrap();
+        a.publish(msg("r", 2)).await.unwrap();
+        let got = async {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(brx.try_recv().is_err(), "delivered without a subscriber");
+            open.store(true, Ordering::SeqCst);
+            let first = value(brx.recv().await.unwrap());
+            let second = value(brx.recv().await.unwrap());
+            while a.queued() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (first, second)
+        };
+        let (first, second) = tokio::select! {
+            _ = link(&a, &b, std::future::pending()) => panic!("link ended"),
+            g = tokio::time::timeout(Duration::from_secs(10), got) => g.expect("never delivered"),
+        };
+        assert_eq!((first, second), (("r".into(), 1), ("r".into(), 2)));
     }
 }

@@ -102,6 +102,15 @@ pub struct Filter {
 }
 
 impl Filter {
+    fn matches_message(&self, peer: &str, m: &Message) -> bool {
+        self.peer.as_deref().is_none_or(|p| p == peer)
+            && self.group.as_deref().is_none_or(|g| g == m.route.group)
+            && self
+                .resource_prefix
+                .as_deref()
+                .is_none_or(|p| m.route.resource.starts_with(p))
+    }
+
     fn matches(&self, ev: &Event) -> bool {
         let (peer, route) = match ev {
             Event::Message { peer, message } => (peer, Some(&message.route)),
@@ -167,6 +176,13 @@ impl Dispatcher {
     /// Publishes a peer event (online, offline) to subscribers.
     pub async fn announce(&self, ev: Event) {
         let _ = self.events.send(ev).await;
+    }
+
+    /// Whether a live subscription takes `message` from `peer`.
+    pub fn accepts(&self, peer: &str, message: &Message) -> bool {
+        let subs = self.subscribers.lock().expect("subscribers lock");
+        subs.iter()
+            .any(|s| !s.tx.is_closed() && s.filter.matches_message(peer, message))
     }
 
     /// A new subscription.

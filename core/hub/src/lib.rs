@@ -8,7 +8,9 @@ pub mod message;
 mod metrics;
 pub mod store;
 
-pub use channel::{Channel, ChannelConfig, ConnectionEnd, Delivery, PublishError, RequestError};
+pub use channel::{
+    Accepts, Channel, ChannelConfig, ConnectionEnd, Delivery, PublishError, RequestError,
+};
 pub use message::{BadMessage, Content, Header, Message, Route};
 pub use metrics::HubMetrics;
 pub use store::{Store, StoreError};

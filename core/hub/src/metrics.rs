@@ -14,7 +14,8 @@ struct ReasonLabel {
 }
 
 /// Why a message was not handed to the application.
-pub(crate) const DROP_REASONS: [&str; 4] = ["duplicate", "stale", "no_subscriber", "failed"];
+pub(crate) const DROP_REASONS: [&str; 5] =
+    ["duplicate", "stale", "deferred", "no_subscriber", "failed"];
 
 /// Metric families of one hub. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -68,7 +69,7 @@ impl HubMetrics {
         );
         r.register(
             "drops",
-            "Received messages not handed to the application, by reason: duplicate, stale (older resourceversion), no_subscriber; and sent messages given up: failed",
+            "Received messages not handed to the application, by reason: duplicate, stale (older resourceversion), deferred (no subscriber yet; the sender offers it again), no_subscriber (the subscriber left meanwhile); and sent messages given up: failed",
             m.drops.clone(),
         );
         r.register(
