@@ -21,6 +21,10 @@ pub(crate) struct Args {
     /// YAML config file; flags and environment override its fields.
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and check the configuration (with flags and environment), print
+    /// OK and exit; nothing is read from disk besides the file, nothing listens.
+    #[arg(long)]
+    check_config: bool,
     /// State directory: CA, tokens, deny list; enables the bootstrap server.
     #[arg(long, env = "TETHER_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -120,7 +124,13 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg: CloudConfig = config::load(a.config.as_deref())?;
+    let check_only = a.check_config;
     apply(a, &mut cfg);
+    if check_only {
+        cfg.check()?;
+        println!("OK");
+        return Ok(());
+    }
     let tunnelport = match (cfg.advertise_address, cfg.tunnel_port) {
         (Some(ip), Some(port)) => Some(
             serde_json::to_vec(&tether_iptables_manager::TunnelPortRecord::single(ip, port))?

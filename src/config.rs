@@ -302,6 +302,24 @@ impl CloudConfig {
         Duration::from_secs(self.drain_timeout_secs)
     }
 
+    /// Checks what needs no files: limits, lifetimes and fields that go in pairs.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        self.limits
+            .validate()
+            .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
+        self.cert_lifetime()?;
+        for (cert, key, p) in [
+            (&self.tunnel_cert, &self.tunnel_key, "tunnel"),
+            (&self.front_cert, &self.front_key, "front"),
+            (&self.serving_ca_cert, &self.serving_ca_key, "serving_ca"),
+        ] {
+            if cert.is_some() != key.is_some() {
+                bail!("config fields `{p}_cert` and `{p}_key` go together");
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn cert_lifetime(&self) -> anyhow::Result<Duration> {
         Duration::try_from_secs_f64(self.cert_lifetime_hours * 3600.0)
             .ok()
