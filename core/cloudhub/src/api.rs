@@ -68,10 +68,10 @@ async fn cloud_route(hub: CloudHub, req: Request<Incoming>, max_message: usize) 
             let publish = {
                 let hub = hub.clone();
                 let node = node.clone();
-                move |m: Message| {
+                move |batch: Vec<Message>| {
                     let hub = hub.clone();
                     let node = node.clone();
-                    async move { hub.publish(&node, m).await }
+                    async move { hub.publish_batch(&node, batch).await }
                 }
             };
             if let Some(wait) = sync_wait(&query) {
@@ -100,7 +100,8 @@ async fn cloud_route(hub: CloudHub, req: Request<Incoming>, max_message: usize) 
     }
 }
 
-/// Publishes a JSON message or an NDJSON batch with `publish`.
+/// Publishes a JSON message or an NDJSON batch with `publish` (which
+/// accepts a prefix of the batch and says why it stopped).
 pub async fn publish_body<F, Fut, E>(
     req: Request<Incoming>,
     max_message: usize,
@@ -108,8 +109,8 @@ pub async fn publish_body<F, Fut, E>(
     to_response: fn(&E) -> Response<Body>,
 ) -> Response<Body>
 where
-    F: Fn(Message) -> Fut,
-    Fut: Future<Output = Result<String, E>>,
+    F: Fn(Vec<Message>) -> Fut,
+    Fut: Future<Output = (Vec<String>, Option<E>)>,
     E: std::fmt::Display,
 {
     let ndjson = req
@@ -122,9 +123,9 @@ where
             Ok(m) => m,
             Err(resp) => return resp,
         };
-        return match publish(msg).await {
-            Ok(id) => json(StatusCode::ACCEPTED, serde_json::json!({"msg_id": id})),
-            Err(e) => to_response(&e),
+        return match publish(vec![msg]).await {
+            (ids, None) => json(StatusCode::ACCEPTED, serde_json::json!({"msg_id": ids[0]})),
+            (_, Some(e)) => to_response(&e),
         };
     }
     let body = match read_body(req, max_message.saturating_mul(MAX_BATCH).min(64 << 20)).await {
@@ -141,31 +142,37 @@ where
             &format!("batch of {} messages; at most {MAX_BATCH}", lines.len()),
         );
     }
-    let mut ids = Vec::with_capacity(lines.len());
+    // Parse up to the first bad line; the good prefix is still published,
+    // so nothing after a gap is accepted and per-resource order holds when
+    // the caller resends from `accepted`.
+    let mut messages = Vec::with_capacity(lines.len());
+    let mut bad = None;
     for (i, line) in lines.iter().enumerate() {
-        let refusal = match Message::from_json(line, max_message) {
-            Err(e) => Some((StatusCode::BAD_REQUEST, e.to_string())),
-            Ok(m) => match publish(m).await {
-                Ok(id) => {
-                    ids.push(id);
-                    None
-                }
-                Err(e) => Some((to_response(&e).status(), e.to_string())),
-            },
-        };
-        if let Some((status, e)) = refusal {
-            // Nothing after a refused message is accepted, so per-resource
-            // order holds when the caller resends from `accepted`.
-            return json(
-                status,
-                serde_json::json!({"accepted": i, "msg_ids": ids, "error": format!("message {i}: {e}")}),
-            );
+        match Message::from_json(line, max_message) {
+            Ok(m) => messages.push(m),
+            Err(e) => {
+                bad = Some((i, e));
+                break;
+            }
         }
     }
-    json(
-        StatusCode::ACCEPTED,
-        serde_json::json!({"accepted": ids.len(), "msg_ids": ids}),
-    )
+    let (ids, refused) = publish(messages).await;
+    let accepted = ids.len();
+    let failure = match (refused, bad) {
+        (Some(e), _) => Some((to_response(&e).status(), e.to_string())),
+        (None, Some((_, e))) => Some((StatusCode::BAD_REQUEST, e.to_string())),
+        (None, None) => None,
+    };
+    match failure {
+        None => json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({"accepted": accepted, "msg_ids": ids}),
+        ),
+        Some((status, e)) => json(
+            status,
+            serde_json::json!({"accepted": accepted, "msg_ids": ids, "error": format!("message {accepted}: {e}")}),
+        ),
+    }
 }
 
 /// Reads and validates one JSON message.

@@ -178,6 +178,22 @@ impl CloudHub {
         Ok(self.channel_for_publish(node)?.publish(message).await?)
     }
 
+    /// Queues the longest acceptable prefix of `batch` for `node` in one
+    /// store transaction; returns the ids and why the rest was refused.
+    pub async fn publish_batch(
+        &self,
+        node: &str,
+        batch: Vec<Message>,
+    ) -> (Vec<String>, Option<HubError>) {
+        match self.channel_for_publish(node) {
+            Ok(c) => {
+                let (ids, e) = c.publish_batch(batch).await;
+                (ids, e.map(HubError::from))
+            }
+            Err(e) => (Vec::new(), Some(e)),
+        }
+    }
+
     /// Sends a sync request to `node` and waits for its response.
     pub async fn request(
         &self,

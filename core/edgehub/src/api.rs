@@ -94,9 +94,9 @@ async fn route(hub: EdgeHub, req: Request<Incoming>, max_message: usize) -> Resp
                     Err(e) => error(StatusCode::GATEWAY_TIMEOUT, &e.to_string()),
                 };
             }
-            let publish = |m| {
+            let publish = |batch| {
                 let hub = hub.clone();
-                async move { hub.publish(m).await }
+                async move { hub.publish_batch(batch).await }
             };
             publish_body(req, max_message, publish, publish_error).await
         }

@@ -83,6 +83,12 @@ impl EdgeHub {
         self.channel.publish(message).await
     }
 
+    /// Queues the longest acceptable prefix of `batch` in one store
+    /// transaction; returns the ids and why the rest was refused.
+    pub async fn publish_batch(&self, batch: Vec<Message>) -> (Vec<String>, Option<PublishError>) {
+        self.channel.publish_batch(batch).await
+    }
+
     /// Sends a sync request to the cloud and waits for the response.
     pub async fn request(
         &self,

@@ -374,75 +374,116 @@ impl Channel {
 
     /// Accepts `message` for delivery and returns its id once it is stored
     /// durably. Fails fast when the queue is full or the rate is exceeded.
-    pub async fn publish(&self, mut message: Message) -> Result<String, PublishError> {
+    pub async fn publish(&self, message: Message) -> Result<String, PublishError> {
+        let (mut ids, refused) = self.publish_batch(vec![message]).await;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ids.pop().expect("one message accepted")),
+        }
+    }
+
+    /// Accepts the longest prefix of `messages` that is valid and fits the
+    /// queue and the rate limit, stored in one transaction. Returns the ids
+    /// accepted and why the next one was refused; nothing after a refused
+    /// message is accepted, so per-resource order survives a resend.
+    pub async fn publish_batch(
+        &self,
+        messages: Vec<Message>,
+    ) -> (Vec<String>, Option<PublishError>) {
         let m = &self.inner.metrics;
-        if let Err(e) = message.prepare() {
-            m.refused("invalid");
-            return Err(e.into());
-        }
-        let frame = message.to_json();
-        if frame.len() > self.inner.cfg.max_message {
-            m.refused("too_large");
-            return Err(BadMessage::TooLarge {
-                size: frame.len(),
-                max: self.inner.cfg.max_message,
+        let mut ready = Vec::with_capacity(messages.len());
+        let mut refused = None;
+        for mut message in messages {
+            if let Err(e) = message.prepare() {
+                m.refused("invalid");
+                refused = Some(e.into());
+                break;
             }
-            .into());
+            let frame = message.to_json();
+            if frame.len() > self.inner.cfg.max_message {
+                m.refused("too_large");
+                refused = Some(
+                    BadMessage::TooLarge {
+                        size: frame.len(),
+                        max: self.inner.cfg.max_message,
+                    }
+                    .into(),
+                );
+                break;
+            }
+            ready.push((message, frame));
         }
-        let seq = {
+        let first_seq = {
             let mut st = self.lock();
-            if st.pending.len() + st.reserved >= self.inner.cfg.queue_capacity {
+            let room = self
+                .inner
+                .cfg
+                .queue_capacity
+                .saturating_sub(st.pending.len() + st.reserved);
+            if ready.len() > room {
+                ready.truncate(room);
                 m.refused("queue_full");
-                return Err(PublishError::QueueFull {
+                refused = Some(PublishError::QueueFull {
                     peer: self.inner.peer.to_string(),
                     capacity: self.inner.cfg.queue_capacity,
                 });
             }
-            if let Some(b) = st.bucket.as_mut()
-                && !b.take()
-            {
-                m.refused("rate_limited");
-                return Err(PublishError::RateLimited {
-                    peer: self.inner.peer.to_string(),
-                    qps: b.qps,
-                    burst: b.burst,
-                });
+            if let Some(b) = st.bucket.as_mut() {
+                let allowed = (0..ready.len()).take_while(|_| b.take()).count();
+                if allowed < ready.len() {
+                    ready.truncate(allowed);
+                    m.refused("rate_limited");
+                    refused = Some(PublishError::RateLimited {
+                        peer: self.inner.peer.to_string(),
+                        qps: b.qps,
+                        burst: b.burst,
+                    });
+                }
             }
-            st.reserved += 1;
-            st.next_seq += 1;
-            st.next_seq - 1
+            st.reserved += ready.len();
+            st.next_seq += ready.len() as u64;
+            st.next_seq - ready.len() as u64
         };
-        let stored = self
-            .inner
-            .store
-            .append(&self.inner.queue, vec![(seq, frame.clone())])
-            .await;
-        let mut st = self.lock();
-        st.reserved -= 1;
-        stored?;
-        // Concurrent publishers may finish storing out of seq order; keep the
-        // queue sorted, but never ahead of what this connection already sent.
-        let mut at = st.pending.len();
-        while at > st.in_flight && st.pending[at - 1].seq > seq {
-            at -= 1;
+        if ready.is_empty() {
+            return (Vec::new(), refused);
         }
-        let id = message.header.msg_id.clone();
-        st.pending.insert(
-            at,
-            Pending {
-                seq,
-                id: id.clone(),
-                route: message.route,
-                frame: frame.into(),
-                attempts: 0,
-                sent_at: None,
-                due: None,
-            },
-        );
+        let entries = ready
+            .iter()
+            .zip(first_seq..)
+            .map(|((_, frame), seq)| (seq, frame.clone()))
+            .collect();
+        let stored = self.inner.store.append(&self.inner.queue, entries).await;
+        let mut st = self.lock();
+        st.reserved -= ready.len();
+        if let Err(e) = stored {
+            return (Vec::new(), Some(e.into()));
+        }
+        let mut ids = Vec::with_capacity(ready.len());
+        for ((message, frame), seq) in ready.into_iter().zip(first_seq..) {
+            // Concurrent publishers may finish storing out of seq order; keep
+            // the queue sorted, but never ahead of what was already sent.
+            let mut at = st.pending.len();
+            while at > st.in_flight && st.pending[at - 1].seq > seq {
+                at -= 1;
+            }
+            ids.push(message.header.msg_id.clone());
+            st.pending.insert(
+                at,
+                Pending {
+                    seq,
+                    id: message.header.msg_id,
+                    route: message.route,
+                    frame: frame.into(),
+                    attempts: 0,
+                    sent_at: None,
+                    due: None,
+                },
+            );
+        }
         drop(st);
-        m.queue_depth.inc();
+        m.queue_depth.inc_by(ids.len() as i64);
         self.inner.wake.notify_one();
-        Ok(id)
+        (ids, refused)
     }
 
     /// Sends `message` as a sync request and waits for the peer
@@ -1371,8 +1412,16 @@ mod tests {
         let (btx, mut brx) = mpsc::channel(64);
         let m = HubMetrics::default();
         let cfg = ChannelConfig::default();
-        let a = Channel::open("b", "q", cfg.clone(), Store::in_memory(), m.clone(), atx, yes())
-            .unwrap();
+        let a = Channel::open(
+            "b",
+            "q",
+            cfg.clone(),
+            Store::in_memory(),
+            m.clone(),
+            atx,
+            yes(),
+        )
+        .unwrap();
         let gate = open.clone();
         let b = Channel::open(
             "a",
