@@ -41,6 +41,8 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
         let (fc, fk) = (f("front.crt", &front.cert_pem)?, f("front.key", front.key_pem.expose())?);
         let (nc, nk) = (f("node.crt", &node.cert_pem)?, f("node.key", node.key_pem.expose())?);
         let (pc, pk) = (f("prom.crt", &prom.cert_pem)?, f("prom.key", prom.key_pem.expose())?);
+        let hub_token = f("hub-token", "prometheus-test-hub-token-0123456789")?;
+        let edge_state = dir.join("edge").display().to_string();
 
         // A real node_exporter on the edge host.
         let ne_port = free_port()?;
@@ -61,17 +63,18 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
             &[
                 "cloud", "--hub-addr", "127.0.0.1:0", "--config", &cloud_config, "--tunnel-addr", "127.0.0.1:0", "--front-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                 "--tunnel-cert", &tc, "--tunnel-key", &tk, "--edge-ca", &edge_ca, "--front-cert", &fc, "--front-key", &fk,
-                "--front-client-ca", &front_ca,
+                "--front-client-ca", &front_ca, "--hub-api-token-file", &hub_token,
             ],
             "cloud started",
         )
         .await?;
         let (tunnel_addr, admin) = (field(&cloud.started, "tunnel")?, field(&cloud.started, "admin")?);
         let front_addr = field(&cloud.started, "front")?;
+        let hub_addr = field(&cloud.started, "hub")?;
         let edge = process::spawn(
             &[],
             &[
-                "edge", "--no-hub", "--node-name", "edge-prom", "--cloud-addr", &tunnel_addr, "--cloud-server-name", "localhost",
+                "edge", "--hub-addr", &hub_addr, "--state-dir", &edge_state, "--node-name", "edge-prom", "--cloud-addr", &tunnel_addr, "--cloud-server-name", "localhost",
                 "--ca", &edge_ca, "--cert", &nc, "--key", &nk, "--kubelet-url", &kubelet_url, "--allow", &ne_addr,
                 "--admin-addr", "127.0.0.1:0",
             ],
@@ -155,6 +158,28 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
         }
         let path = kubectl::exec_path("default", "web", "app", &["echo", "hi"], false);
         kubectl::exec_ws(conn().await?, "edge-prom", &path, b"").await?;
+        // Hub traffic: an edge application subscribes, the cloud publishes.
+        let mut sub = tokio::process::Command::new("curl")
+            .args(["-sN", "--unix-socket", &format!("{edge_state}/hub.sock"), "http://edge/v1/subscribe"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut sub_lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(sub.stdout.take().context("stdout")?));
+        let published = process::ok(&[
+            "curl", "-sf", "-H", "Authorization: Bearer prometheus-test-hub-token-0123456789",
+            "--data-binary", r#"{"header":{},"route":{"group":"app","operation":"update","resource":"r"},"content":1}"#,
+            &format!("http://{admin}/hub/v1/nodes/edge-prom/messages"),
+        ]).await?;
+        ensure!(published.contains("msg_id"), "{published}");
+        let delivered = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(l) = sub_lines.next_line().await? {
+                if l.contains("\"message\"") {
+                    return Ok::<_, anyhow::Error>(l);
+                }
+            }
+            anyhow::bail!("subscription ended")
+        }).await.context("hub message not delivered")??;
+        ensure!(delivered.contains("\"resource\":\"r\""), "{delivered}");
         // A slow reader: the front waits for it and the edge waits for
         // tunnel window. Both count a flow-control stall.
         {

@@ -420,3 +420,95 @@ async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes() {
     .expect("test timed out")
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_clear_errors_and_the_session_stays_up() {
+    use tether_hub::channel::{read_raw_frame, write_raw_frame};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let pki = Pki::generate()?;
+        let dir = temp_dir("bad");
+        let cfg = CloudHubConfig {
+            channel: ChannelConfig {
+                max_message: 4096,
+                ..channel_cfg()
+            },
+            ..CloudHubConfig::default()
+        };
+        let (cloud, _stop, addr) = start_cloud(&pki, &dir, cfg, None).await?;
+        let mut up = cloud.subscribe(Filter::default())?;
+        // A hand-made edge: a real hub session whose channel stream the
+        // test drives byte by byte.
+        let cert = pki.edge_ca.issue_node_client(NODE, &[])?;
+        let mut dialer = TunnelDialer::new(
+            addr.to_string(),
+            CLOUD_NAME,
+            pki.edge_client_tls(&cert)?,
+            NODE,
+            TunnelLimits::default(),
+        )?;
+        let transport = dialer.dial().await?;
+        let (io_tx, mut io_rx) = mpsc::channel(1);
+        let (_t, shutdown) = Shutdown::new(Duration::from_secs(1));
+        tokio::spawn(tether_tunnel::serve_edge_session(
+            transport,
+            TunnelLimits::default(),
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                let io_tx = io_tx.clone();
+                async move {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(io) = upgrade.await {
+                            let _ = io_tx.send(hyper_util::rt::TokioIo::new(io)).await;
+                        }
+                    });
+                    http::Response::new(tether_tunnel::body_empty())
+                }
+            },
+            shutdown,
+        ));
+        let mut io = io_rx.recv().await.context("no hub stream")?;
+        let mut good = msg("after", 1);
+        good.prepare()?;
+        for frame in [
+            b"{not json".to_vec(),
+            br#"{"header":{"msg_id":"m1"}}"#.to_vec(),
+            vec![b' '; 8192],
+            br#"{"header":{"parent_msg_id":"never-sent"},"route":{"group":"tether.hub","operation":"ack"}}"#.to_vec(),
+            good.to_json(),
+        ] {
+            write_raw_frame(&mut io, &frame).await?;
+        }
+        let mut errors = Vec::new();
+        let mut acked = false;
+        for _ in 0..50 {
+            if errors.len() == 4 && acked {
+                break;
+            }
+            let frame = read_raw_frame(&mut io, 1 << 20).await?.context("frame")?;
+            let m = Message::from_json(&frame, 1 << 20)?;
+            match m.route.operation.as_str() {
+                "error" => errors.push(format!("{:?}", m.content)),
+                "ack" => acked |= m.header.parent_msg_id == good.header.msg_id,
+                _ => {}
+            }
+        }
+        ensure!(errors.len() == 4 && acked, "errors {errors:?}, acked {acked}");
+        for (e, want) in errors.iter().zip([
+            "malformed message",
+            "no route",
+            "exceeds the 4096-byte limit",
+            "ack for unknown message id",
+        ]) {
+            ensure!(e.contains(want), "{e} lacks {want:?}");
+        }
+        // The well-formed message after the bad ones reached the application.
+        let got = collect(&mut up, 1).await?;
+        ensure!(got.get("after") == Some(&vec![1]), "{got:?}");
+        ensure!(cloud.node(NODE).context("node")?.online, "session dropped");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .unwrap();
+}

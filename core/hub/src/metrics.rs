@@ -95,6 +95,9 @@ impl HubMetrics {
         for reason in DROP_REASONS {
             let _ = m.drops.get_or_create(&ReasonLabel { reason });
         }
+        for reason in ["queue_full", "rate_limited", "too_large", "invalid"] {
+            let _ = m.refused.get_or_create(&ReasonLabel { reason });
+        }
         m
     }
 
