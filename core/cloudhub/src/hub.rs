@@ -49,7 +49,9 @@ impl Default for CloudHubConfig {
                 ..ChannelConfig::default()
             },
             max_nodes: 10_000,
-            max_subscribers: 64,
+            // Subscriptions hold admin-port connections (64 at most), so
+            // scrapes and probes always have room.
+            max_subscribers: 32,
             subscriber_timeout: Duration::from_secs(5),
         }
     }
