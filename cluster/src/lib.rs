@@ -67,13 +67,22 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// A handle over an existing client (tests build one against a double).
-    pub fn new(client: kube::Client, namespace: &str, replica_id: &str) -> Self {
-        Self {
+    /// A handle over a client built from `config` (tests point one at an
+    /// API double). kube's own retry of 429/503/504 is turned off: it waits
+    /// up to minutes, unseen and unlogged, beneath Tether's bounded retries,
+    /// so each call site's [`RetryPolicy`] is the only retry layer.
+    pub fn from_config(
+        mut config: kube::Config,
+        namespace: &str,
+        replica_id: &str,
+    ) -> Result<Self, ClusterError> {
+        config.default_retry = false;
+        let client = kube::Client::try_from(config).map_err(ClusterError::Client)?;
+        Ok(Self {
             client,
             namespace: namespace.to_owned(),
             replica_id: replica_id.to_owned(),
-        }
+        })
     }
 
     /// Connects with `kubeconfig` (a path, or a `:`-separated list like
@@ -105,8 +114,7 @@ impl Cluster {
             }
             None => kube::Config::incluster().map_err(ClusterError::InCluster)?,
         };
-        let client = kube::Client::try_from(config).map_err(ClusterError::Client)?;
-        Ok(Self::new(client, namespace, replica_id))
+        Self::from_config(config, namespace, replica_id)
     }
 
     /// The client.

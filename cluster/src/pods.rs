@@ -90,6 +90,15 @@ struct Shared {
     index: RwLock<Index>,
     /// True once the first complete list is in.
     ready: watch::Sender<bool>,
+    /// Bumped on every change of the index.
+    version: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut Index)) {
+        f(&mut self.index.write().expect("pod cache lock"));
+        self.version.send_modify(|v| *v += 1);
+    }
 }
 
 /// Stops the watch task when the last [`PodCache`] clone goes.
@@ -115,8 +124,11 @@ impl PodCache {
         let shared = Arc::new(Shared {
             index: RwLock::new(Index::new()),
             ready: watch::channel(false).0,
+            version: watch::channel(0).0,
         });
         let api: Api<PodPlacement> = Api::all(cluster.client().clone());
+        // Default list semantics: consistent, paginated reads, so a relist
+        // after 410 Gone never goes back in time.
         let config = Config::default().fields("spec.nodeName!=");
         let events = watcher::watcher(api, config)
             .backoff(WatchBackoff::new(opts.backoff_base, opts.backoff_max));
@@ -159,6 +171,23 @@ impl PodCache {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Waits until `pred` holds for the cache, or `timeout` passes.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&Self) -> bool) -> bool {
+        let mut rx = self.shared.version.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if pred(self) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// The cache as the front's pod locator.
     pub fn locator(&self) -> Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync> {
         let cache = self.clone();
@@ -195,17 +224,12 @@ where
             Ok(Event::InitDone) => {
                 let fresh = relist.take().unwrap_or_default();
                 let pods: usize = fresh.values().map(HashMap::len).sum();
-                *shared.index.write().expect("pod cache lock") = fresh;
+                shared.update(|index| *index = fresh);
                 shared.ready.send_replace(true);
                 info!(pods, "pod cache loaded");
             }
-            Ok(Event::Apply(pod)) => {
-                place(&mut shared.index.write().expect("pod cache lock"), &pod)
-            }
-            Ok(Event::Delete(pod)) => {
-                let mut index = shared.index.write().expect("pod cache lock");
-                remove(&mut index, &pod);
-            }
+            Ok(Event::Apply(pod)) => shared.update(|index| place(index, &pod)),
+            Ok(Event::Delete(pod)) => shared.update(|index| remove(index, &pod)),
             // The watcher restarts (or relists after 410 Gone) on its own on
             // the next poll, after the backoff delay.
             Err(e) => warn!(error = %e, "pod watch failed; retrying"),

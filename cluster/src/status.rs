@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use tether_tunnel::Shutdown;
@@ -44,6 +44,8 @@ struct Wanted {
 struct Inner {
     nodes: Api<Node>,
     wanted: Mutex<HashMap<String, Wanted>>,
+    /// Mirrors `wanted.len()`, for waiting until every patch is done.
+    pending: watch::Sender<usize>,
     in_flight: Semaphore,
     retry: RetryPolicy,
     shutdown: Shutdown,
@@ -63,6 +65,7 @@ impl KubeletPortPatcher {
             inner: Arc::new(Inner {
                 nodes: Api::all(cluster.client().clone()),
                 wanted: Mutex::new(HashMap::new()),
+                pending: watch::channel(0).0,
                 in_flight: Semaphore::new(MAX_CONCURRENT_PATCHES),
                 retry,
                 shutdown,
@@ -88,6 +91,7 @@ impl KubeletPortPatcher {
                     port,
                     generation: 0,
                 });
+                self.inner.pending.send_replace(wanted.len());
                 let inner = self.inner.clone();
                 let span = info_span!("node_status", node = %node);
                 let node = node.to_owned();
@@ -98,7 +102,15 @@ impl KubeletPortPatcher {
 
     /// Nodes with a patch pending or in progress.
     pub fn pending(&self) -> usize {
-        self.inner.wanted.lock().expect("patcher lock").len()
+        *self.inner.pending.borrow()
+    }
+
+    /// Waits until no patch is pending or in progress, or `timeout` passes.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let mut rx = self.inner.pending.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -164,13 +176,16 @@ impl Inner {
             Some(w) if w.generation != generation => false,
             _ => {
                 wanted.remove(node);
+                self.pending.send_replace(wanted.len());
                 true
             }
         }
     }
 
     fn forget(&self, node: &str) {
-        self.wanted.lock().expect("patcher lock").remove(node);
+        let mut wanted = self.wanted.lock().expect("patcher lock");
+        wanted.remove(node);
+        self.pending.send_replace(wanted.len());
     }
 
     async fn patch(&self, node: &str, port: u16) -> Outcome {
