@@ -45,7 +45,8 @@ pub(crate) struct CloudConfig {
     /// This replica's address as the control-plane hosts reach it; with
     /// `tunnel_port`, published at the admin `/tunnelport` for iptables-manager.
     pub(crate) advertise_address: Option<std::net::IpAddr>,
-    /// This replica's tunnel port (10351, 10352, ... one per replica).
+    /// This replica's tunnel port (10351, 10352, ... one per replica). In
+    /// cluster mode it is claimed from `tunnel_port_range` when not given.
     pub(crate) tunnel_port: Option<u16>,
     /// State directory (CA, tokens, deny list). When set, the CA in it signs
     /// node certificates, the bootstrap server runs, and the tunnel's serving
@@ -70,6 +71,20 @@ pub(crate) struct CloudConfig {
     /// `host:port` Prometheus reaches the front at, used in `/sd` targets
     /// (default: the front's address; for 0.0.0.0, `advertise_address` or 127.0.0.1).
     pub(crate) sd_front_address: Option<String>,
+    /// Cluster mode (default false): patch connected nodes' kubelet port,
+    /// claim `tunnel_port` in the `tunnelport` ConfigMap (unless given), and
+    /// route pod-scoped requests by a pod watch cache. Needs `advertise_address`.
+    pub(crate) cluster: bool,
+    /// Kubeconfig for cluster mode (default: the in-cluster service account).
+    pub(crate) kubeconfig: Option<PathBuf>,
+    /// Namespace of the `tunnelport` ConfigMap (default `tether`).
+    pub(crate) namespace: String,
+    /// This replica's name in the cluster (default: the host name, which is
+    /// the pod name in Kubernetes).
+    pub(crate) replica_id: Option<String>,
+    /// Ports a replica may claim in cluster mode, `MIN-MAX` (default
+    /// `10350-10999`, iptables-manager's default too).
+    pub(crate) tunnel_port_range: String,
 }
 
 impl Default for CloudConfig {
@@ -97,6 +112,11 @@ impl Default for CloudConfig {
             serving_ca_cert: None,
             serving_ca_key: None,
             sd_front_address: None,
+            cluster: false,
+            kubeconfig: None,
+            namespace: "tether".into(),
+            replica_id: None,
+            tunnel_port_range: "10350-10999".into(),
         }
     }
 }
@@ -189,7 +209,41 @@ fn need<'a>(v: &'a Option<PathBuf>, field: &str) -> anyhow::Result<&'a Path> {
         .with_context(|| format!("config field `{field}` (or its flag) is required"))
 }
 
+/// Parses `MIN-MAX` port ranges.
+pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("want MIN-MAX, e.g. 10350-10999")?;
+    let (a, b) = (
+        a.trim().parse::<u16>().map_err(|e| e.to_string())?,
+        b.trim().parse::<u16>().map_err(|e| e.to_string())?,
+    );
+    if a > b {
+        return Err(format!("range {a}-{b} is empty"));
+    }
+    Ok((a, b))
+}
+
 impl CloudConfig {
+    /// The tunnel-port range, checked.
+    pub(crate) fn port_range(&self) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
+        let (a, b) = parse_port_range(&self.tunnel_port_range)
+            .map_err(|e| anyhow::anyhow!("config field `tunnel_port_range`: {e}"))?;
+        Ok(a..=b)
+    }
+
+    /// This replica's identity: `replica_id`, else the host name.
+    pub(crate) fn replica_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = &self.replica_id {
+            anyhow::ensure!(!id.trim().is_empty(), "config field `replica_id` is empty");
+            return Ok(id.trim().to_owned());
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .context("cannot read the host name; set config field `replica_id` (--replica-id)")
+    }
+
     pub(crate) fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
@@ -370,8 +424,26 @@ mod tests {
         assert_eq!(c.front_addr.port(), 9443);
         assert_eq!(c.limits.max_streams, 64);
         assert_eq!(c.tunnel_addr.port(), 10004);
+        assert!(!c.cluster);
+        assert_eq!(c.namespace, "tether");
+        assert_eq!(c.port_range().unwrap(), 10350..=10999);
         let e: EdgeConfig = serde_saphyr::from_str("cloud_addr: cloud.example:10004\n").unwrap();
         assert_eq!(e.cloud_server_name().unwrap(), "cloud.example");
         assert_eq!(e.kubelet_url, "http://127.0.0.1:10350");
+    }
+
+    #[test]
+    fn cluster_fields_parse_and_are_checked() {
+        let c: CloudConfig = serde_saphyr::from_str(
+            "cluster: true\nnamespace: kubeedge\nreplica_id: cloud-0\ntunnel_port_range: 10351-10360\n",
+        )
+        .unwrap();
+        assert!(c.cluster);
+        assert_eq!(c.namespace, "kubeedge");
+        assert_eq!(c.replica_id().unwrap(), "cloud-0");
+        assert_eq!(c.port_range().unwrap(), 10351..=10360);
+        let bad: CloudConfig = serde_saphyr::from_str("tunnel_port_range: 10360-10351\n").unwrap();
+        let err = bad.port_range().unwrap_err().to_string();
+        assert!(err.contains("tunnel_port_range"), "{err}");
     }
 }
