@@ -102,6 +102,10 @@ pub(crate) struct Args {
     /// Tunnel ports a replica may claim in cluster mode, MIN-MAX [default 10350-10999].
     #[arg(long, env = "TETHER_TUNNEL_PORT_RANGE")]
     tunnel_port_range: Option<String>,
+    /// In cluster mode, patch connecting nodes' kubelet port (true/false)
+    /// [default true]; false in iptables-free (egress) mode.
+    #[arg(long, env = "TETHER_PATCH_KUBELET_PORT", value_parser = clap::builder::BoolishValueParser::new())]
+    patch_kubelet_port: Option<bool>,
 }
 
 fn apply(a: Args, cfg: &mut CloudConfig) {
@@ -114,7 +118,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         admin_addr,
         cert_lifetime_hours,
         namespace,
-        tunnel_port_range
+        tunnel_port_range,
+        patch_kubelet_port
     );
     set_opt!(
         state_dir,
@@ -271,10 +276,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let (pod_locator, session_hook) = match &cluster {
-        Some(c) => {
-            let (locator, hook) = c.hooks(shutdown.clone());
-            (Some(locator), Some(hook))
-        }
+        Some(c) => c.hooks(cfg.patch_kubelet_port, shutdown.clone()),
         None => (None, None),
     };
     let opts = CloudOptions {
@@ -348,24 +350,27 @@ impl ClusterMode {
         Ok(Self { cluster, claim })
     }
 
-    /// The front's pod locator (a pod watch cache) and the session hook that
-    /// patches each connecting node's kubelet port.
+    /// The front's pod locator (a pod watch cache) and, when `patch`, the
+    /// session hook that patches each connecting node's kubelet port.
     fn hooks(
         &self,
+        patch: bool,
         shutdown: Shutdown,
     ) -> (
-        tether_cloudstream::PodLocator,
-        tether_cloudstream::SessionHook,
+        Option<tether_cloudstream::PodLocator>,
+        Option<tether_cloudstream::SessionHook>,
     ) {
         let pods = PodCache::start(&self.cluster, PodCacheOptions::default(), shutdown.clone());
-        let patcher = KubeletPortPatcher::new(&self.cluster, RetryPolicy::default(), shutdown);
-        let port = self.claim.port();
-        let hook = Arc::new(move |ev: &TunnelEvent<'_>| {
-            if let TunnelEvent::Connected { info, .. } = ev {
-                patcher.request(&info.node, port);
-            }
+        let hook = patch.then(|| {
+            let patcher = KubeletPortPatcher::new(&self.cluster, RetryPolicy::default(), shutdown);
+            let port = self.claim.port();
+            Arc::new(move |ev: &TunnelEvent<'_>| {
+                if let TunnelEvent::Connected { info, .. } = ev {
+                    patcher.request(&info.node, port);
+                }
+            }) as tether_cloudstream::SessionHook
         });
-        (pods.locator(), hook)
+        (Some(pods.locator()), hook)
     }
 
     /// Frees the tunnel port, bounded by [`RELEASE_TIMEOUT`].

@@ -85,6 +85,10 @@ pub(crate) struct CloudConfig {
     /// Ports a replica may claim in cluster mode, `MIN-MAX` (default
     /// `10350-10999`, iptables-manager's default too).
     pub(crate) tunnel_port_range: String,
+    /// In cluster mode, patch each connecting node's kubelet port to the
+    /// tunnel port (default true). Turn off in iptables-free (egress) mode,
+    /// where the apiserver must keep dialling the real kubelet port.
+    pub(crate) patch_kubelet_port: bool,
 }
 
 impl Default for CloudConfig {
@@ -117,6 +121,7 @@ impl Default for CloudConfig {
             namespace: "tether".into(),
             replica_id: None,
             tunnel_port_range: "10350-10999".into(),
+            patch_kubelet_port: true,
         }
     }
 }
