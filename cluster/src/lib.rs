@@ -18,7 +18,7 @@ mod tunnelport;
 
 use std::path::Path;
 
-pub use pods::{PodCache, PodCacheOptions};
+pub use pods::{PodCache, PodCacheOptions, PodLocatorFn};
 pub use retry::RetryPolicy;
 pub use source::{ConfigMapSource, configmap_url};
 pub use status::{KubeletPortPatcher, kubelet_port_patch};

@@ -65,6 +65,10 @@ impl kube::Resource for PodPlacement {
     }
 }
 
+/// `(namespace, pod) -> node`, shaped like cloudstream's `PodLocator`
+/// (this crate does not depend on cloudstream).
+pub type PodLocatorFn = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
+
 /// namespace -> pod -> node.
 type Index = HashMap<String, HashMap<String, String>>;
 
@@ -189,7 +193,7 @@ impl PodCache {
     }
 
     /// The cache as the front's pod locator.
-    pub fn locator(&self) -> Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync> {
+    pub fn locator(&self) -> PodLocatorFn {
         let cache = self.clone();
         Arc::new(move |ns, pod| cache.node_of(ns, pod))
     }

@@ -420,7 +420,7 @@ fn pod_lists(double: &ApiDouble) -> Vec<Recorded> {
     double
         .requests_to(&Method::GET, "/api/v1/pods")
         .into_iter()
-        .filter(|r| r.params().get("watch").is_none())
+        .filter(|r| !r.params().contains_key("watch"))
         .collect()
 }
 
@@ -477,7 +477,7 @@ async fn pod_cache_against_api_double_lists_then_follows_the_watch() {
         );
         // A consistent (not cached) paginated list; the watch resumes at the
         // version the list answered (3: three objects were stored).
-        ensure!(p.get("resourceVersion").is_none(), "{p:?}");
+        ensure!(!p.contains_key("resourceVersion"), "{p:?}");
         ensure!(
             w.get("resourceVersion").map(String::as_str) == Some("3"),
             "{w:?}"
