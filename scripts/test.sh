@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests run, with a binary each provides (to tell whether
 # it is installed). Add to both when a test starts using a new tool.
-PKGS=(curl procps iproute2 iptables nftables prometheus prometheus-node-exporter)
+# kubernetes-client provides kubectl (with kustomize built in) for the
+# manifests test; any kubectl already on PATH will do.
+PKGS=(curl procps iproute2 iptables nftables prometheus prometheus-node-exporter kubernetes-client)
 declare -A BIN=([curl]=curl [procps]=kill [iproute2]=ip [iptables]=iptables-legacy-restore [nftables]=nft
-  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter)
+  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter [kubernetes-client]=kubectl)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -24,6 +24,10 @@ pub(crate) struct Args {
     /// YAML config file; flags and environment override its fields.
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and check the configuration (with flags and environment), print
+    /// OK and exit; nothing is read from disk besides the file, nothing listens.
+    #[arg(long)]
+    check_config: bool,
     /// State directory: CA, tokens, deny list; enables the bootstrap server.
     #[arg(long, env = "TETHER_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -106,6 +110,12 @@ pub(crate) struct Args {
     /// [default true]; false in iptables-free (egress) mode.
     #[arg(long, env = "TETHER_PATCH_KUBELET_PORT", value_parser = clap::builder::BoolishValueParser::new())]
     patch_kubelet_port: Option<bool>,
+    /// Message hub listen address [default 0.0.0.0:10000].
+    #[arg(long, env = "TETHER_HUB_ADDR")]
+    hub_addr: Option<SocketAddr>,
+    /// File with the bearer token of the hub API (admin port, /hub/v1/); off without it.
+    #[arg(long, env = "TETHER_HUB_API_TOKEN_FILE")]
+    hub_api_token_file: Option<PathBuf>,
 }
 
 fn apply(a: Args, cfg: &mut CloudConfig) {
@@ -119,7 +129,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         cert_lifetime_hours,
         namespace,
         tunnel_port_range,
-        patch_kubelet_port
+        patch_kubelet_port,
+        hub_addr
     );
     set_opt!(
         state_dir,
@@ -135,7 +146,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         tunnel_port,
         sd_front_address,
         kubeconfig,
-        replica_id
+        replica_id,
+        hub_api_token_file
     );
     // A flag can only turn cluster mode on; the file may have done so too.
     cfg.cluster |= a.cluster;
@@ -146,10 +158,14 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg: CloudConfig = config::load(a.config.as_deref())?;
+    let check_only = a.check_config;
     apply(a, &mut cfg);
-    if !cfg.cluster && cfg.tunnel_port.is_some() != cfg.advertise_address.is_some() {
-        anyhow::bail!("config fields `advertise_address` and `tunnel_port` go together");
+    if check_only {
+        cfg.check()?;
+        println!("OK");
+        return Ok(());
     }
+    cfg.check_cluster()?;
     let state = match &cfg.state_dir {
         Some(dir) => Some(Arc::new(
             CloudState::open(dir).context("config field `state_dir`")?,
@@ -237,6 +253,67 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let drain = cfg.drain();
     let (trigger, shutdown) = Shutdown::new(drain);
+    let hub_store = match &cfg.state_dir {
+        Some(dir) => tether_hub::Store::open(&dir.join("hub.redb"))
+            .context("the message hub's store in `state_dir`")?,
+        None => {
+            warn!("no state_dir: hub messages accepted for nodes do not survive a restart");
+            tether_hub::Store::in_memory()
+        }
+    };
+    let hub_cfg = tether_cloudhub::hub::CloudHubConfig {
+        channel: cfg.hub.channel()?,
+        ..Default::default()
+    };
+    let hub = tether_cloudhub::hub::CloudHub::new(
+        hub_cfg,
+        hub_store,
+        tether_hub::HubMetrics::register(&mut registry, "cloud"),
+    )?;
+    let hub_tcp = crate::bind(cfg.hub_addr, "the message hub").await?;
+    let hub_addr = hub_tcp.local_addr()?;
+    let mut hub_listener = hub.listener(
+        hub_tcp,
+        tunnel_tls.clone(),
+        cfg.limits.clone(),
+        shutdown.clone(),
+    );
+    if let Some(state) = &state {
+        let deny = state.deny.clone();
+        tokio::spawn(tether_cloudstream::terminate_revoked(
+            deny.clone(),
+            hub.sessions(),
+            shutdown.clone(),
+        ));
+        hub_listener = hub_listener.admit(move |id| {
+            if deny.denies(id) {
+                Err(format!("certificate serial {} is revoked", id.serial))
+            } else {
+                Ok(())
+            }
+        });
+    }
+    let (hub_listener, hub_shutdown) = (Some(hub_listener), shutdown.clone());
+    let hub_api = match &cfg.hub_api_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path).with_context(|| {
+                format!("config field `hub_api_token_file` ({})", path.display())
+            })?;
+            let token = token.trim();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "the hub API token in {} is shorter than 16 characters",
+                    path.display()
+                );
+            }
+            Some(tether_cloudhub::api::cloud_handler(
+                hub.clone(),
+                token.into(),
+                cfg.hub.max_message_bytes,
+            ))
+        }
+        None => None,
+    };
     tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
         tether_metrics_adapter::Admin {
@@ -245,6 +322,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             tunnelport,
             sd: Some(sd),
             sessions: Some(debug_sessions),
+            hub_api,
         },
         shutdown.clone(),
     ));
@@ -299,9 +377,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         front = %opts.front_listener.local_addr()?,
         bootstrap = %bootstrap_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         admin = %admin_addr,
+        hub = %hub_addr,
         "cloud started"
     );
     let run = tokio::spawn(tether_cloudstream::run(opts, shutdown));
+    if let Some(hub_listener) = hub_listener {
+        tokio::spawn(hub_listener.run(hub_shutdown));
+    }
     crate::stop_signal().await;
     info!(?drain, "shutting down");
     trigger.trigger();

@@ -89,6 +89,13 @@ pub(crate) struct CloudConfig {
     /// tunnel port (default true). Turn off in iptables-free (egress) mode,
     /// where the apiserver must keep dialling the real kubelet port.
     pub(crate) patch_kubelet_port: bool,
+    /// The message hub's listener for edges (default `0.0.0.0:10000`).
+    pub(crate) hub_addr: SocketAddr,
+    /// File holding the bearer token of the hub API on the admin port; the
+    /// API is off without it.
+    pub(crate) hub_api_token_file: Option<PathBuf>,
+    /// Message hub bounds and timers (per node).
+    pub(crate) hub: HubConfig,
 }
 
 impl Default for CloudConfig {
@@ -122,6 +129,9 @@ impl Default for CloudConfig {
             replica_id: None,
             tunnel_port_range: "10350-10999".into(),
             patch_kubelet_port: true,
+            hub_addr: ([0, 0, 0, 0], 10000).into(),
+            hub_api_token_file: None,
+            hub: HubConfig::cloud(),
         }
     }
 }
@@ -167,8 +177,16 @@ pub(crate) struct EdgeConfig {
     /// The cloud's bootstrap `host:port` (default: host of `cloud_addr`, port 10002).
     pub(crate) bootstrap_addr: Option<String>,
     /// Where enrolled credentials live (default `/var/lib/tether-edge`); used
-    /// when `cert`/`key` are not given.
+    /// when `cert`/`key` are not given. The hub's queue is kept here too.
     pub(crate) state_dir: PathBuf,
+    /// The cloud hub's `host:port` (default: host of `cloud_addr`, port 10000).
+    pub(crate) hub_addr: Option<String>,
+    /// Run the message hub (default true).
+    pub(crate) hub_enabled: bool,
+    /// The local hub API socket (default `<state_dir>/hub.sock`).
+    pub(crate) hub_socket: Option<PathBuf>,
+    /// Message hub bounds and timers.
+    pub(crate) hub: HubConfig,
 }
 
 impl Default for EdgeConfig {
@@ -193,7 +211,97 @@ impl Default for EdgeConfig {
             drain_timeout_secs: 10,
             bootstrap_addr: None,
             state_dir: PathBuf::from("/var/lib/tether-edge"),
+            hub_addr: None,
+            hub_enabled: true,
+            hub_socket: None,
+            hub: HubConfig::edge(),
         }
+    }
+}
+
+/// Message hub bounds and timers (`hub:` in either role's config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HubConfig {
+    /// Largest message, bytes (default 1 MiB).
+    pub(crate) max_message_bytes: usize,
+    /// Messages accepted and not yet acknowledged, per node on the cloud
+    /// (default 1024) and upstream on the edge (default 10000).
+    pub(crate) queue_capacity: usize,
+    /// Publishes per second per node (cloud; 0 = unlimited; default 100).
+    pub(crate) rate_qps: f64,
+    /// Publish burst per node (cloud; default 200).
+    pub(crate) rate_burst: f64,
+    /// First ack timeout, seconds; doubles per attempt up to 8x (default 10).
+    pub(crate) ack_timeout_secs: f64,
+    /// Sends of one message before it is reported failed (default 10).
+    pub(crate) max_attempts: u32,
+    /// Keepalive period, seconds (default 10).
+    pub(crate) keepalive_interval_secs: f64,
+    /// Silence after which the peer is dead, seconds (default 30).
+    pub(crate) keepalive_timeout_secs: f64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self::cloud()
+    }
+}
+
+impl HubConfig {
+    fn cloud() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            queue_capacity: 1024,
+            rate_qps: 100.0,
+            rate_burst: 200.0,
+            ack_timeout_secs: 10.0,
+            max_attempts: 10,
+            keepalive_interval_secs: 10.0,
+            keepalive_timeout_secs: 30.0,
+        }
+    }
+
+    fn edge() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            rate_qps: 0.0,
+            ..Self::cloud()
+        }
+    }
+
+    /// The channel bounds, checked.
+    pub(crate) fn channel(&self) -> anyhow::Result<tether_hub::ChannelConfig> {
+        let secs = |v: f64, field: &str| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| {
+                    format!("config field `hub.{field}` must be a positive number of seconds")
+                })
+        };
+        let keepalive_interval = secs(self.keepalive_interval_secs, "keepalive_interval_secs")?;
+        let keepalive_timeout = secs(self.keepalive_timeout_secs, "keepalive_timeout_secs")?;
+        if keepalive_timeout <= keepalive_interval {
+            bail!(
+                "config field `hub.keepalive_timeout_secs` must exceed `hub.keepalive_interval_secs`"
+            );
+        }
+        if self.queue_capacity == 0 || self.max_attempts == 0 || self.max_message_bytes < 1024 {
+            bail!(
+                "config fields `hub.queue_capacity` and `hub.max_attempts` must be positive and `hub.max_message_bytes` at least 1024"
+            );
+        }
+        Ok(tether_hub::ChannelConfig {
+            max_message: self.max_message_bytes,
+            queue_capacity: self.queue_capacity,
+            ack_timeout: secs(self.ack_timeout_secs, "ack_timeout_secs")?,
+            max_attempts: self.max_attempts,
+            keepalive_interval,
+            keepalive_timeout,
+            rate: (self.rate_qps > 0.0).then_some((self.rate_qps, self.rate_burst.max(1.0))),
+            ..tether_hub::ChannelConfig::default()
+        })
     }
 }
 
@@ -251,6 +359,41 @@ impl CloudConfig {
 
     pub(crate) fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// Checks what needs no files: limits, lifetimes and fields that go in pairs.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        self.limits
+            .validate()
+            .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
+        self.cert_lifetime()?;
+        for (cert, key, p) in [
+            (&self.tunnel_cert, &self.tunnel_key, "tunnel"),
+            (&self.front_cert, &self.front_key, "front"),
+            (&self.serving_ca_cert, &self.serving_ca_key, "serving_ca"),
+        ] {
+            if cert.is_some() != key.is_some() {
+                bail!("config fields `{p}_cert` and `{p}_key` go together");
+            }
+        }
+        self.check_cluster()
+    }
+
+    /// The standalone/cluster-mode rules for the replica's address and port.
+    pub(crate) fn check_cluster(&self) -> anyhow::Result<()> {
+        if self.cluster {
+            self.port_range()?;
+            self.replica_id()?;
+            if self.advertise_address.is_none() {
+                bail!(
+                    "cluster mode needs config field `advertise_address` (--advertise-address): \
+                     this replica's address in the tunnel-port record"
+                );
+            }
+        } else if self.tunnel_port.is_some() != self.advertise_address.is_some() {
+            bail!("config fields `advertise_address` and `tunnel_port` go together");
+        }
+        Ok(())
     }
 
     pub(crate) fn cert_lifetime(&self) -> anyhow::Result<Duration> {

@@ -66,6 +66,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
             tunnelport: None,
             sd: None,
             sessions: None,
+            hub_api: None,
         },
         admin_shutdown,
     ));

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tracing::info;
 
 use tether_edgehub::CertManager;
+use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
 use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint};
 use tether_pki::BootstrapToken;
 use tether_tunnel::{Backoff, Shutdown, TunnelDialer};
@@ -61,6 +62,15 @@ pub(crate) struct Args {
     /// Admin (metrics, probes) listen address [default 127.0.0.1:10006].
     #[arg(long, env = "TETHER_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
+    /// The cloud message hub, host:port [default: the cloud host, port 10000].
+    #[arg(long, env = "TETHER_HUB_ADDR")]
+    hub_addr: Option<String>,
+    /// The local hub API socket [default: <state-dir>/hub.sock].
+    #[arg(long, env = "TETHER_HUB_SOCKET")]
+    hub_socket: Option<PathBuf>,
+    /// Do not run the message hub.
+    #[arg(long, env = "TETHER_NO_HUB")]
+    no_hub: bool,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -77,8 +87,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         cloud_server_name,
         ca,
         cert,
-        key
+        key,
+        hub_addr,
+        hub_socket
     );
+    if a.no_hub {
+        cfg.hub_enabled = false;
+    }
     if let Some(u) = a.kubelet_url {
         cfg.kubelet_url = u;
     }
@@ -103,14 +118,26 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "edge");
     let metrics = EdgeMetrics::register(&mut registry);
-    let dialer = if cfg.file_credentials() {
-        TunnelDialer::new(
-            cfg.cloud_addr()?,
-            &server_name,
-            cfg.tunnel_tls()?,
-            &node,
-            cfg.limits.clone(),
-        )?
+    let hub_addr = match &cfg.hub_addr {
+        Some(a) => a.clone(),
+        None => {
+            let cloud = cfg.cloud_addr()?;
+            let host = cloud.rsplit_once(':').map_or(cloud, |(h, _)| h);
+            format!("{host}:10000")
+        }
+    };
+    let (dialer, hub_dialer) = if cfg.file_credentials() {
+        let tls = cfg.tunnel_tls()?;
+        (
+            TunnelDialer::new(
+                cfg.cloud_addr()?,
+                &server_name,
+                tls.clone(),
+                &node,
+                cfg.limits.clone(),
+            )?,
+            TunnelDialer::new(&hub_addr, &server_name, tls, &node, cfg.limits.clone())?,
+        )
     } else {
         let manager = CertManager::new(&cfg.state_dir, &cfg.bootstrap_addr()?, &server_name, &node);
         let creds = manager.ensure(a.token.as_ref()).await?;
@@ -124,14 +151,53 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             move |c| m.certificate_expires(c.identity.not_after),
             shutdown.clone(),
         ));
-        TunnelDialer::rotating(
-            cfg.cloud_addr()?,
-            &server_name,
-            rx,
-            &node,
-            cfg.limits.clone(),
-        )?
+        (
+            TunnelDialer::rotating(
+                cfg.cloud_addr()?,
+                &server_name,
+                rx.clone(),
+                &node,
+                cfg.limits.clone(),
+            )?,
+            TunnelDialer::rotating(&hub_addr, &server_name, rx, &node, cfg.limits.clone())?,
+        )
     };
+    let backoff = Backoff::new(
+        Duration::from_millis(cfg.backoff_base_ms),
+        Duration::from_secs(cfg.backoff_max_secs),
+    );
+    if cfg.hub_enabled {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("config field `state_dir` ({})", cfg.state_dir.display()))?;
+        let store = tether_hub::Store::open(&cfg.state_dir.join("hub.redb"))
+            .context("the message hub's queue in `state_dir`")?;
+        let mut channel = cfg.hub.channel()?;
+        // Only the cloud limits publish rates (per node).
+        channel.rate = None;
+        let hub = EdgeHub::new(
+            EdgeHubConfig {
+                channel,
+                ..EdgeHubConfig::default()
+            },
+            store,
+            tether_hub::HubMetrics::register(&mut registry, "edge"),
+        )?;
+        let socket = cfg
+            .hub_socket
+            .clone()
+            .unwrap_or_else(|| cfg.state_dir.join("hub.sock"));
+        let api = tether_edgehub::api::bind(&socket)
+            .with_context(|| format!("the hub API socket {}", socket.display()))?;
+        tokio::spawn(tether_edgehub::api::serve(
+            api,
+            hub.clone(),
+            cfg.hub.max_message_bytes,
+            shutdown.clone(),
+        ));
+        let (hub_backoff, hub_shutdown) = (backoff.clone(), shutdown.clone());
+        tokio::spawn(async move { hub.run(hub_dialer, hub_backoff, hub_shutdown).await });
+        info!(hub = %hub_addr, socket = %socket.display(), "message hub started");
+    }
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
     let ready = {
@@ -146,6 +212,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             tunnelport: None,
             sd: None,
             sessions: None,
+            hub_api: None,
         },
         shutdown.clone(),
     ));
@@ -153,10 +220,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         dialer,
         kubelet,
         allow: cfg.allow.clone(),
-        backoff: Backoff::new(
-            Duration::from_millis(cfg.backoff_base_ms),
-            Duration::from_secs(cfg.backoff_max_secs),
-        ),
+        backoff,
         metrics,
     };
     info!(node, cloud = cfg.cloud_addr()?, kubelet = %cfg.kubelet_url, admin = %admin_addr, "edge started");

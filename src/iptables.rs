@@ -127,6 +127,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             tunnelport: None,
             sd: None,
             sessions: None,
+            hub_api: None,
         },
         shutdown.clone(),
     ));

@@ -90,6 +90,8 @@ async fn cloud_and_edge_processes_serve_and_drain_on_sigterm() {
             &[],
             &[
                 "cloud",
+                "--hub-addr",
+                "127.0.0.1:0",
                 "--config",
                 &config,
                 "--tunnel-addr",
@@ -125,6 +127,7 @@ async fn cloud_and_edge_processes_serve_and_drain_on_sigterm() {
             &[],
             &[
                 "edge",
+                "--no-hub",
                 "--node-name",
                 "edge-cli",
                 "--cloud-addr",
@@ -238,6 +241,8 @@ async fn replaced_certificate_on_disk_is_used_without_restart() {
             &[],
             &[
                 "cloud",
+                "--hub-addr",
+                "127.0.0.1:0",
                 "--tunnel-addr",
                 "127.0.0.1:0",
                 "--front-addr",
@@ -363,6 +368,8 @@ async fn issued_egress_client_certificate_is_authorized_by_the_cloud() {
             &[],
             &[
                 "cloud",
+                "--hub-addr",
+                "127.0.0.1:0",
                 "--config",
                 &config,
                 "--tunnel-addr",

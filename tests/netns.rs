@@ -214,6 +214,8 @@ async fn stack(ns: &Netns, f: &Files, replicas: &[&str]) -> anyhow::Result<Stack
             .tether(
                 &[
                     "cloud",
+                    "--hub-addr",
+                    "127.0.0.1:0",
                     "--tunnel-addr",
                     "127.0.0.1:0",
                     "--front-addr",
@@ -245,6 +247,7 @@ async fn stack(ns: &Netns, f: &Files, replicas: &[&str]) -> anyhow::Result<Stack
             .tether(
                 &[
                     "edge",
+                    "--no-hub",
                     "--node-name",
                     "edge-a",
                     "--cloud-addr",

@@ -59,7 +59,7 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
         let cloud = process::spawn(
             &[],
             &[
-                "cloud", "--config", &cloud_config, "--tunnel-addr", "127.0.0.1:0", "--front-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+                "cloud", "--hub-addr", "127.0.0.1:0", "--config", &cloud_config, "--tunnel-addr", "127.0.0.1:0", "--front-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
                 "--tunnel-cert", &tc, "--tunnel-key", &tk, "--edge-ca", &edge_ca, "--front-cert", &fc, "--front-key", &fk,
                 "--front-client-ca", &front_ca,
             ],
@@ -71,7 +71,7 @@ async fn prometheus_scrapes_edges_found_by_service_discovery() {
         let edge = process::spawn(
             &[],
             &[
-                "edge", "--node-name", "edge-prom", "--cloud-addr", &tunnel_addr, "--cloud-server-name", "localhost",
+                "edge", "--no-hub", "--node-name", "edge-prom", "--cloud-addr", &tunnel_addr, "--cloud-server-name", "localhost",
                 "--ca", &edge_ca, "--cert", &nc, "--key", &nk, "--kubelet-url", &kubelet_url, "--allow", &ne_addr,
                 "--admin-addr", "127.0.0.1:0",
             ],

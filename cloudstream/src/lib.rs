@@ -125,7 +125,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
 }
 
 /// Ends the live sessions of revoked certificates as soon as the deny list changes.
-async fn terminate_revoked(deny: Arc<DenyList>, registry: SessionRegistry, shutdown: Shutdown) {
+pub async fn terminate_revoked(deny: Arc<DenyList>, registry: SessionRegistry, shutdown: Shutdown) {
     let mut changes = deny.subscribe();
     loop {
         tokio::select! {

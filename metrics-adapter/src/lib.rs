@@ -11,7 +11,6 @@ pub mod traces;
 use std::sync::{Arc, Mutex};
 
 use http::{Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
@@ -34,7 +33,19 @@ pub struct Admin {
     pub sd: Option<Json>,
     /// Connected nodes for `/debug/sessions` (cloud only).
     pub sessions: Option<Json>,
+    /// Requests under `/hub/` go here (the cloud hub API), if set.
+    pub hub_api: Option<Handler>,
 }
+
+/// A handler for a path prefix of the admin endpoint.
+pub type Handler = Arc<
+    dyn Fn(
+            http::Request<hyper::body::Incoming>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Response<tether_tunnel::Body>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// Produces a JSON document on each request.
 pub type Json = Arc<dyn Fn() -> Bytes + Send + Sync>;
@@ -104,15 +115,23 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
             _ = shutdown.triggered() => return,
         };
         let admin = admin.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (status, ctype, body) = admin.answer(req.uri().path());
-            std::future::ready(
-                Response::builder()
-                    .status(status)
-                    .header("content-type", ctype)
-                    .body(Full::new(body)),
-            )
-        });
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let admin = admin.clone();
+                async move {
+                    if let Some(api) = &admin.hub_api
+                        && req.uri().path().starts_with("/hub/")
+                    {
+                        return Ok::<_, std::convert::Infallible>(api(req).await);
+                    }
+                    let (status, ctype, body) = admin.answer(req.uri().path());
+                    Ok(Response::builder()
+                        .status(status)
+                        .header("content-type", ctype)
+                        .body(tether_tunnel::body_from(body))
+                        .expect("static response"))
+                }
+            });
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;

@@ -2,8 +2,10 @@
 //! certificates, deny list), the bootstrap HTTPS server that enrols and renews
 //! edge nodes, and revocation.
 
+pub mod api;
 mod bootstrap;
 mod files;
+pub mod hub;
 
 pub use files::write_atomic;
 mod revocation;

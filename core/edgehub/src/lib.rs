@@ -4,6 +4,8 @@
 //! jittered 70-90% of its lifetime over mTLS, handing each new TLS
 //! configuration to the tunnel dialer without dropping live streams.
 
+pub mod api;
+pub mod hub;
 mod pinning;
 
 use std::path::{Path, PathBuf};

@@ -173,7 +173,13 @@ impl TunnelListener {
         let drain = async { while sessions.join_next().await.is_some() {} };
         tokio::select! {
             _ = drain => {}
-            _ = shutdown.drained() => sessions.abort_all(),
+            _ = shutdown.drained() => {
+                // The drain deadline: end what still runs (long streams).
+                for s in this.registry.all() {
+                    s.terminate();
+                }
+                sessions.abort_all();
+            }
         }
         Ok(())
     }

@@ -1,0 +1,341 @@
+//! HTTP APIs of the hubs, for applications. The cloud's is served on the
+//! admin port under `/hub/v1/` and needs a bearer token; the edge's is
+//! served on a local unix socket under `/v1/`. Both publish single messages
+//! (JSON) or batches (NDJSON, stopping at the first refusal so nothing
+//! after a gap is accepted), answer sync requests, and stream subscriptions
+//! as NDJSON. See docs/hub.md.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tether_hub::dispatch::{Event, Filter};
+use tether_hub::{BadMessage, Message, PublishError, RequestError};
+use tether_tunnel::{Body, body_from};
+use tokio::sync::mpsc;
+
+use crate::hub::{CloudHub, HubError};
+
+/// An HTTP handler.
+pub type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync,
+>;
+
+/// Most messages in one NDJSON batch.
+pub const MAX_BATCH: usize = 1000;
+/// Longest sync wait a caller may ask for.
+const MAX_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+/// The cloud hub API, authenticated by `token` (compared in constant time).
+pub fn cloud_handler(hub: CloudHub, token: Arc<str>, max_message: usize) -> Handler {
+    Arc::new(move |req| {
+        let hub = hub.clone();
+        let token = token.clone();
+        Box::pin(async move {
+            if !authorized(&req, &token) {
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "hub API needs Authorization: Bearer <token>"}),
+                );
+            }
+            cloud_route(hub, req, max_message).await
+        })
+    })
+}
+
+async fn cloud_route(hub: CloudHub, req: Request<Incoming>, max_message: usize) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let query = parse_query(req.uri().query());
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segs.as_slice()) {
+        (Method::GET, ["hub", "v1", "nodes"]) => {
+            json(StatusCode::OK, serde_json::json!(hub.nodes()))
+        }
+        (Method::GET, ["hub", "v1", "nodes", node]) => match hub.node(node) {
+            Some(s) => json(StatusCode::OK, serde_json::json!(s)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("no channel for node {node:?}"),
+            ),
+        },
+        (Method::POST, ["hub", "v1", "nodes", node, "messages"]) => {
+            let node = (*node).to_owned();
+            let publish = {
+                let hub = hub.clone();
+                let node = node.clone();
+                move |m: Message| {
+                    let hub = hub.clone();
+                    let node = node.clone();
+                    async move { hub.publish(&node, m).await }
+                }
+            };
+            if let Some(wait) = sync_wait(&query) {
+                let msg = match read_one(req, max_message).await {
+                    Ok(m) => m,
+                    Err(resp) => return resp,
+                };
+                return match hub.request(&node, msg, wait).await {
+                    Ok(resp) => message_response(&resp),
+                    Err(e) => hub_error(&e),
+                };
+            }
+            publish_body(req, max_message, publish, hub_error).await
+        }
+        (Method::GET, ["hub", "v1", "subscribe"]) => {
+            let filter = filter_of(&query, query.get("node").cloned());
+            match hub.subscribe(filter) {
+                Ok(rx) => stream(rx),
+                Err(e) => hub_error(&e),
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no hub API at {} {path}", req.method()),
+        ),
+    }
+}
+
+/// Publishes a JSON message or an NDJSON batch with `publish`.
+pub async fn publish_body<F, Fut, E>(
+    req: Request<Incoming>,
+    max_message: usize,
+    publish: F,
+    to_response: fn(&E) -> Response<Body>,
+) -> Response<Body>
+where
+    F: Fn(Message) -> Fut,
+    Fut: Future<Output = Result<String, E>>,
+    E: std::fmt::Display,
+{
+    let ndjson = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-ndjson"));
+    if !ndjson {
+        let msg = match read_one(req, max_message).await {
+            Ok(m) => m,
+            Err(resp) => return resp,
+        };
+        return match publish(msg).await {
+            Ok(id) => json(StatusCode::ACCEPTED, serde_json::json!({"msg_id": id})),
+            Err(e) => to_response(&e),
+        };
+    }
+    let body = match read_body(req, max_message.saturating_mul(MAX_BATCH).min(64 << 20)).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let lines: Vec<&[u8]> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    if lines.len() > MAX_BATCH {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("batch of {} messages; at most {MAX_BATCH}", lines.len()),
+        );
+    }
+    let mut ids = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let refusal = match Message::from_json(line, max_message) {
+            Err(e) => Some((StatusCode::BAD_REQUEST, e.to_string())),
+            Ok(m) => match publish(m).await {
+                Ok(id) => {
+                    ids.push(id);
+                    None
+                }
+                Err(e) => Some((to_response(&e).status(), e.to_string())),
+            },
+        };
+        if let Some((status, e)) = refusal {
+            // Nothing after a refused message is accepted, so per-resource
+            // order holds when the caller resends from `accepted`.
+            return json(
+                status,
+                serde_json::json!({"accepted": i, "msg_ids": ids, "error": format!("message {i}: {e}")}),
+            );
+        }
+    }
+    json(
+        StatusCode::ACCEPTED,
+        serde_json::json!({"accepted": ids.len(), "msg_ids": ids}),
+    )
+}
+
+/// Reads and validates one JSON message.
+pub async fn read_one(req: Request<Incoming>, max: usize) -> Result<Message, Response<Body>> {
+    let body = read_body(req, max).await?;
+    Message::from_json(&body, max).map_err(|e| error(StatusCode::BAD_REQUEST, &e.to_string()))
+}
+
+async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body exceeds the {max}-byte limit"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("reading body: {e}"),
+        )),
+    }
+}
+
+/// `?sync=true[&timeout_ms=N]` asks for a sync request (default 10 s).
+pub fn sync_wait(query: &std::collections::HashMap<String, String>) -> Option<Duration> {
+    (query.get("sync").map(String::as_str) == Some("true")).then(|| {
+        query
+            .get("timeout_ms")
+            .and_then(|t| t.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(10))
+            .min(MAX_SYNC_WAIT)
+    })
+}
+
+/// The subscription filter of a query.
+pub fn filter_of(
+    query: &std::collections::HashMap<String, String>,
+    peer: Option<String>,
+) -> Filter {
+    Filter {
+        peer,
+        group: query.get("group").cloned(),
+        resource_prefix: query.get("resource_prefix").cloned(),
+    }
+}
+
+/// Streams events as NDJSON until the client goes away.
+pub fn stream(mut rx: mpsc::Receiver<Event>) -> Response<Body> {
+    let (tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, tether_tunnel::BoxError>>(16);
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let mut line = ev.to_json().to_string().into_bytes();
+            line.push(b'\n');
+            if tx.send(Ok(Frame::data(line.into()))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream_from(body_rx));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(BodyExt::boxed_unsync(body))
+        .expect("static response")
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
+}
+
+/// A message as the response body.
+pub fn message_response(m: &Message) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body_from(m.to_json()))
+        .expect("static response")
+}
+
+/// The status and text of a hub refusal.
+pub fn hub_error(e: &HubError) -> Response<Body> {
+    let status = match e {
+        HubError::Publish(p) | HubError::Request(RequestError::Publish(p)) => publish_status(p),
+        HubError::Request(RequestError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+        HubError::BadNode(_) => StatusCode::BAD_REQUEST,
+        HubError::TooManyNodes(..) | HubError::TooManySubscribers(_) => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        HubError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, &e.to_string())
+}
+
+/// The status of a publish refusal.
+pub fn publish_status(e: &PublishError) -> StatusCode {
+    match e {
+        PublishError::Bad(BadMessage::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        PublishError::Bad(_) => StatusCode::BAD_REQUEST,
+        PublishError::QueueFull { .. } | PublishError::RateLimited { .. } => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        PublishError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// A JSON error body `{"error": text}`.
+pub fn error(status: StatusCode, text: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "error": text }))
+}
+
+/// A JSON body.
+pub fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut body = v.to_string().into_bytes();
+    body.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body_from(body))
+        .expect("static response")
+}
+
+/// Decoded `k=v` pairs of a query string.
+pub fn parse_query(q: Option<&str>) -> std::collections::HashMap<String, String> {
+    q.unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            (b'+', ..) => out.push(b' '),
+            (c, ..) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Constant time in the token's content.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}

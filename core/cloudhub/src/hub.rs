@@ -1,0 +1,332 @@
+//! The cloud end of the message channel: one [`Channel`] per node, carried
+//! by a `tether-hub` stream inside the node's hub session (same mTLS and
+//! certificate-bound identity as the stream tunnel, own listener), per-node
+//! bounded queues with rate limits, and subscriptions to what edges send up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_hub::dispatch::{Dispatcher, Event, Filter, TooManySubscribers};
+use tether_hub::{
+    Channel, ChannelConfig, Delivery, HubMetrics, Message, PublishError, RequestError, Store,
+    StoreError,
+};
+use tether_tunnel::{
+    NodeSession, ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
+};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// The stream target that carries a node's channel inside its hub session.
+pub const HUB_TARGET: &str = "tether-hub";
+
+/// Store queue holding messages for `node`.
+fn queue_of(node: &str) -> String {
+    format!("down/{node}")
+}
+
+/// Hub bounds beyond the per-channel ones.
+#[derive(Clone, Debug)]
+pub struct CloudHubConfig {
+    /// Per-node channel bounds; `rate` is the per-node publish limit.
+    pub channel: ChannelConfig,
+    /// Nodes with a queue at most (publishing to more is refused).
+    pub max_nodes: usize,
+    /// Subscriptions at most.
+    pub max_subscribers: usize,
+    /// A subscriber that does not take an event for this long is dropped,
+    /// so it cannot stall delivery for everyone else.
+    pub subscriber_timeout: Duration,
+}
+
+impl Default for CloudHubConfig {
+    fn default() -> Self {
+        Self {
+            channel: ChannelConfig {
+                queue_capacity: 1024,
+                rate: Some((100.0, 200.0)),
+                ..ChannelConfig::default()
+            },
+            max_nodes: 10_000,
+            max_subscribers: 64,
+            subscriber_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Refusals of the hub API.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// Refused by the node's channel.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// A sync request failed.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// Not a node name.
+    #[error("invalid node name {0:?}")]
+    BadNode(String),
+    /// The node limit is reached.
+    #[error("too many nodes with queues ({0}); refusing a queue for {1:?}")]
+    TooManyNodes(usize, String),
+    /// The subscription limit is reached.
+    #[error(transparent)]
+    TooManySubscribers(#[from] TooManySubscribers),
+    /// The store failed.
+    #[error("message store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One node's state, for the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// Channel connected.
+    pub online: bool,
+    /// Messages accepted and not yet acknowledged.
+    pub queued: usize,
+}
+
+/// The cloud hub. Cheap to clone.
+#[derive(Clone)]
+pub struct CloudHub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: CloudHubConfig,
+    store: Store,
+    metrics: HubMetrics,
+    channels: Mutex<HashMap<String, Channel>>,
+    deliveries: mpsc::Sender<Delivery>,
+    dispatcher: Dispatcher,
+    /// Live hub sessions, one per node.
+    sessions: SessionRegistry,
+}
+
+impl CloudHub {
+    /// A hub over `store`, reloading every node queue found there (messages
+    /// accepted before a restart are delivered once the node is back).
+    pub fn new(cfg: CloudHubConfig, store: Store, metrics: HubMetrics) -> Result<Self, StoreError> {
+        let (dispatcher, deliveries) =
+            Dispatcher::start(cfg.max_subscribers, cfg.subscriber_timeout, metrics.clone());
+        let hub = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                store: store.clone(),
+                metrics,
+                channels: Mutex::new(HashMap::new()),
+                deliveries,
+                dispatcher,
+                sessions: SessionRegistry::default(),
+            }),
+        };
+        for q in store.queues()? {
+            if let Some(node) = q.strip_prefix("down/") {
+                hub.channel(node)?;
+            }
+        }
+        Ok(hub)
+    }
+
+    fn channel(&self, node: &str) -> Result<Channel, StoreError> {
+        let mut channels = self.inner.channels.lock().expect("hub lock");
+        if let Some(c) = channels.get(node) {
+            return Ok(c.clone());
+        }
+        let c = Channel::open(
+            node,
+            &queue_of(node),
+            self.inner.cfg.channel.clone(),
+            self.inner.store.clone(),
+            self.inner.metrics.clone(),
+            self.inner.deliveries.clone(),
+            {
+                let d = self.inner.dispatcher.clone();
+                let peer = node.to_owned();
+                Arc::new(move |m: &Message| d.accepts(&peer, m))
+            },
+        )?;
+        channels.insert(node.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn channel_for_publish(&self, node: &str) -> Result<Channel, HubError> {
+        if !tether_pki::valid_node_name(node) {
+            return Err(HubError::BadNode(node.to_owned()));
+        }
+        {
+            let channels = self.inner.channels.lock().expect("hub lock");
+            if let Some(c) = channels.get(node) {
+                return Ok(c.clone());
+            }
+            if channels.len() >= self.inner.cfg.max_nodes {
+                return Err(HubError::TooManyNodes(
+                    self.inner.cfg.max_nodes,
+                    node.to_owned(),
+                ));
+            }
+        }
+        Ok(self.channel(node)?)
+    }
+
+    /// Queues `message` for `node` (online or not) and returns its id once
+    /// stored. Errors: bad message, queue full, rate limited, store failure.
+    pub async fn publish(&self, node: &str, message: Message) -> Result<String, HubError> {
+        Ok(self.channel_for_publish(node)?.publish(message).await?)
+    }
+
+    /// Sends a sync request to `node` and waits for its response.
+    pub async fn request(
+        &self,
+        node: &str,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Message, HubError> {
+        Ok(self
+            .channel_for_publish(node)?
+            .request(message, timeout)
+            .await?)
+    }
+
+    /// The state of one node, if it has a channel.
+    pub fn node(&self, node: &str) -> Option<NodeStatus> {
+        let channels = self.inner.channels.lock().expect("hub lock");
+        channels.get(node).map(|c| status(node, c))
+    }
+
+    /// Every node with a channel, by name.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        let channels = self.inner.channels.lock().expect("hub lock");
+        let mut v: Vec<_> = channels.iter().map(|(n, c)| status(n, c)).collect();
+        v.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    /// Subscribes to upstream messages, failures and node events (the
+    /// filter's `peer` is the node).
+    pub fn subscribe(&self, filter: Filter) -> Result<mpsc::Receiver<Event>, HubError> {
+        Ok(self.inner.dispatcher.subscribe(filter)?)
+    }
+
+    /// The hub's listener on `tcp`: edges authenticate as for the stream
+    /// tunnel (`tls` requires certificates from the edge CA); each session
+    /// carries its node's channel. Add admission checks (the deny list) on
+    /// the returned listener, then run it.
+    pub fn listener(
+        &self,
+        tcp: tokio::net::TcpListener,
+        tls: impl Into<ServerTls>,
+        limits: TunnelLimits,
+        shutdown: Shutdown,
+    ) -> TunnelListener {
+        let registry = self.inner.sessions.clone();
+        TunnelListener::new(tcp, tls, limits, registry.clone())
+            .on_event(self.session_hook(registry, shutdown))
+    }
+
+    /// The live hub sessions (to terminate revoked nodes).
+    pub fn sessions(&self) -> SessionRegistry {
+        self.inner.sessions.clone()
+    }
+
+    /// Cuts `node`'s hub session now (it reconnects on its own; nothing
+    /// accepted is lost). False if it had none.
+    pub fn disconnect(&self, node: &str) -> bool {
+        match self.inner.sessions.get(node) {
+            Some(s) => {
+                s.terminate();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Serves the hub sessions registered in `registry` (fed by the hub's
+    /// own [`tether_tunnel::TunnelListener`]): returns the event hook to
+    /// install on that listener.
+    fn session_hook(
+        &self,
+        registry: SessionRegistry,
+        shutdown: Shutdown,
+    ) -> impl Fn(TunnelEvent<'_>) + Send + Sync + 'static {
+        let hub = self.clone();
+        move |ev| {
+            if let TunnelEvent::Connected { info, .. } = ev
+                && let Some(session) = registry.get(&info.node)
+                && session.info().id == info.id
+            {
+                let hub = hub.clone();
+                let shutdown = shutdown.clone();
+                let span = info_span!("hub", node = %info.node, session.id = info.id);
+                tokio::spawn(
+                    async move { hub.serve_session(session, shutdown).await }.instrument(span),
+                );
+            }
+        }
+    }
+
+    async fn serve_session(&self, session: Arc<dyn NodeSession>, shutdown: Shutdown) {
+        let node: Arc<str> = session.info().node.as_str().into();
+        let channel = match self.channel(&node) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot open the node's channel; closing its hub session");
+                session.close();
+                return;
+            }
+        };
+        let req = http::Request::connect(HUB_TARGET)
+            .body(tether_tunnel::body_empty())
+            .expect("static request");
+        let resp = match session.send(req, HUB_TARGET).await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                warn!(status = %r.status(), "edge refused the hub stream");
+                session.close();
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "hub stream failed to open");
+                return;
+            }
+        };
+        let io = match hyper::upgrade::on(resp).await {
+            Ok(io) => hyper_util::rt::TokioIo::new(io),
+            Err(e) => {
+                debug!(error = %e, "hub stream upgrade failed");
+                return;
+            }
+        };
+        info!("hub channel up");
+        self.inner
+            .dispatcher
+            .announce(Event::Online { peer: node.clone() })
+            .await;
+        // The channel stream lives as long as the session: end it at
+        // shutdown so the session can close instead of draining forever.
+        let end = tokio::select! {
+            end = channel.serve(io) => end,
+            _ = shutdown.triggered() => tether_hub::ConnectionEnd::Shutdown,
+        };
+        info!(reason = %end, "hub channel down");
+        // A replaced connection is not an outage: the newer one is up.
+        if !matches!(end, tether_hub::ConnectionEnd::Replaced) {
+            session.close();
+            self.inner
+                .dispatcher
+                .announce(Event::Offline { peer: node })
+                .await;
+        }
+    }
+}
+
+fn status(node: &str, c: &Channel) -> NodeStatus {
+    NodeStatus {
+        node: node.to_owned(),
+        online: c.is_connected(),
+        queued: c.queued(),
+    }
+}
