@@ -593,5 +593,16 @@ mod tests {
         let bad: CloudConfig = serde_saphyr::from_str("tunnel_port_range: 10360-10351\n").unwrap();
         let err = bad.port_range().unwrap_err().to_string();
         assert!(err.contains("tunnel_port_range"), "{err}");
+        // Cluster mode claims the port for the replica's address, so it
+        // needs the address but not the port; standalone needs both or none.
+        let err = c.check_cluster().unwrap_err().to_string();
+        assert!(err.contains("advertise_address"), "{err}");
+        let c: CloudConfig =
+            serde_saphyr::from_str("cluster: true\nadvertise_address: 10.0.0.5\nreplica_id: r\n")
+                .unwrap();
+        c.check_cluster().unwrap();
+        let c: CloudConfig = serde_saphyr::from_str("tunnel_port: 10351\n").unwrap();
+        let err = c.check_cluster().unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
     }
 }
