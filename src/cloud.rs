@@ -12,7 +12,10 @@ use tracing::{info, warn};
 
 use tether_cloudhub::{BootstrapServer, CloudState};
 use tether_cloudstream::{CloudMetrics, CloudOptions};
-use tether_tunnel::{ServerTls, SessionRegistry, Shutdown};
+use tether_cluster::{
+    ClaimSpec, Cluster, KubeletPortPatcher, PodCache, PodCacheOptions, RetryPolicy, TunnelPortClaim,
+};
+use tether_tunnel::{ServerTls, SessionRegistry, Shutdown, TunnelEvent};
 
 use crate::config::{self, CloudConfig};
 
@@ -71,10 +74,12 @@ pub(crate) struct Args {
     /// Key of --serving-ca-cert.
     #[arg(long, env = "TETHER_SERVING_CA_KEY")]
     serving_ca_key: Option<PathBuf>,
-    /// This replica's address as control-plane hosts reach it (for /tunnelport).
+    /// This replica's address as control-plane hosts reach it (for
+    /// /tunnelport, and its key in the `tunnelport` ConfigMap in cluster mode).
     #[arg(long, env = "TETHER_ADVERTISE_ADDRESS")]
     advertise_address: Option<IpAddr>,
-    /// This replica's tunnel port, e.g. 10351 (for /tunnelport).
+    /// This replica's tunnel port, e.g. 10351 (for /tunnelport). In cluster
+    /// mode it is claimed from the range when not given.
     #[arg(long, env = "TETHER_TUNNEL_PORT")]
     tunnel_port: Option<u16>,
     /// Lifetime of issued node certificates, in hours [default 8760].
@@ -83,6 +88,28 @@ pub(crate) struct Args {
     /// host:port Prometheus reaches the front at, for /sd [default: the front address].
     #[arg(long, env = "TETHER_SD_FRONT_ADDRESS")]
     sd_front_address: Option<String>,
+    /// Cluster mode: patch connected nodes' kubelet port to this replica's
+    /// tunnel port, claim that port in the `tunnelport` ConfigMap (unless
+    /// --tunnel-port is given), route pod requests by a pod watch cache.
+    /// Needs --advertise-address.
+    #[arg(long, env = "TETHER_CLUSTER", value_parser = clap::builder::BoolishValueParser::new())]
+    cluster: bool,
+    /// Kubeconfig for cluster mode [default: the in-cluster service account].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the `tunnelport` ConfigMap [default tether].
+    #[arg(long, env = "TETHER_NAMESPACE")]
+    namespace: Option<String>,
+    /// This replica's name in the cluster [default: the host name].
+    #[arg(long, env = "TETHER_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Tunnel ports a replica may claim in cluster mode, MIN-MAX [default 10350-10999].
+    #[arg(long, env = "TETHER_TUNNEL_PORT_RANGE")]
+    tunnel_port_range: Option<String>,
+    /// In cluster mode, patch connecting nodes' kubelet port (true/false)
+    /// [default true]; false in iptables-free (egress) mode.
+    #[arg(long, env = "TETHER_PATCH_KUBELET_PORT", value_parser = clap::builder::BoolishValueParser::new())]
+    patch_kubelet_port: Option<bool>,
     /// Message hub listen address [default 0.0.0.0:10000].
     #[arg(long, env = "TETHER_HUB_ADDR")]
     hub_addr: Option<SocketAddr>,
@@ -100,6 +127,9 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         front_addr,
         admin_addr,
         cert_lifetime_hours,
+        namespace,
+        tunnel_port_range,
+        patch_kubelet_port,
         hub_addr
     );
     set_opt!(
@@ -115,8 +145,12 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         advertise_address,
         tunnel_port,
         sd_front_address,
+        kubeconfig,
+        replica_id,
         hub_api_token_file
     );
+    // A flag can only turn cluster mode on; the file may have done so too.
+    cfg.cluster |= a.cluster;
     if !a.server_names.is_empty() {
         cfg.server_names = a.server_names;
     }
@@ -131,14 +165,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         println!("OK");
         return Ok(());
     }
-    let tunnelport = match (cfg.advertise_address, cfg.tunnel_port) {
-        (Some(ip), Some(port)) => Some(
-            serde_json::to_vec(&tether_iptables_manager::TunnelPortRecord::single(ip, port))?
-                .into(),
-        ),
-        (None, None) => None,
-        _ => anyhow::bail!("config fields `advertise_address` and `tunnel_port` go together"),
-    };
+    cfg.check_cluster()?;
     let state = match &cfg.state_dir {
         Some(dir) => Some(Arc::new(
             CloudState::open(dir).context("config field `state_dir`")?,
@@ -159,6 +186,21 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let front_listener = crate::bind(cfg.front_addr, "the kubelet-API front").await?;
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
+    // Claim after binding: a replica that cannot start writes nothing.
+    let cluster = match cfg.cluster {
+        true => Some(ClusterMode::start(&cfg).await?),
+        false => None,
+    };
+    if let Some(c) = &cluster {
+        cfg.tunnel_port = Some(c.claim.port());
+    }
+    let tunnelport = match (cfg.advertise_address, cfg.tunnel_port) {
+        (Some(ip), Some(port)) => Some(
+            serde_json::to_vec(&tether_iptables_manager::TunnelPortRecord::single(ip, port))?
+                .into(),
+        ),
+        _ => None,
+    };
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "cloud");
     let metrics = CloudMetrics::register(&mut registry);
@@ -311,6 +353,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         front_tls.clone(),
         shutdown.clone(),
     ));
+    let (pod_locator, session_hook) = match &cluster {
+        Some(c) => c.hooks(cfg.patch_kubelet_port, shutdown.clone()),
+        None => (None, None),
+    };
     let opts = CloudOptions {
         tunnel_listener,
         tunnel_tls,
@@ -323,6 +369,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         front_limits: cfg.front_limits,
         registry: sessions,
         metrics,
+        pod_locator,
+        session_hook,
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,
@@ -340,8 +388,81 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!(?drain, "shutting down");
     trigger.trigger();
     run.await?;
+    if let Some(c) = cluster {
+        c.release().await;
+    }
     info!("cloud stopped");
     Ok(())
+}
+
+/// How long shutdown waits for the tunnel-port release before leaving the
+/// entry behind (the same IP reclaims it on restart).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What cluster mode holds while the cloud runs.
+struct ClusterMode {
+    cluster: Cluster,
+    claim: TunnelPortClaim,
+}
+
+impl ClusterMode {
+    /// Connects and claims this replica's tunnel port (`tunnel_port` if set).
+    async fn start(cfg: &CloudConfig) -> anyhow::Result<Self> {
+        let ip = cfg.advertise_address.context(
+            "cluster mode needs config field `advertise_address` (--advertise-address): \
+             this replica's address in the tunnel-port record",
+        )?;
+        let replica = cfg.replica_id()?;
+        let cluster = Cluster::connect(cfg.kubeconfig.as_deref(), &cfg.namespace, &replica)
+            .await
+            .context("cluster mode")?;
+        let mut spec = ClaimSpec::new(ip);
+        spec.range = cfg.port_range()?;
+        spec.fixed = cfg.tunnel_port;
+        let claim = TunnelPortClaim::claim(&cluster, &spec)
+            .await
+            .context("claiming this replica's tunnel port")?;
+        info!(
+            replica = %replica,
+            namespace = %cfg.namespace,
+            address = %ip,
+            tunnel_port = claim.port(),
+            "cluster mode"
+        );
+        Ok(Self { cluster, claim })
+    }
+
+    /// The front's pod locator (a pod watch cache) and, when `patch`, the
+    /// session hook that patches each connecting node's kubelet port.
+    fn hooks(
+        &self,
+        patch: bool,
+        shutdown: Shutdown,
+    ) -> (
+        Option<tether_cloudstream::PodLocator>,
+        Option<tether_cloudstream::SessionHook>,
+    ) {
+        let pods = PodCache::start(&self.cluster, PodCacheOptions::default(), shutdown.clone());
+        let hook = patch.then(|| {
+            let patcher = KubeletPortPatcher::new(&self.cluster, RetryPolicy::default(), shutdown);
+            let port = self.claim.port();
+            Arc::new(move |ev: &TunnelEvent<'_>| {
+                if let TunnelEvent::Connected { info, .. } = ev {
+                    patcher.request(&info.node, port);
+                }
+            }) as tether_cloudstream::SessionHook
+        });
+        (Some(pods.locator()), hook)
+    }
+
+    /// Frees the tunnel port, bounded by [`RELEASE_TIMEOUT`].
+    async fn release(self) {
+        match tokio::time::timeout(RELEASE_TIMEOUT, self.claim.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not release the tunnel port"),
+            Err(_) => warn!("releasing the tunnel port timed out"),
+        }
+    }
 }
 
 /// What the reload task needs to rebuild TLS: a copy of the file-related

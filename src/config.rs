@@ -45,7 +45,8 @@ pub(crate) struct CloudConfig {
     /// This replica's address as the control-plane hosts reach it; with
     /// `tunnel_port`, published at the admin `/tunnelport` for iptables-manager.
     pub(crate) advertise_address: Option<std::net::IpAddr>,
-    /// This replica's tunnel port (10351, 10352, ... one per replica).
+    /// This replica's tunnel port (10351, 10352, ... one per replica). In
+    /// cluster mode it is claimed from `tunnel_port_range` when not given.
     pub(crate) tunnel_port: Option<u16>,
     /// State directory (CA, tokens, deny list). When set, the CA in it signs
     /// node certificates, the bootstrap server runs, and the tunnel's serving
@@ -70,6 +71,24 @@ pub(crate) struct CloudConfig {
     /// `host:port` Prometheus reaches the front at, used in `/sd` targets
     /// (default: the front's address; for 0.0.0.0, `advertise_address` or 127.0.0.1).
     pub(crate) sd_front_address: Option<String>,
+    /// Cluster mode (default false): patch connected nodes' kubelet port,
+    /// claim `tunnel_port` in the `tunnelport` ConfigMap (unless given), and
+    /// route pod-scoped requests by a pod watch cache. Needs `advertise_address`.
+    pub(crate) cluster: bool,
+    /// Kubeconfig for cluster mode (default: the in-cluster service account).
+    pub(crate) kubeconfig: Option<PathBuf>,
+    /// Namespace of the `tunnelport` ConfigMap (default `tether`).
+    pub(crate) namespace: String,
+    /// This replica's name in the cluster (default: the host name, which is
+    /// the pod name in Kubernetes).
+    pub(crate) replica_id: Option<String>,
+    /// Ports a replica may claim in cluster mode, `MIN-MAX` (default
+    /// `10350-10999`, iptables-manager's default too).
+    pub(crate) tunnel_port_range: String,
+    /// In cluster mode, patch each connecting node's kubelet port to the
+    /// tunnel port (default true). Turn off in iptables-free (egress) mode,
+    /// where the apiserver must keep dialling the real kubelet port.
+    pub(crate) patch_kubelet_port: bool,
     /// The message hub's listener for edges (default `0.0.0.0:10000`).
     pub(crate) hub_addr: SocketAddr,
     /// File holding the bearer token of the hub API on the admin port; the
@@ -104,6 +123,12 @@ impl Default for CloudConfig {
             serving_ca_cert: None,
             serving_ca_key: None,
             sd_front_address: None,
+            cluster: false,
+            kubeconfig: None,
+            namespace: "tether".into(),
+            replica_id: None,
+            tunnel_port_range: "10350-10999".into(),
+            patch_kubelet_port: true,
             hub_addr: ([0, 0, 0, 0], 10000).into(),
             hub_api_token_file: None,
             hub: HubConfig::cloud(),
@@ -297,7 +322,41 @@ fn need<'a>(v: &'a Option<PathBuf>, field: &str) -> anyhow::Result<&'a Path> {
         .with_context(|| format!("config field `{field}` (or its flag) is required"))
 }
 
+/// Parses `MIN-MAX` port ranges.
+pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("want MIN-MAX, e.g. 10350-10999")?;
+    let (a, b) = (
+        a.trim().parse::<u16>().map_err(|e| e.to_string())?,
+        b.trim().parse::<u16>().map_err(|e| e.to_string())?,
+    );
+    if a > b {
+        return Err(format!("range {a}-{b} is empty"));
+    }
+    Ok((a, b))
+}
+
 impl CloudConfig {
+    /// The tunnel-port range, checked.
+    pub(crate) fn port_range(&self) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
+        let (a, b) = parse_port_range(&self.tunnel_port_range)
+            .map_err(|e| anyhow::anyhow!("config field `tunnel_port_range`: {e}"))?;
+        Ok(a..=b)
+    }
+
+    /// This replica's identity: `replica_id`, else the host name.
+    pub(crate) fn replica_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = &self.replica_id {
+            anyhow::ensure!(!id.trim().is_empty(), "config field `replica_id` is empty");
+            return Ok(id.trim().to_owned());
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .context("cannot read the host name; set config field `replica_id` (--replica-id)")
+    }
+
     pub(crate) fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
@@ -316,6 +375,23 @@ impl CloudConfig {
             if cert.is_some() != key.is_some() {
                 bail!("config fields `{p}_cert` and `{p}_key` go together");
             }
+        }
+        self.check_cluster()
+    }
+
+    /// The standalone/cluster-mode rules for the replica's address and port.
+    pub(crate) fn check_cluster(&self) -> anyhow::Result<()> {
+        if self.cluster {
+            self.port_range()?;
+            self.replica_id()?;
+            if self.advertise_address.is_none() {
+                bail!(
+                    "cluster mode needs config field `advertise_address` (--advertise-address): \
+                     this replica's address in the tunnel-port record"
+                );
+            }
+        } else if self.tunnel_port.is_some() != self.advertise_address.is_some() {
+            bail!("config fields `advertise_address` and `tunnel_port` go together");
         }
         Ok(())
     }
@@ -496,8 +572,37 @@ mod tests {
         assert_eq!(c.front_addr.port(), 9443);
         assert_eq!(c.limits.max_streams, 64);
         assert_eq!(c.tunnel_addr.port(), 10004);
+        assert!(!c.cluster);
+        assert_eq!(c.namespace, "tether");
+        assert_eq!(c.port_range().unwrap(), 10350..=10999);
         let e: EdgeConfig = serde_saphyr::from_str("cloud_addr: cloud.example:10004\n").unwrap();
         assert_eq!(e.cloud_server_name().unwrap(), "cloud.example");
         assert_eq!(e.kubelet_url, "http://127.0.0.1:10350");
+    }
+
+    #[test]
+    fn cluster_fields_parse_and_are_checked() {
+        let c: CloudConfig = serde_saphyr::from_str(
+            "cluster: true\nnamespace: kubeedge\nreplica_id: cloud-0\ntunnel_port_range: 10351-10360\n",
+        )
+        .unwrap();
+        assert!(c.cluster);
+        assert_eq!(c.namespace, "kubeedge");
+        assert_eq!(c.replica_id().unwrap(), "cloud-0");
+        assert_eq!(c.port_range().unwrap(), 10351..=10360);
+        let bad: CloudConfig = serde_saphyr::from_str("tunnel_port_range: 10360-10351\n").unwrap();
+        let err = bad.port_range().unwrap_err().to_string();
+        assert!(err.contains("tunnel_port_range"), "{err}");
+        // Cluster mode claims the port for the replica's address, so it
+        // needs the address but not the port; standalone needs both or none.
+        let err = c.check_cluster().unwrap_err().to_string();
+        assert!(err.contains("advertise_address"), "{err}");
+        let c: CloudConfig =
+            serde_saphyr::from_str("cluster: true\nadvertise_address: 10.0.0.5\nreplica_id: r\n")
+                .unwrap();
+        c.check_cluster().unwrap();
+        let c: CloudConfig = serde_saphyr::from_str("tunnel_port: 10351\n").unwrap();
+        let err = c.check_cluster().unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
     }
 }

@@ -16,10 +16,15 @@ use tether_tunnel::Shutdown;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Tunnel-port records: a JSON file (re-read on change) or a cloud
-    /// admin URL such as http://10.0.0.5:10005/tunnelport.
+    /// Tunnel-port records: a JSON file (re-read on change), a cloud admin
+    /// URL such as http://10.0.0.5:10005/tunnelport, or in cluster mode the
+    /// KubeEdge-compatible ConfigMap as configmap://<namespace>/<name>
+    /// (watched), e.g. configmap://tether/tunnelport.
     #[arg(long, env = "TETHER_RECORDS", required_unless_present = "cleanup")]
     records: Option<String>,
+    /// Kubeconfig for configmap:// records [default: the in-cluster service account].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
     /// Apply one sync and exit.
     #[arg(long)]
     once: bool,
@@ -44,29 +49,18 @@ pub(crate) struct Args {
     #[arg(long, env = "TETHER_IPSET6")]
     ipset6: Option<String>,
     /// Tunnel ports records may use, as MIN-MAX.
-    #[arg(long, env = "TETHER_PORT_RANGE", default_value = "10350-10999", value_parser = parse_range)]
+    #[arg(long, env = "TETHER_PORT_RANGE", default_value = "10350-10999", value_parser = crate::config::parse_port_range)]
     port_range: (u16, u16),
     /// Seconds between drift checks.
     #[arg(long, env = "TETHER_RESYNC_SECS", default_value_t = 10.0)]
     resync_secs: f64,
-    /// Milliseconds between reads of the records file or URL.
+    /// Milliseconds between reads of the records file or URL (a ConfigMap
+    /// is watched instead).
     #[arg(long, env = "TETHER_POLL_MS", default_value_t = 1000)]
     poll_ms: u64,
     /// Admin (metrics, probes) listen address.
     #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = "127.0.0.1:10007")]
     admin_addr: SocketAddr,
-}
-
-fn parse_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or("want MIN-MAX, e.g. 10350-10999")?;
-    let (a, b) = (
-        a.parse::<u16>().map_err(|e| e.to_string())?,
-        b.parse::<u16>().map_err(|e| e.to_string())?,
-    );
-    if a > b {
-        return Err(format!("range {a}-{b} is empty"));
-    }
-    Ok((a, b))
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -95,7 +89,23 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let records = a.records.context("--records is required")?;
     let every = Duration::from_millis(a.poll_ms.max(10));
-    let mut source: Box<dyn RecordSource> = if records.starts_with("http://") {
+    let mut source: Box<dyn RecordSource> = if records.starts_with("configmap://") {
+        let (ns, name) = tether_cluster::configmap_url(&records).with_context(|| {
+            format!("--records {records:?}: want configmap://<namespace>/<name>")
+        })?;
+        let cluster =
+            tether_cluster::Cluster::connect(a.kubeconfig.as_deref(), ns, "iptables-manager")
+                .await
+                .context("connecting to the cluster for --records configmap://")?;
+        Box::new(tether_cluster::ConfigMapSource::new(
+            &cluster,
+            ns,
+            name,
+            range,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+        ))
+    } else if records.starts_with("http://") {
         Box::new(HttpSource::new(&records, every, range)?)
     } else {
         Box::new(FileSource::new(records.into(), every, range))

@@ -432,3 +432,169 @@ async fn connect_status(front: &str, tls: Arc<rustls::ClientConfig>) -> anyhow::
     let head = String::from_utf8(head)?;
     Ok(head.split(' ').nth(1).unwrap_or_default().to_owned())
 }
+
+/// `tether cloud --cluster` as a process against the api double (a scripted
+/// stand-in for kube-apiserver, not a real one): the flags and kubeconfig
+/// reach the cluster code, the port is claimed before "started", a
+/// connecting edge gets its node patched, and SIGTERM frees the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_cluster_mode_against_api_double_claims_patches_and_releases() {
+    use tether_tests::api_double;
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let double = api_double::start().await?;
+        double.put("nodes", api_double::node("edge-cm"));
+        let dir = std::env::temp_dir().join(format!("tether-cli-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::generate()?;
+        let tunnel = pki
+            .edge_ca
+            .issue_server("tether-cloud", &["localhost", "127.0.0.1"])?;
+        let front = pki
+            .front_ca
+            .issue_server("tether-cloud", &["localhost", "127.0.0.1"])?;
+        let node = pki.edge_ca.issue_node_client("edge-cm", &[])?;
+        let f = |n: &str, pem: &str| write(&dir, n, pem);
+        let kubeconfig = f(
+            "kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: double\n\
+                 clusters:\n- name: double\n  cluster:\n    server: http://{}\n\
+                 contexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n\
+                 users:\n- name: nobody\n  user: {{}}\n",
+                double.addr
+            ),
+        )?;
+        let (edge_ca, front_ca) = (
+            f("edge-ca.crt", pki.edge_ca.cert_pem())?,
+            f("front-ca.crt", pki.front_ca.cert_pem())?,
+        );
+        let (tc, tk) = (
+            f("tunnel.crt", &tunnel.cert_pem)?,
+            f("tunnel.key", tunnel.key_pem.expose())?,
+        );
+        let (fc, fk) = (
+            f("front.crt", &front.cert_pem)?,
+            f("front.key", front.key_pem.expose())?,
+        );
+        let (nc, nk) = (
+            f("node.crt", &node.cert_pem)?,
+            f("node.key", node.key_pem.expose())?,
+        );
+        let process::Role {
+            child: cloud,
+            started: line,
+            ..
+        } = process::spawn(
+            &[],
+            &[
+                "cloud",
+                "--cluster",
+                "--kubeconfig",
+                &kubeconfig,
+                "--namespace",
+                "edge-system",
+                "--replica-id",
+                "cloud-0",
+                "--advertise-address",
+                "127.0.0.1",
+                "--tunnel-addr",
+                "127.0.0.1:0",
+                "--front-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--tunnel-cert",
+                &tc,
+                "--tunnel-key",
+                &tk,
+                "--edge-ca",
+                &edge_ca,
+                "--front-cert",
+                &fc,
+                "--front-key",
+                &fk,
+                "--front-client-ca",
+                &front_ca,
+            ],
+            "started",
+        )
+        .await?;
+        let annotation = |d: &api_double::ApiDouble| {
+            d.get("configmaps", "edge-system", "tunnelport")
+                .map(|cm| cm["metadata"]["annotations"]["tunnelportrecord.kubeedge.io"].clone())
+        };
+        ensure!(
+            annotation(&double)
+                == Some(r#"{"ipTunnelPort":{"127.0.0.1":10350},"port":{"10350":true}}"#.into()),
+            "claim: {:?}",
+            annotation(&double)
+        );
+        let admin = field(&line, "admin")?;
+        let published = Command::new("curl")
+            .args(["-sf", &format!("http://{admin}/tunnelport")])
+            .output()
+            .await?;
+        ensure!(
+            String::from_utf8_lossy(&published.stdout).contains(r#""127.0.0.1":10350"#),
+            "admin /tunnelport: {}",
+            String::from_utf8_lossy(&published.stdout)
+        );
+        let kubelet = FixtureKubelet::start(None).await?;
+        let process::Role {
+            child: mut edge, ..
+        } = process::spawn(
+            &[],
+            &[
+                "edge",
+                "--node-name",
+                "edge-cm",
+                "--cloud-addr",
+                &field(&line, "tunnel")?,
+                "--cloud-server-name",
+                "localhost",
+                "--ca",
+                &edge_ca,
+                "--cert",
+                &nc,
+                "--key",
+                &nk,
+                "--kubelet-url",
+                &format!("http://{}", kubelet.addr),
+                "--admin-addr",
+                "127.0.0.1:0",
+            ],
+            "started",
+        )
+        .await?;
+        let patched = double
+            .wait_for_objects(Duration::from_secs(20), |objects| {
+                objects["nodes"][&(String::new(), "edge-cm".to_owned())]["status"]
+                    ["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+                    == 10350
+            })
+            .await;
+        ensure!(
+            patched,
+            "node edge-cm was not patched: {:#?}",
+            double.requests()
+        );
+        sigterm(&edge).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), edge.wait()).await;
+        let mut cloud = cloud;
+        sigterm(&cloud).await?;
+        let st = tokio::time::timeout(Duration::from_secs(20), cloud.wait())
+            .await
+            .context("cloud did not exit")??;
+        ensure!(st.success(), "cloud exited with {st}");
+        ensure!(
+            annotation(&double) == Some(r#"{"ipTunnelPort":{},"port":{}}"#.into()),
+            "release left {:?}",
+            annotation(&double)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .expect("test failed");
+}

@@ -58,6 +58,7 @@ pub(crate) struct KubeletFront {
     pub(crate) authz: Authorizer,
     pub(crate) limits: FrontLimits,
     pub(crate) metrics: CloudMetrics,
+    pub(crate) pod_locator: Option<crate::PodLocator>,
 }
 
 /// Facts about one client connection, fixed at accept.
@@ -361,8 +362,8 @@ impl KubeletFront {
 
     /// Resolves the node, in order: original destination of a DNAT'd
     /// connection, Host header (for CONNECT: the request target),
-    /// X-Forwarded-Uri. Keys that name no live session are reported in the
-    /// error.
+    /// X-Forwarded-Uri, and last the pod cache for pod-scoped paths (cluster
+    /// mode). Keys that name no live session are reported in the error.
     #[allow(clippy::result_large_err)]
     fn route(
         &self,
@@ -403,13 +404,6 @@ impl KubeletFront {
         {
             keys.push(("x-forwarded-uri", NodeKey::Name(name)));
         }
-        if keys.is_empty() {
-            return Err(status_response(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "cannot tell which node this request is for: no DNAT'd destination, no node in Host (or CONNECT target), no X-Forwarded-Uri /api/v1/nodes/<name>/proxy/...",
-            ));
-        }
         for (_, key) in &keys {
             let found = match key {
                 NodeKey::Name(n) => self.registry.get(n),
@@ -431,7 +425,33 @@ impl KubeletFront {
                 return Ok(s);
             }
         }
-        let tried: Vec<String> = keys.iter().map(|(src, k)| format!("{src} {k}")).collect();
+        let mut tried: Vec<String> = keys.iter().map(|(src, k)| format!("{src} {k}")).collect();
+        // Last resort, and only from memory: the watch cache of pod placement.
+        let pod = if req.method() == http::Method::CONNECT {
+            None
+        } else {
+            self.pod_locator
+                .as_ref()
+                .zip(route::pod_path(req.uri().path()))
+        };
+        if let Some((locate, (ns, name))) = pod {
+            match locate(ns, name) {
+                Some(node) => {
+                    if let Some(s) = self.registry.get(&node) {
+                        return Ok(s);
+                    }
+                    tried.push(format!("pod {ns}/{name} on node {node}"));
+                }
+                None => tried.push(format!("pod {ns}/{name} (not in the pod cache)")),
+            }
+        }
+        if tried.is_empty() {
+            return Err(status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "cannot tell which node this request is for: no DNAT'd destination, no node in Host (or CONNECT target), no X-Forwarded-Uri /api/v1/nodes/<name>/proxy/...",
+            ));
+        }
         Err(status_response(
             StatusCode::NOT_FOUND,
             "NotFound",

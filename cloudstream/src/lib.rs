@@ -15,11 +15,22 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use tether_cloudhub::DenyList;
-use tether_tunnel::{ServerTls, SessionRegistry, Shutdown, TunnelLimits, TunnelListener};
+use tether_tunnel::{
+    ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
+};
 
 pub use authz::Authorizer;
 pub use front::FrontLimits;
 pub use metrics::CloudMetrics;
+
+/// Finds the node a pod runs on: `(namespace, pod) -> node`. Cluster mode
+/// backs it with a watch cache; it must answer from memory, because the front
+/// asks it on every request that nothing else routes.
+pub type PodLocator = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
+
+/// Told about every tunnel session event (after the metrics). It runs on the
+/// session's task, so it must hand work off rather than block.
+pub type SessionHook = Arc<dyn Fn(&TunnelEvent<'_>) + Send + Sync>;
 
 /// Everything the cloud needs, already loaded.
 pub struct CloudOptions {
@@ -49,11 +60,16 @@ pub struct CloudOptions {
     pub registry: SessionRegistry,
     /// Metric families, registered by the caller.
     pub metrics: CloudMetrics,
+    /// Last-resort routing of pod-scoped kubelet paths (cluster mode).
+    pub pod_locator: Option<PodLocator>,
+    /// Session lifecycle observer (cluster mode patches node status with it).
+    pub session_hook: Option<SessionHook>,
 }
 
 /// Runs the tunnel listener and the front until shutdown, then drains both.
 pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let metrics = opts.metrics.clone();
+    let hook = opts.session_hook.clone();
     tokio::spawn(measure_rtt(
         opts.registry.clone(),
         opts.metrics.clone(),
@@ -66,7 +82,12 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         opts.limits,
         opts.registry.clone(),
     )
-    .on_event(move |ev| metrics.tunnel_event(&ev));
+    .on_event(move |ev| {
+        metrics.tunnel_event(&ev);
+        if let Some(hook) = &hook {
+            hook(&ev);
+        }
+    });
     if let Some(deny) = opts.deny.clone() {
         tokio::spawn(terminate_revoked(
             deny.clone(),
@@ -95,6 +116,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         authz: opts.authz,
         limits: opts.front_limits,
         metrics: opts.metrics,
+        pod_locator: opts.pod_locator,
     };
     let (t, ()) = tokio::join!(tunnel.run(shutdown.clone()), front.run(shutdown));
     if let Err(e) = t {

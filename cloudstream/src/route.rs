@@ -1,7 +1,8 @@
 //! Finding the node a front request is meant for, from what the request and
 //! its connection carry: the original destination of a DNAT'd connection,
-//! the Host header (node IP or name), and the apiserver's node-proxy path in
-//! `X-Forwarded-Uri`. Parsing here is pure and fuzzed.
+//! the Host header (node IP or name), the apiserver's node-proxy path in
+//! `X-Forwarded-Uri`, and (cluster mode) the pod a kubelet path names.
+//! Parsing here is pure and fuzzed.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -62,6 +63,24 @@ pub fn forwarded_uri_node(uri: &str) -> Option<String> {
         None => segment,
     };
     valid_node_name(name).then(|| name.to_owned())
+}
+
+/// The `(namespace, pod)` a pod-scoped kubelet path names:
+/// `/containerLogs/<ns>/<pod>/...`, `/exec|attach|run/<ns>/<pod>/...` and
+/// `/portForward/<ns>/<pod>`. Both must be valid Kubernetes names, so a
+/// crafted path never reaches the pod cache as anything else.
+pub fn pod_path(path: &str) -> Option<(&str, &str)> {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let mut segments = path.strip_prefix('/')?.split('/');
+    let verb = segments.next()?;
+    if !matches!(
+        verb,
+        "containerLogs" | "exec" | "attach" | "run" | "portForward"
+    ) {
+        return None;
+    }
+    let (ns, pod) = (segments.next()?, segments.next()?);
+    (valid_node_name(ns) && valid_node_name(pod)).then_some((ns, pod))
 }
 
 /// Prefix of Tether's explicit addressing, used by Prometheus service
@@ -166,6 +185,28 @@ mod tests {
             None
         );
         assert_eq!(explicit_path("/metrics"), None);
+    }
+
+    #[test]
+    fn pod_paths() {
+        assert_eq!(
+            pod_path("/containerLogs/default/web-0/app?follow=true"),
+            Some(("default", "web-0"))
+        );
+        assert_eq!(
+            pod_path("/exec/kube-system/dns/uid/c?command=sh"),
+            Some(("kube-system", "dns"))
+        );
+        assert_eq!(pod_path("/attach/ns/p/c"), Some(("ns", "p")));
+        assert_eq!(pod_path("/run/ns/p/c"), Some(("ns", "p")));
+        assert_eq!(pod_path("/portForward/ns/p"), Some(("ns", "p")));
+        assert_eq!(pod_path("/portForward/ns"), None);
+        assert_eq!(pod_path("/portForward/ns/"), None);
+        assert_eq!(pod_path("/containerLogs/NS/p/c"), None);
+        assert_eq!(pod_path("/containerLogs/../p/c"), None);
+        assert_eq!(pod_path("/metrics/cadvisor"), None);
+        assert_eq!(pod_path("/stats/summary"), None);
+        assert_eq!(pod_path("containerLogs/ns/p/c"), None);
     }
 
     #[test]

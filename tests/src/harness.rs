@@ -158,6 +158,10 @@ pub struct CloudSpec {
     /// Issue per-node serving certificates on the front from the PKI's
     /// cluster CA (the kubelet-serving CA).
     pub node_serving_certs: bool,
+    /// Last-resort routing of pod-scoped paths (cluster mode's pod cache).
+    pub pod_locator: Option<tether_cloudstream::PodLocator>,
+    /// Session lifecycle observer (cluster mode's node status patches).
+    pub session_hook: Option<tether_cloudstream::SessionHook>,
 }
 
 impl CloudHandle {
@@ -218,6 +222,8 @@ impl CloudHandle {
             front_limits: FrontLimits::default(),
             registry: registry.clone(),
             metrics,
+            pod_locator: spec.pod_locator,
+            session_hook: spec.session_hook,
         };
         let task = tokio::spawn(tether_cloudstream::run(opts, shutdown));
         Ok(Self {

@@ -1,6 +1,8 @@
-//! Test support for Tether: a fixture kubelet, kubectl-like clients, and a
-//! harness that runs the real cloud and edge roles in-process.
+//! Test support for Tether: a fixture kubelet, kubectl-like clients, a
+//! scripted kube-apiserver double, and a harness that runs the real cloud and
+//! edge roles in-process.
 
+pub mod api_double;
 pub mod fixture;
 pub mod harness;
 pub mod kubectl;

@@ -8,11 +8,14 @@
 //! - `host_key` is idempotent on names: `host_key(name)` of a returned name
 //!   returns that same name; with a port appended it still does;
 //! - a forwarded name is the exact segment after `/api/v1/nodes/` (minus an
-//!   optional `:port`) and the path continues with `/proxy`.
+//!   optional `:port`) and the path continues with `/proxy`;
+//! - `pod_path` returns valid names that are the second and third segments.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tether_cloudstream::route::{NodeKey, forwarded_uri_node, host_key, valid_node_name};
+use tether_cloudstream::route::{
+    NodeKey, forwarded_uri_node, host_key, pod_path, valid_node_name,
+};
 
 fn check_host(s: &str) {
     match host_key(s) {
@@ -82,6 +85,14 @@ fn check_forwarded(s: &str) {
     }
 }
 
+fn check_pod_path(s: &str) {
+    if let Some((ns, pod)) = pod_path(s) {
+        assert!(valid_node_name(ns) && valid_node_name(pod), "{s:?}");
+        let segs: Vec<&str> = s.split('?').next().unwrap().split('/').collect();
+        assert_eq!((segs[2], segs[3]), (ns, pod), "pod_path({s:?})");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else {
         // Headers arrive as bytes; Tether only looks at valid UTF-8 (to_str),
@@ -93,6 +104,8 @@ fuzz_target!(|data: &[u8]| {
     };
     check_host(s);
     check_forwarded(s);
+    check_pod_path(s);
+    check_pod_path(&format!("/containerLogs/{s}"));
     // The same bytes as a node-proxy path, so names reach the check often.
     let uri = format!("/api/v1/nodes/{s}");
     check_forwarded(&uri);
