@@ -5,6 +5,7 @@
 mod authz;
 mod front;
 mod metrics;
+pub mod peer;
 pub mod route;
 pub mod sd;
 mod serving;
