@@ -371,6 +371,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         metrics,
         pod_locator,
         session_hook,
+        peers: None,
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,

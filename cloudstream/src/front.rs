@@ -59,6 +59,12 @@ pub(crate) struct KubeletFront {
     pub(crate) limits: FrontLimits,
     pub(crate) metrics: CloudMetrics,
     pub(crate) pod_locator: Option<crate::PodLocator>,
+    /// Forwarding to the replica that holds a node (several replicas).
+    pub(crate) forwarder: Option<Arc<crate::peer::Forwarder>>,
+    /// This is a peer listener: requests come from other replicas, name
+    /// their node and target in headers, and are served from local
+    /// sessions only (never forwarded again).
+    pub(crate) peer_mode: bool,
 }
 
 /// Facts about one client connection, fixed at accept.
@@ -237,11 +243,25 @@ impl KubeletFront {
                 "tether cloud is shutting down",
             );
         }
+        // A request another replica forwarded names its node and target.
+        let forwarded = if self.peer_mode {
+            match self.forwarded(&mut req) {
+                Ok(f) => Some(f),
+                Err(resp) => return resp,
+            }
+        } else {
+            None
+        };
         // Explicit addressing (Prometheus via service discovery) names the
         // node and the edge-side target in the path.
-        let explicit = route::explicit_path(req.uri().path());
-        let session = match &explicit {
-            Some((node, _, _)) => match self.registry.get(node) {
+        let explicit = if forwarded.is_some() {
+            None
+        } else {
+            route::explicit_path(req.uri().path())
+        };
+        let session = match (&forwarded, &explicit) {
+            (Some((s, _)), _) => s.clone(),
+            (None, Some((node, _, _))) => match self.by_name(node) {
                 Some(s) => s,
                 None => {
                     return status_response(
@@ -251,7 +271,7 @@ impl KubeletFront {
                     );
                 }
             },
-            None => match self.route(&req, conn) {
+            (None, None) => match self.route(&req, conn) {
                 Ok(s) => s,
                 Err(resp) => return resp,
             },
@@ -287,6 +307,7 @@ impl KubeletFront {
             };
         }
         let target = match &kind {
+            _ if forwarded.is_some() => forwarded.map(|(_, t)| t).unwrap_or_default(),
             StreamKind::Connect => match req.uri().authority() {
                 Some(a) => a.to_string(),
                 None => {
@@ -360,6 +381,52 @@ impl KubeletFront {
         })
     }
 
+    /// The node's session here, or a forwarding session to the live replica
+    /// that holds it.
+    fn by_name(&self, node: &str) -> Option<Arc<dyn NodeSession>> {
+        self.registry.get(node).or_else(|| {
+            self.forwarder
+                .as_ref()
+                .filter(|_| !self.peer_mode)
+                .and_then(|f| f.session_for(node))
+        })
+    }
+
+    /// The local session and target a forwarding replica named.
+    #[allow(clippy::result_large_err)]
+    fn forwarded(
+        &self,
+        req: &mut Request<Incoming>,
+    ) -> Result<(Arc<dyn NodeSession>, String), Response<Body>> {
+        let mut take = |name: &str| {
+            req.headers_mut()
+                .remove(name)
+                .and_then(|v| v.to_str().ok().map(str::to_owned))
+        };
+        let (Some(node), Some(target)) = (
+            take(crate::peer::NODE_HEADER),
+            take(crate::peer::TARGET_HEADER),
+        ) else {
+            return Err(status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "a forwarded request names its node and target",
+            ));
+        };
+        let from = take(crate::peer::FROM_HEADER).unwrap_or_default();
+        tracing::Span::current().record("user", format!("replica {from}").as_str());
+        match self.registry.get(&node) {
+            Some(s) => Ok((s, target)),
+            None => Err(status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!(
+                    "node {node} has no tunnel session on this replica (it moved or disconnected)"
+                ),
+            )),
+        }
+    }
+
     /// Resolves the node, in order: original destination of a DNAT'd
     /// connection, Host header (for CONNECT: the request target),
     /// X-Forwarded-Uri, and last the pod cache for pod-scoped paths (cluster
@@ -406,7 +473,7 @@ impl KubeletFront {
         }
         for (_, key) in &keys {
             let found = match key {
-                NodeKey::Name(n) => self.registry.get(n),
+                NodeKey::Name(n) => self.by_name(n),
                 NodeKey::Ip(ip) => match self.registry.by_ip(*ip) {
                     IpLookup::One(s) => Some(s),
                     IpLookup::None => None,
@@ -437,7 +504,7 @@ impl KubeletFront {
         if let Some((locate, (ns, name))) = pod {
             match locate(ns, name) {
                 Some(node) => {
-                    if let Some(s) = self.registry.get(&node) {
+                    if let Some(s) = self.by_name(&node) {
                         return Ok(s);
                     }
                     tried.push(format!("pod {ns}/{name} on node {node}"));

@@ -65,12 +65,15 @@ pub struct CloudOptions {
     pub pod_locator: Option<PodLocator>,
     /// Session lifecycle observer (cluster mode patches node status with it).
     pub session_hook: Option<SessionHook>,
+    /// Several replicas: ownership records and forwarding between replicas.
+    pub peers: Option<peer::PeerOptions>,
 }
 
 /// Runs the tunnel listener and the front until shutdown, then drains both.
 pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let metrics = opts.metrics.clone();
     let hook = opts.session_hook.clone();
+    let ownership = opts.peers.as_ref().map(|p| p.ownership.clone());
     tokio::spawn(measure_rtt(
         opts.registry.clone(),
         opts.metrics.clone(),
@@ -85,6 +88,16 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     )
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
+        if let Some(o) = &ownership {
+            match &ev {
+                TunnelEvent::Connected { info, .. } => o.claim(&info.node),
+                // A replaced session's node is still here, in the newer one.
+                TunnelEvent::Disconnected { info, reason } if *reason != "replaced" => {
+                    o.release(&info.node)
+                }
+                _ => {}
+            }
+        }
         if let Some(hook) = &hook {
             hook(&ev);
         }
@@ -107,6 +120,30 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
             }
         });
     }
+    let forwarder = opts.peers.map(|p| {
+        let peer_front = front::KubeletFront {
+            tcp: p.listener,
+            tls: p.server_tls,
+            node_certs: None,
+            registry: opts.registry.clone(),
+            authz: Authorizer {
+                users: Vec::new(),
+                groups: vec![peer::REPLICA_GROUP.to_owned()],
+            },
+            limits: opts.front_limits.clone(),
+            // The origin replica counts the request; do not count it twice.
+            metrics: CloudMetrics::default(),
+            pod_locator: None,
+            forwarder: None,
+            peer_mode: true,
+        };
+        tokio::spawn(peer_front.run(shutdown.clone()));
+        Arc::new(peer::Forwarder {
+            replica: p.replica,
+            client_tls: p.client_tls,
+            ownership: p.ownership,
+        })
+    });
     let front = front::KubeletFront {
         tcp: opts.front_listener,
         tls: opts.front_tls,
@@ -118,6 +155,8 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         limits: opts.front_limits,
         metrics: opts.metrics,
         pod_locator: opts.pod_locator,
+        forwarder,
+        peer_mode: false,
     };
     let (t, ()) = tokio::join!(tunnel.run(shutdown.clone()), front.run(shutdown));
     if let Err(e) = t {

@@ -107,6 +107,36 @@ impl Pki {
         )?))
     }
 
+    /// TLS of a replica's peer listener and of its client toward other
+    /// replicas: both from the edge CA (the replicas' shared CA), the client
+    /// in the replicas' group.
+    pub fn peer_tls(
+        &self,
+        replica: &str,
+    ) -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
+        use tether_cloudstream::peer::{PEER_SERVER_NAME, REPLICA_GROUP};
+        let server = self
+            .edge_ca
+            .issue_server("tether-peer", &[PEER_SERVER_NAME])?;
+        let client = self
+            .edge_ca
+            .issue_client(&format!("tether-replica:{replica}"), &[REPLICA_GROUP])?;
+        let roots = std::slice::from_ref(self.edge_ca.cert_der());
+        Ok((
+            Arc::new(tether_pki::server_config_client_auth(
+                server.cert_chain()?,
+                server.key_pem.to_der()?,
+                roots,
+                &[b"http/1.1"],
+            )?),
+            Arc::new(tether_pki::client_config(
+                roots,
+                Some((client.cert_chain()?, client.key_pem.to_der()?)),
+                &[b"http/1.1"],
+            )?),
+        ))
+    }
+
     /// The usual apiserver kubelet client.
     pub fn apiserver_tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         self.front_client_tls(
@@ -123,6 +153,8 @@ pub struct CloudHandle {
     pub tunnel_addr: SocketAddr,
     /// Where the apiserver's role connects.
     pub front_addr: SocketAddr,
+    /// The peer listener, when this is one of several replicas.
+    pub peer_addr: Option<SocketAddr>,
     /// The bootstrap server, when the cloud hub runs.
     pub bootstrap_addr: Option<SocketAddr>,
     /// The cloud hub's state, when it runs.
@@ -162,6 +194,9 @@ pub struct CloudSpec {
     pub pod_locator: Option<tether_cloudstream::PodLocator>,
     /// Session lifecycle observer (cluster mode's node status patches).
     pub session_hook: Option<tether_cloudstream::SessionHook>,
+    /// Run as one of several replicas: this replica's id and its view of
+    /// the ownership records. A peer listener starts on loopback.
+    pub replica: Option<(String, Arc<dyn tether_cloudstream::peer::Ownership>)>,
 }
 
 impl CloudHandle {
@@ -210,6 +245,24 @@ impl CloudHandle {
         } else {
             None
         };
+        let (peers, peer_addr) = match spec.replica {
+            Some((replica, ownership)) => {
+                let listener = TcpListener::bind(loopback).await?;
+                let addr = listener.local_addr()?;
+                let (server_tls, client_tls) = pki.peer_tls(&replica)?;
+                (
+                    Some(tether_cloudstream::peer::PeerOptions {
+                        replica,
+                        listener,
+                        server_tls: ServerTls::new(server_tls),
+                        client_tls,
+                        ownership,
+                    }),
+                    Some(addr),
+                )
+            }
+            None => (None, None),
+        };
         let opts = CloudOptions {
             tunnel_listener,
             tunnel_tls: tunnel_tls.clone(),
@@ -224,11 +277,13 @@ impl CloudHandle {
             metrics,
             pod_locator: spec.pod_locator,
             session_hook: spec.session_hook,
+            peers,
         };
         let task = tokio::spawn(tether_cloudstream::run(opts, shutdown));
         Ok(Self {
             tunnel_addr,
             front_addr,
+            peer_addr,
             bootstrap_addr,
             state,
             tunnel_tls,

@@ -6,3 +6,4 @@ pub mod api_double;
 pub mod fixture;
 pub mod harness;
 pub mod kubectl;
+pub mod ownership;

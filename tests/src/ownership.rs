@@ -1,0 +1,87 @@
+//! An in-memory stand-in for the ownership records that cluster mode keeps
+//! in Kubernetes Leases (`tether_cluster::leases`), for in-process tests
+//! of forwarding between replicas. A fixture, not the production store.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tether_cloudstream::peer::{Ownership, PeerAddr};
+
+#[derive(Default)]
+struct Board {
+    owners: HashMap<String, String>,
+    replicas: HashMap<String, (SocketAddr, bool)>,
+}
+
+/// The shared records; each replica gets its own view.
+#[derive(Clone, Default)]
+pub struct OwnershipBoard {
+    inner: Arc<Mutex<Board>>,
+}
+
+impl OwnershipBoard {
+    /// The records as `replica` sees and writes them.
+    pub fn view(&self, replica: &str) -> Arc<dyn Ownership> {
+        Arc::new(View {
+            board: self.clone(),
+            me: replica.to_owned(),
+        })
+    }
+
+    /// Publishes a replica's peer address (its replica Lease).
+    pub fn register(&self, replica: &str, addr: SocketAddr) {
+        self.lock()
+            .replicas
+            .insert(replica.to_owned(), (addr, true));
+    }
+
+    /// Marks a replica dead, as an expired replica Lease does.
+    pub fn expire(&self, replica: &str) {
+        if let Some(r) = self.lock().replicas.get_mut(replica) {
+            r.1 = false;
+        }
+    }
+
+    /// The replica recorded as holding `node`.
+    pub fn holder(&self, node: &str) -> Option<String> {
+        self.lock().owners.get(node).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.inner.lock().expect("board lock")
+    }
+}
+
+struct View {
+    board: OwnershipBoard,
+    me: String,
+}
+
+impl Ownership for View {
+    fn claim(&self, node: &str) {
+        self.board
+            .lock()
+            .owners
+            .insert(node.to_owned(), self.me.clone());
+    }
+
+    fn release(&self, node: &str) {
+        let mut b = self.board.lock();
+        if b.owners.get(node) == Some(&self.me) {
+            b.owners.remove(node);
+        }
+    }
+
+    fn owner(&self, node: &str) -> Option<PeerAddr> {
+        let b = self.board.lock();
+        let holder = b.owners.get(node).filter(|h| **h != self.me)?;
+        match b.replicas.get(holder) {
+            Some((addr, true)) => Some(PeerAddr {
+                replica: holder.clone(),
+                addr: *addr,
+            }),
+            _ => None,
+        }
+    }
+}
