@@ -3,13 +3,14 @@
 //! ([`KubeletPortPatcher`]), claims and frees its tunnel port in the
 //! KubeEdge-compatible `tunnelport` ConfigMap ([`TunnelPortClaim`]), keeps a
 //! pod-to-node watch cache for the front ([`PodCache`]), and feeds
-//! iptables-manager from that ConfigMap ([`ConfigMapSource`]).
+//! iptables-manager from that ConfigMap ([`ConfigMapSource`]). With several
+//! replicas, it records which replica holds each node's session in Leases
+//! ([`LeaseOwnership`], cloudstream's `Ownership`).
 //!
 //! Everything starts from one [`Cluster`] handle: the client, the namespace
-//! Tether's own objects live in, and this replica's identity. The
-//! high-availability pieces (Leases, cross-replica forwarding) hang off the
-//! same handle.
+//! Tether's own objects live in, and this replica's identity.
 
+mod leases;
 mod pods;
 mod retry;
 mod source;
@@ -18,6 +19,11 @@ mod tunnelport;
 
 use std::path::Path;
 
+pub use leases::{
+    APP_LABEL, LEASE_KIND_LABEL, LeaseError, LeaseOptions, LeaseOwnership, NODE_LABEL,
+    NODE_LEASE_PREFIX, NameError, PEER_ADDRESS_ANNOTATION, REPLICA_LEASE_PREFIX, node_lease_name,
+    replica_lease_name,
+};
 pub use pods::{PodCache, PodCacheOptions, PodLocatorFn};
 pub use retry::RetryPolicy;
 pub use source::{ConfigMapSource, configmap_url};
@@ -127,7 +133,7 @@ impl Cluster {
         &self.namespace
     }
 
-    /// This replica's identity (later the Lease holder).
+    /// This replica's identity (the holder of its Leases).
     pub fn replica_id(&self) -> &str {
         &self.replica_id
     }

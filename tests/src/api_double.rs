@@ -6,12 +6,15 @@
 //! mistaken for one: tests named `*_against_api_double_*` use it.
 //!
 //! What it models:
-//! - objects in collections (`nodes`, `pods`, `configmaps`) with one global
-//!   resourceVersion counter, like etcd;
-//! - GET, list (`limit`, `fieldSelector` with `a.b=v` / `a.b!=v` terms), POST
-//!   (409 AlreadyExists), PUT with a resourceVersion precondition (409
-//!   Conflict on a stale one), PATCH with `application/merge-patch+json`
-//!   (RFC 7386), 404 NotFound with a `Status` body;
+//! - objects in collections (`nodes`, `pods`, `configmaps` under `/api/v1`,
+//!   `leases` under `/apis/coordination.k8s.io/v1`; a collection is named by
+//!   its plural alone) with one global resourceVersion counter, like etcd;
+//! - GET, list (`limit`, `fieldSelector` with `a.b=v` / `a.b!=v` terms,
+//!   `labelSelector` with `k=v` / `k!=v` terms), POST (409 AlreadyExists),
+//!   PUT with a resourceVersion precondition (409 Conflict on a stale one),
+//!   DELETE with `DeleteOptions.preconditions.resourceVersion` (409 Conflict
+//!   on a stale one), PATCH with `application/merge-patch+json` (RFC 7386),
+//!   404 NotFound with a `Status` body;
 //! - watches (`watch=true&resourceVersion=N`): replay of events after N from
 //!   an event log, then live events; [`ApiDouble::end_watches`] ends them
 //!   (a restart), [`ApiDouble::expire_watches`] sends `410 Gone` and makes
@@ -383,10 +386,15 @@ impl State {
                 if !w.matches(&ev) {
                     return true;
                 }
-                // Bounded per watch; a test that overflows it is broken.
-                w.tx.try_send(line.clone())
-                    .expect("api double watch buffer full");
-                true
+                match w.tx.try_send(line.clone()) {
+                    Ok(()) => true,
+                    // The client went away (a replica shut down): forget it.
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    // Bounded per watch; a test that overflows it is broken.
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        panic!("api double watch buffer full")
+                    }
+                }
             });
         }
         self.events.push(ev);
@@ -445,6 +453,33 @@ fn parse_selector(s: &str) -> Result<Vec<Selector>, String> {
             Ok(Selector {
                 path: path.split('.').map(str::to_owned).collect(),
                 value: value.to_owned(),
+                equal,
+            })
+        })
+        .collect()
+}
+
+/// `labelSelector` equality terms (`k=v`, `k==v`, `k!=v`); set-based terms
+/// are refused, as the double does not model them.
+fn parse_label_selector(s: &str) -> Result<Vec<Selector>, String> {
+    s.split(',')
+        .filter(|t| !t.is_empty())
+        .map(|term| {
+            let (key, value, equal) = if let Some((k, v)) = term.split_once("!=") {
+                (k, v, false)
+            } else if let Some((k, v)) = term.split_once("==") {
+                (k, v, true)
+            } else if let Some((k, v)) = term.split_once('=') {
+                (k, v, true)
+            } else {
+                return Err(format!(
+                    "the api double takes equality label selectors only, not {term:?}"
+                ));
+            };
+            Ok(Selector {
+                // Label keys hold dots and slashes: one path step, not split.
+                path: vec!["metadata".into(), "labels".into(), key.trim().to_owned()],
+                value: value.trim().to_owned(),
                 equal,
             })
         })
@@ -579,7 +614,16 @@ struct Target {
 }
 
 fn parse_target(path: &str) -> Option<Target> {
-    let rest = path.strip_prefix("/api/v1/")?;
+    // The core group (`/api/v1/`) or a named one (`/apis/<group>/<version>/`).
+    let rest = match path.strip_prefix("/api/v1/") {
+        Some(rest) => rest,
+        None => {
+            let rest = path.strip_prefix("/apis/")?;
+            let mut parts = rest.splitn(3, '/');
+            let (_group, _version) = (parts.next()?, parts.next()?);
+            parts.next()?
+        }
+    };
     let segs: Vec<&str> = rest.split('/').collect();
     let (namespace, segs) = match segs.as_slice() {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
@@ -665,9 +709,14 @@ fn respond(rec: &Recorded, state: &Arc<Mutex<State>>) -> Response<Body> {
     let ns = t.namespace.clone().unwrap_or_default();
     match (&rec.method, &t.name, &t.subresource) {
         (&Method::GET, None, None) => {
-            let selector = match parse_selector(params.get("fieldSelector").map_or("", |s| s)) {
-                Ok(s) => s,
-                Err(e) => return error(400, "BadRequest", &e),
+            let fields = parse_selector(params.get("fieldSelector").map_or("", |s| s));
+            let labels = parse_label_selector(params.get("labelSelector").map_or("", |s| s));
+            let selector = match (fields, labels) {
+                (Ok(mut f), Ok(l)) => {
+                    f.extend(l);
+                    f
+                }
+                (Err(e), _) | (_, Err(e)) => return error(400, "BadRequest", &e),
             };
             if params.get("watch").map(String::as_str) == Some("true") {
                 return watch(&mut st, t, selector, &params);
@@ -751,6 +800,55 @@ fn respond(rec: &Recorded, state: &Arc<Mutex<State>>) -> Response<Body> {
             }
             st.store(&t.plural, "MODIFIED", object);
             full(StatusCode::OK, &st.objects[&t.plural][&key].clone())
+        }
+        (&Method::DELETE, Some(name), None) => {
+            // An empty body is a delete without options.
+            let options: Value = if rec.body.is_empty() {
+                json!({})
+            } else {
+                match serde_json::from_slice(&rec.body) {
+                    Ok(v) => v,
+                    Err(e) => return error(400, "BadRequest", &e.to_string()),
+                }
+            };
+            let key = (ns.clone(), name.clone());
+            let Some(current) = st.objects.get(&t.plural).and_then(|m| m.get(&key)) else {
+                return not_found(&t.plural, name);
+            };
+            if let Some(rv) = options["preconditions"]["resourceVersion"].as_str()
+                && current["metadata"]["resourceVersion"] != rv
+            {
+                return error(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {} {name:?}: the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
+                        t.plural,
+                        current["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or("")
+                    ),
+                );
+            }
+            let mut object = st
+                .objects
+                .get_mut(&t.plural)
+                .and_then(|m| m.remove(&key))
+                .expect("present");
+            st.rv += 1;
+            let rv = st.rv;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.emit(&t.plural, "DELETED", object, true);
+            // Like the apiserver for kinds deleted at once (no graceful
+            // deletion, no finalizers): a success Status.
+            full(
+                StatusCode::OK,
+                &json!({
+                    "kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Success",
+                    "details": {"name": name, "kind": t.plural},
+                }),
+            )
         }
         (&Method::PATCH, Some(name), sub) => {
             if rec.content_type.as_deref() != Some("application/merge-patch+json") {

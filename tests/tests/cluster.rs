@@ -2,17 +2,23 @@
 //! a real apiserver: the double checks the exact requests Tether sends
 //! (verbs, paths, queries, bodies, content types, resourceVersion
 //! preconditions) and plays conflicts, 404s, 5xx, dropped connections, watch
-//! restarts and 410 Gone. The last tests run the real front and edges too.
+//! restarts and 410 Gone. The front-and-edge tests run the real front and
+//! edges too; the lease tests run several replicas' ownership records
+//! against one double.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use http::Method;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
+use tether_cloudstream::peer::{Ownership, PeerAddr};
 use tether_cluster::{
-    ClaimError, ClaimSpec, Cluster, ConfigMapSource, KubeletPortPatcher, PodCache, PodCacheOptions,
-    RECORD_ANNOTATION, RetryPolicy, TunnelPortClaim,
+    ClaimError, ClaimSpec, Cluster, ConfigMapSource, KubeletPortPatcher, LeaseOptions,
+    LeaseOwnership, PodCache, PodCacheOptions, RECORD_ANNOTATION, RetryPolicy, TunnelPortClaim,
 };
 use tether_iptables_manager::{RecordSource, SourceError};
 use tether_tests::api_double::{self, ApiDouble, Fault, Recorded, node, pod};
@@ -795,6 +801,501 @@ async fn status_patch_against_api_double_follows_edge_connects() {
         ensure!(kubelet_port(&double, "edge-1") == Some(10357));
         edge.stop().await;
         cloud.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
+// ---- ownership leases (several replicas) ----
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/tether/leases";
+
+fn lease_path(name: &str) -> String {
+    format!("{LEASES}/{name}")
+}
+
+fn quick_leases(seconds: u64) -> LeaseOptions {
+    LeaseOptions {
+        lease_duration: Duration::from_secs(seconds),
+        retry: quick_retry(),
+        watch_backoff_base: Duration::from_millis(20),
+        watch_backoff_max: Duration::from_millis(200),
+        resign_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A replica's ownership records, with its cache loaded and its own Lease
+/// written.
+async fn replica(
+    double: &ApiDouble,
+    id: &str,
+    addr: &str,
+    seconds: u64,
+) -> anyhow::Result<(Arc<LeaseOwnership>, ShutdownTrigger)> {
+    let (trigger, shutdown) = Shutdown::new(Duration::ZERO);
+    let own = LeaseOwnership::start(
+        &cluster(double, id)?,
+        addr.parse()?,
+        quick_leases(seconds),
+        shutdown,
+    )?;
+    ensure!(own.wait_ready(WAIT).await, "{id}: lease cache never loaded");
+    let key = (NS.to_owned(), format!("tether-replica-{id}"));
+    ensure!(
+        double
+            .wait_for_objects(WAIT, |o| o
+                .get("leases")
+                .is_some_and(|m| m.contains_key(&key)))
+            .await,
+        "{id}: replica lease never written"
+    );
+    Ok((own, trigger))
+}
+
+fn micro(t: Timestamp) -> serde_json::Value {
+    serde_json::to_value(MicroTime(t)).expect("a time serializes")
+}
+
+/// Another replica's Lease, as that replica would keep it, last renewed
+/// `secs_ago` seconds ago with a 15 s duration.
+fn replica_lease(id: &str, addr: &str, secs_ago: i64) -> serde_json::Value {
+    let renewed = Timestamp::now() - SignedDuration::from_secs(secs_ago);
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {
+            "name": format!("tether-replica-{id}"), "namespace": NS,
+            "labels": {"app.kubernetes.io/name": "tether", "tether.dev/lease": "replica"},
+            "annotations": {"tether.dev/peer-address": addr},
+        },
+        "spec": {"holderIdentity": id, "leaseDurationSeconds": 15,
+                 "acquireTime": micro(renewed), "renewTime": micro(renewed)},
+    })
+}
+
+/// A node Lease held by `holder` since a minute ago.
+fn node_lease(node: &str, holder: &str) -> serde_json::Value {
+    let at = micro(Timestamp::now() - SignedDuration::from_secs(60));
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {
+            "name": format!("tether-node-{node}"), "namespace": NS,
+            "labels": {"app.kubernetes.io/name": "tether", "tether.dev/lease": "node",
+                       "tether.dev/node": node},
+        },
+        "spec": {"holderIdentity": holder, "acquireTime": at, "renewTime": at},
+    })
+}
+
+fn lease_holder(double: &ApiDouble, name: &str) -> Option<String> {
+    double.get("leases", NS, name)?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn peer(replica: &str, addr: &str) -> Option<PeerAddr> {
+    Some(PeerAddr {
+        replica: replica.to_owned(),
+        addr: addr.parse().expect("address"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_claim_creates_and_the_newest_claim_takes_over() {
+    bounded(async {
+        let double = api_double::start().await?;
+        let (a, _ta) = replica(&double, "r-a", "10.0.0.1:7001", 15).await?;
+        let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7001", 15).await?;
+        let name = "tether-node-edge-1";
+        let path = lease_path(name);
+        a.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await, "claim never written");
+        ensure!(statuses(&double.requests_to(&Method::GET, &path)) == [404]);
+        let posts: Vec<Recorded> = double
+            .requests_to(&Method::POST, LEASES)
+            .into_iter()
+            .filter(|r| r.json()["metadata"]["name"] == name)
+            .collect();
+        ensure!(statuses(&posts) == [201], "{posts:#?}");
+        ensure!(posts[0].params() == [("fieldManager".into(), "tether-cloud".into())].into());
+        let body = posts[0].json();
+        ensure!(
+            body["metadata"]["labels"]
+                == json!({"app.kubernetes.io/name": "tether", "tether.dev/lease": "node",
+                          "tether.dev/node": "edge-1"}),
+            "labels {}",
+            body["metadata"]["labels"]
+        );
+        let spec = &body["spec"];
+        ensure!(
+            spec["holderIdentity"] == "r-a" && spec["leaseTransitions"] == 0,
+            "{spec}"
+        );
+        ensure!(spec["acquireTime"].is_string(), "{spec}");
+        ensure!(
+            spec.get("leaseDurationSeconds").is_none(),
+            "a node lease lives by its holder's replica lease: {spec}"
+        );
+        let created_rv =
+            double.get("leases", NS, name).context("created")?["metadata"]["resourceVersion"]
+                .clone();
+
+        // Both replicas claim at once, B last. The gate makes both read the
+        // same version, so one PUT is stale: the double answers 409 and that
+        // replica reads again. B's claim is the newer and wins either way.
+        double.gate(Method::GET, &path, 2);
+        a.claim("edge-1");
+        b.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await && b.wait_idle(WAIT).await);
+        let puts = double.requests_to(&Method::PUT, &path);
+        ensure!(
+            puts.iter().filter(|r| r.status == 409).count() == 1,
+            "want exactly one stale write: {:?}",
+            statuses(&puts)
+        );
+        ensure!(
+            puts[..2]
+                .iter()
+                .all(|r| r.json()["metadata"]["resourceVersion"] == created_rv),
+            "the racing writes must carry the version both read"
+        );
+        ensure!(lease_holder(&double, name).as_deref() == Some("r-b"));
+        let stored = double.get("leases", NS, name).context("stored")?;
+        ensure!(
+            stored["spec"]["leaseTransitions"] == 1,
+            "{}",
+            stored["spec"]
+        );
+
+        // A scripted stale write: B reads again and writes again.
+        let before = double.requests_to(&Method::PUT, &path).len();
+        double.fail_next(Method::PUT, &path, &[Fault::Status(409)]);
+        b.claim("edge-1");
+        ensure!(b.wait_idle(WAIT).await);
+        let puts = double.requests_to(&Method::PUT, &path);
+        ensure!(
+            statuses(&puts[before..]) == [409, 200],
+            "{:?}",
+            statuses(&puts)
+        );
+        ensure!(lease_holder(&double, name).as_deref() == Some("r-b"));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_release_keeps_another_replicas_record() {
+    bounded(async {
+        let double = api_double::start().await?;
+        let (a, _ta) = replica(&double, "r-a", "10.0.0.1:7001", 15).await?;
+        let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7001", 15).await?;
+        let name = "tether-node-edge-1";
+        let path = lease_path(name);
+        a.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await);
+        b.claim("edge-1");
+        ensure!(b.wait_idle(WAIT).await);
+        ensure!(lease_holder(&double, name).as_deref() == Some("r-b"));
+        // A's old session ends after B took the node over: nothing to delete.
+        a.release("edge-1");
+        ensure!(a.wait_idle(WAIT).await);
+        ensure!(
+            double.requests_to(&Method::DELETE, &path).is_empty(),
+            "a release by a replica that no longer holds the node deleted it"
+        );
+        ensure!(lease_holder(&double, name).as_deref() == Some("r-b"));
+
+        // A release racing a takeover: both read the record naming A. If the
+        // delete lands second its precondition is stale (409) and A reads
+        // again; if first, B's write finds nothing and creates. B holds it.
+        a.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await);
+        ensure!(lease_holder(&double, name).as_deref() == Some("r-a"));
+        double.gate(Method::GET, &path, 2);
+        a.release("edge-1");
+        b.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await && b.wait_idle(WAIT).await);
+        ensure!(
+            lease_holder(&double, name).as_deref() == Some("r-b"),
+            "a racing release removed the newer claim: {:#?}",
+            double.requests()
+        );
+
+        // The holder releases with the version it read as a precondition; a
+        // stale one (scripted 409) is read again and retried.
+        let rv = double.get("leases", NS, name).context("stored")?["metadata"]["resourceVersion"]
+            .clone();
+        let before = double.requests_to(&Method::DELETE, &path).len();
+        double.fail_next(Method::DELETE, &path, &[Fault::Status(409)]);
+        b.release("edge-1");
+        ensure!(b.wait_idle(WAIT).await);
+        let dels = double.requests_to(&Method::DELETE, &path);
+        ensure!(
+            statuses(&dels[before..]) == [409, 200],
+            "{:?}",
+            statuses(&dels)
+        );
+        for d in &dels[before..] {
+            ensure!(
+                d.json()["preconditions"]["resourceVersion"] == rv,
+                "delete without the version read: {}",
+                d.json()
+            );
+        }
+        ensure!(double.get("leases", NS, name).is_none());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_owner_resolves_through_the_replica_lease() {
+    bounded(async {
+        let double = api_double::start().await?;
+        let (a, _ta) = replica(&double, "r-a", "10.0.0.1:7001", 15).await?;
+        let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7002", 15).await?;
+        a.claim("edge-1");
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-a", "10.0.0.1:7001"))
+                .await,
+            "B never found A: {:?}",
+            b.owner("edge-1")
+        );
+        ensure!(
+            a.owner("edge-1").is_none(),
+            "a replica never forwards to itself"
+        );
+        ensure!(b.owner("edge-2").is_none(), "nobody holds edge-2");
+
+        // A replica that stopped renewing a minute ago is dead. The edge-3
+        // record comes last: once B sees it, it has seen the others.
+        double.put("leases", replica_lease("r-dead", "10.0.0.9:7001", 60));
+        double.put("leases", node_lease("edge-2", "r-dead"));
+        double.put("leases", node_lease("edge-3", "r-a"));
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-3").is_some()).await,
+            "watch events not applied"
+        );
+        ensure!(
+            b.owner("edge-2").is_none(),
+            "forwarded to an expired replica"
+        );
+        // Renewed again: alive.
+        double.put("leases", replica_lease("r-dead", "10.0.0.9:7001", 0));
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-2")
+                == peer("r-dead", "10.0.0.9:7001"))
+                .await
+        );
+        // Gone (shut down): nobody to forward to.
+        double.delete("leases", NS, "tether-replica-r-dead");
+        ensure!(b.wait_until(WAIT, |b| b.owner("edge-2").is_none()).await);
+
+        // Names that cannot name a Lease are refused before any request.
+        let posts = double.requests_to(&Method::POST, LEASES).len();
+        let too_long = "a".repeat(242);
+        a.claim("Edge_1");
+        a.claim(&too_long);
+        ensure!(a.pending() == 0, "a refused name was queued");
+        ensure!(double.requests_to(&Method::POST, LEASES).len() == posts);
+        ensure!(
+            double
+                .requests()
+                .iter()
+                .all(|r| !r.path.contains("Edge_1") && !r.path.contains(&too_long))
+        );
+        ensure!(b.owner("Edge_1").is_none() && b.owner(&too_long).is_none());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_cache_survives_a_watch_restart_and_410_gone() {
+    bounded(async {
+        let double = api_double::start().await?;
+        let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7002", 15).await?;
+        double.put("leases", replica_lease("r-x", "10.0.0.7:7001", 0));
+        double.put("leases", replica_lease("r-y", "10.0.0.8:7001", 0));
+        double.put("leases", node_lease("edge-1", "r-x"));
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-x", "10.0.0.7:7001"))
+                .await
+        );
+        let lists = || {
+            double
+                .requests_to(&Method::GET, LEASES)
+                .into_iter()
+                .filter(|r| !r.params().contains_key("watch"))
+                .collect::<Vec<_>>()
+        };
+        let watches = || {
+            double
+                .requests_to(&Method::GET, LEASES)
+                .into_iter()
+                .filter(|r| r.params().get("watch").map(String::as_str) == Some("true"))
+                .collect::<Vec<_>>()
+        };
+        ensure!(lists().len() == 1);
+        for r in lists().iter().chain(watches().iter()) {
+            ensure!(
+                r.params().get("labelSelector").map(String::as_str)
+                    == Some("app.kubernetes.io/name=tether"),
+                "{:?}",
+                r.query
+            );
+        }
+        // The watch ends; a change made before the re-watch is replayed.
+        double.end_watches();
+        double.put("leases", node_lease("edge-1", "r-y"));
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-y", "10.0.0.8:7001"))
+                .await,
+            "change around the restart lost"
+        );
+        ensure!(watches().len() >= 2, "never re-watched");
+        ensure!(lists().len() == 1, "a plain restart must not relist");
+        // A change no watch hears of, then 410 Gone: only a relist finds it.
+        double.put_unseen("leases", node_lease("edge-1", "r-x"));
+        double.expire_watches();
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-x", "10.0.0.7:7001"))
+                .await,
+            "cache did not relist after 410 Gone"
+        );
+        ensure!(lists().len() == 2, "want exactly one relist");
+        ensure!(double.wait_for(WAIT, |_| double.open_watches() == 1).await);
+        double.put("leases", node_lease("edge-1", "r-y"));
+        ensure!(
+            b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-y", "10.0.0.8:7001"))
+                .await,
+            "the new watch is not followed"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_replica_lease_is_renewed_and_removed_on_shutdown() {
+    bounded(async {
+        let double = api_double::start().await?;
+        let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7002", 15).await?;
+        let (a, ta) = replica(&double, "r-a", "10.0.0.1:7001", 1).await?;
+        let name = "tether-replica-r-a";
+        let path = lease_path(name);
+        let first = double.get("leases", NS, name).context("written")?;
+        ensure!(
+            first["metadata"]["labels"]
+                == json!({"app.kubernetes.io/name": "tether", "tether.dev/lease": "replica"}),
+            "{}",
+            first["metadata"]
+        );
+        ensure!(
+            first["metadata"]["annotations"] == json!({"tether.dev/peer-address": "10.0.0.1:7001"})
+        );
+        let spec = &first["spec"];
+        ensure!(
+            spec["holderIdentity"] == "r-a" && spec["leaseDurationSeconds"] == 1,
+            "{spec}"
+        );
+        let start: Timestamp = spec["renewTime"].as_str().context("renewTime")?.parse()?;
+        a.claim("edge-1");
+        ensure!(a.wait_idle(WAIT).await);
+
+        // Renewed every third of a second, each PUT from the version last
+        // written, until the Lease has outlived its 1 s duration.
+        let renewed = |d: &ApiDouble| -> Option<Timestamp> {
+            d.get("leases", NS, name)?["spec"]["renewTime"]
+                .as_str()?
+                .parse()
+                .ok()
+        };
+        let outlived = start + SignedDuration::from_millis(1500);
+        ensure!(
+            double
+                .wait_for_objects(WAIT, |_| renewed(&double).is_some_and(|t| t > outlived))
+                .await,
+            "never renewed past its duration"
+        );
+        let puts = double.requests_to(&Method::PUT, &path);
+        ensure!(puts.len() >= 4, "{} renewals", puts.len());
+        ensure!(
+            puts.iter().all(|r| r.status == 200),
+            "{:?}",
+            statuses(&puts)
+        );
+        let times: Vec<Timestamp> = puts
+            .iter()
+            .map(|r| r.json()["spec"]["renewTime"].as_str().unwrap_or("").parse())
+            .collect::<Result<_, _>>()?;
+        ensure!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+        ensure!(
+            b.owner("edge-1") == peer("r-a", "10.0.0.1:7001"),
+            "a renewed replica counted as dead"
+        );
+
+        // Graceful shutdown: both leases go, and peers stop forwarding.
+        ta.trigger();
+        ensure!(a.wait_stopped(WAIT).await, "shutdown never finished");
+        ensure!(
+            double.get("leases", NS, name).is_none(),
+            "replica lease left"
+        );
+        ensure!(
+            double.get("leases", NS, "tether-node-edge-1").is_none(),
+            "node lease left"
+        );
+        let del = double.requests_to(&Method::DELETE, &path);
+        ensure!(statuses(&del) == [200]);
+        ensure!(del[0].json()["preconditions"]["resourceVersion"].is_string());
+        ensure!(b.wait_until(WAIT, |b| b.owner("edge-1").is_none()).await);
+        // After shutdown a claim writes nothing.
+        a.claim("edge-2");
+        ensure!(a.pending() == 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_against_api_double_restart_releases_records_of_an_earlier_run() {
+    bounded(async {
+        let double = api_double::start().await?;
+        // What r-a left when it crashed, and another replica's record.
+        double.put("leases", replica_lease("r-a", "10.0.0.1:7001", 5));
+        double.put("leases", node_lease("edge-1", "r-a"));
+        double.put("leases", node_lease("edge-2", "r-a"));
+        double.put("leases", node_lease("edge-3", "r-other"));
+        let (_t, shutdown) = Shutdown::new(Duration::ZERO);
+        let a = LeaseOwnership::start(
+            &cluster(&double, "r-a")?,
+            "10.0.0.1:7005".parse()?,
+            quick_leases(15),
+            shutdown,
+        )?;
+        // edge-2 reconnects at once; edge-1 does not.
+        a.claim("edge-2");
+        ensure!(
+            double
+                .wait_for_objects(WAIT, |_| double
+                    .get("leases", NS, "tether-node-edge-1")
+                    .is_none())
+                .await,
+            "stale record of an earlier run kept"
+        );
+        ensure!(a.wait_idle(WAIT).await);
+        ensure!(lease_holder(&double, "tether-node-edge-2").as_deref() == Some("r-a"));
+        ensure!(lease_holder(&double, "tether-node-edge-3").as_deref() == Some("r-other"));
+        // Its own Lease is taken over with the new address.
+        ensure!(
+            double
+                .wait_for_objects(WAIT, |_| double
+                    .get("leases", NS, "tether-replica-r-a")
+                    .is_some_and(|l| l["metadata"]["annotations"]["tether.dev/peer-address"]
+                        == "10.0.0.1:7005"))
+                .await
+        );
         Ok(())
     })
     .await;
