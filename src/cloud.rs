@@ -113,6 +113,9 @@ pub(crate) struct Args {
     /// Message hub listen address [default 0.0.0.0:10000].
     #[arg(long, env = "TETHER_HUB_ADDR")]
     hub_addr: Option<SocketAddr>,
+    /// Cluster mode: listener for requests other replicas forward [default 0.0.0.0:10001].
+    #[arg(long, env = "TETHER_PEER_ADDR")]
+    peer_addr: Option<SocketAddr>,
     /// File with the bearer token of the hub API (admin port, /hub/v1/); off without it.
     #[arg(long, env = "TETHER_HUB_API_TOKEN_FILE")]
     hub_api_token_file: Option<PathBuf>,
@@ -130,7 +133,8 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
         namespace,
         tunnel_port_range,
         patch_kubelet_port,
-        hub_addr
+        hub_addr,
+        peer_addr
     );
     set_opt!(
         state_dir,
@@ -357,6 +361,19 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Some(c) => c.hooks(cfg.patch_kubelet_port, shutdown.clone()),
         None => (None, None),
     };
+    let (peers, ownership) = match (&cluster, &state) {
+        (Some(c), Some(state)) => {
+            let (p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
+            (Some(p), Some(o))
+        }
+        (Some(_), None) => {
+            warn!(
+                "cluster mode without state_dir: replicas cannot forward to each other (they need the shared CA)"
+            );
+            (None, None)
+        }
+        _ => (None, None),
+    };
     let opts = CloudOptions {
         tunnel_listener,
         tunnel_tls,
@@ -371,7 +388,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         metrics,
         pod_locator,
         session_hook,
-        peers: None,
+        peers,
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,
@@ -389,6 +406,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!(?drain, "shutting down");
     trigger.trigger();
     run.await?;
+    if let Some(o) = ownership {
+        // Lease cleanup (node records, this replica's Lease) before the port.
+        if !o.wait_stopped(Duration::from_secs(6)).await {
+            warn!("ownership records were not cleaned up in time; they expire on their own");
+        }
+    }
     if let Some(c) = cluster {
         c.release().await;
     }
@@ -454,6 +477,59 @@ impl ClusterMode {
             }) as tether_cloudstream::SessionHook
         });
         (Some(pods.locator()), hook)
+    }
+
+    /// Forwarding between replicas: the peer listener (TLS from the
+    /// replicas' shared state CA, replica client certificates only) and the
+    /// ownership records in Leases, published with this replica's address.
+    async fn peers(
+        &self,
+        cfg: &CloudConfig,
+        ca: &tether_pki::Ca,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<(
+        tether_cloudstream::peer::PeerOptions,
+        Arc<tether_cluster::LeaseOwnership>,
+    )> {
+        use tether_cloudstream::peer::{PEER_SERVER_NAME, REPLICA_GROUP};
+        let listener = crate::bind(cfg.peer_addr, "the replica peer listener").await?;
+        let ip = cfg
+            .advertise_address
+            .context("cluster mode needs advertise_address")?;
+        let addr = SocketAddr::new(ip, listener.local_addr()?.port());
+        let replica = cfg.replica_id()?;
+        let server = ca.issue_server("tether-peer", &[PEER_SERVER_NAME])?;
+        let client = ca.issue_client(&format!("tether-replica:{replica}"), &[REPLICA_GROUP])?;
+        let roots = std::slice::from_ref(ca.cert_der());
+        let server_tls = tether_pki::server_config_client_auth(
+            server.cert_chain()?,
+            server.key_pem.to_der()?,
+            roots,
+            &[b"http/1.1"],
+        )?;
+        let client_tls = tether_pki::client_config(
+            roots,
+            Some((client.cert_chain()?, client.key_pem.to_der()?)),
+            &[b"http/1.1"],
+        )?;
+        let ownership = tether_cluster::LeaseOwnership::start(
+            &self.cluster,
+            addr,
+            tether_cluster::LeaseOptions::default(),
+            shutdown,
+        )
+        .context("ownership records (Leases)")?;
+        info!(peer = %addr, "forwarding between replicas");
+        Ok((
+            tether_cloudstream::peer::PeerOptions {
+                replica,
+                listener,
+                server_tls: ServerTls::new(Arc::new(server_tls)),
+                client_tls: Arc::new(client_tls),
+                ownership: ownership.clone(),
+            },
+            ownership,
+        ))
     }
 
     /// Frees the tunnel port, bounded by [`RELEASE_TIMEOUT`].

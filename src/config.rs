@@ -91,6 +91,9 @@ pub(crate) struct CloudConfig {
     pub(crate) patch_kubelet_port: bool,
     /// The message hub's listener for edges (default `0.0.0.0:10000`).
     pub(crate) hub_addr: SocketAddr,
+    /// Cluster mode: the listener other replicas forward requests to
+    /// (default `0.0.0.0:10001`; replicas only, never a NodePort).
+    pub(crate) peer_addr: SocketAddr,
     /// File holding the bearer token of the hub API on the admin port; the
     /// API is off without it.
     pub(crate) hub_api_token_file: Option<PathBuf>,
@@ -130,6 +133,7 @@ impl Default for CloudConfig {
             tunnel_port_range: "10350-10999".into(),
             patch_kubelet_port: true,
             hub_addr: ([0, 0, 0, 0], 10000).into(),
+            peer_addr: ([0, 0, 0, 0], 10001).into(),
             hub_api_token_file: None,
             hub: HubConfig::cloud(),
         }

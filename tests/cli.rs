@@ -546,6 +546,7 @@ async fn cloud_cluster_mode_against_api_double_claims_patches_and_releases() {
             &[],
             &[
                 "edge",
+                "--no-hub",
                 "--node-name",
                 "edge-cm",
                 "--cloud-addr",
@@ -591,6 +592,146 @@ async fn cloud_cluster_mode_against_api_double_claims_patches_and_releases() {
             "release left {:?}",
             annotation(&double)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .expect("test failed");
+}
+
+/// Two `tether cloud --cluster` replicas against the API double (their
+/// ownership records are Leases there), an edge behind a stand-in Service:
+/// a request to the replica without the session is forwarded over the
+/// replicas' mTLS peer listener, and after the owner stops and the edge
+/// moves, the survivor serves it itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cluster_replicas_forward_and_fail_over() {
+    use tether_tests::api_double;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let double = api_double::start().await?;
+        double.put("nodes", api_double::node("edge-ha"));
+        let dir = std::env::temp_dir().join(format!("tether-cli-ha-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let pki = Pki::generate()?;
+        let front = pki.front_ca.issue_server("tether-cloud", &["localhost"])?;
+        let node = pki.edge_ca.issue_node_client("edge-ha", &[])?;
+        let f = |n: &str, pem: &str| write(&dir, n, pem);
+        let kubeconfig = f(
+            "kubeconfig",
+            &format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: double\n\
+                 clusters:\n- name: double\n  cluster:\n    server: http://{}\n\
+                 contexts:\n- name: double\n  context:\n    cluster: double\n    user: nobody\n\
+                 users:\n- name: nobody\n  user: {{}}\n",
+                double.addr
+            ),
+        )?;
+        let edge_ca = f("edge-ca.crt", pki.edge_ca.cert_pem())?;
+        let front_ca = f("front-ca.crt", pki.front_ca.cert_pem())?;
+        let (fc, fk) = (
+            f("front.crt", &front.cert_pem)?,
+            f("front.key", front.key_pem.expose())?,
+        );
+        let (nc, nk) = (
+            f("node.crt", &node.cert_pem)?,
+            f("node.key", node.key_pem.expose())?,
+        );
+        // Both replicas hold the same CA (in a cluster: the Secret).
+        let mut replicas = Vec::new();
+        for (id, ip) in [("cloud-a", "127.0.0.1"), ("cloud-b", "127.0.0.2")] {
+            let state = dir.join(id);
+            std::fs::create_dir_all(&state)?;
+            write(&state, "ca.crt", pki.edge_ca.cert_pem())?;
+            write(&state, "ca.key", pki.edge_ca.key_pem().expose())?;
+            let any = format!("{ip}:0");
+            let role = process::spawn(
+                &[],
+                &[
+                    "cloud", "--cluster", "--kubeconfig", &kubeconfig, "--namespace", "tether",
+                    "--replica-id", id, "--advertise-address", ip, "--state-dir",
+                    state.to_str().context("path")?, "--server-name", "localhost",
+                    "--bootstrap-addr", &any, "--hub-addr", &any, "--peer-addr", &any,
+                    "--tunnel-addr", &any, "--front-addr", &any, "--admin-addr", &any,
+                    "--front-cert", &fc, "--front-key", &fk, "--front-client-ca", &front_ca,
+                ],
+                "cloud started",
+            )
+            .await?;
+            replicas.push(role);
+        }
+        let tunnel_a: std::net::SocketAddr = field(&replicas[0].started, "tunnel")?.parse()?;
+        let tunnel_b: std::net::SocketAddr = field(&replicas[1].started, "tunnel")?.parse()?;
+        let front_b = field(&replicas[1].started, "front")?;
+        // The Service in front of the replicas' tunnel ports.
+        let svc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let svc_addr = svc.local_addr()?;
+        let target = Arc::new(std::sync::Mutex::new(tunnel_a));
+        {
+            let target = target.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = svc.accept().await {
+                    let to = *target.lock().expect("lock");
+                    tokio::spawn(async move {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    });
+                }
+            });
+        }
+        let kubelet = FixtureKubelet::start(None).await?;
+        let _edge = process::spawn(
+            &[],
+            &[
+                "edge", "--no-hub", "--node-name", "edge-ha", "--cloud-addr", &svc_addr.to_string(),
+                "--cloud-server-name", "localhost", "--ca", &edge_ca, "--cert", &nc, "--key", &nk,
+                "--kubelet-url", &format!("http://{}", kubelet.addr), "--admin-addr", "127.0.0.1:0",
+            ],
+            "edge started",
+        )
+        .await?;
+        let tls = pki.apiserver_tls()?;
+        let logs = |front: String, tls: Arc<rustls::ClientConfig>| async move {
+            front_get(&front, tls, "edge-ha", "/containerLogs/default/web/app?bytes=100000").await
+        };
+        // Replica b holds no session: it forwards to a, found via the Leases.
+        let mut forwarded = false;
+        for _ in 0..100 {
+            if let Ok((p, body)) = logs(front_b.clone(), tls.clone()).await
+                && p.status == 200
+            {
+                ensure!(body.len() == 100_000, "forwarded body of {} bytes", body.len());
+                forwarded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(forwarded, "replica b never forwarded: {:#?}", double.requests().len());
+        ensure!(
+            double.get("leases", "tether", "tether-node-edge-ha").map(|l| l["spec"]["holderIdentity"].clone())
+                == Some("cloud-a".into()),
+            "node lease not held by cloud-a"
+        );
+        // Replica a stops; the Service now sends edges to b.
+        *target.lock().expect("lock") = tunnel_b;
+        let stopped = std::time::Instant::now();
+        let mut a = replicas.remove(0);
+        sigterm(&a.child).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(20), a.child.wait()).await;
+        let mut recovered = None;
+        for _ in 0..300 {
+            if let Ok((p, _)) = logs(front_b.clone(), tls.clone()).await
+                && p.status == 200
+            {
+                recovered = Some(stopped.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = recovered.context("requests through b did not succeed again within 30 s")?;
+        eprintln!("failover (processes, API double): requests succeed again {took:?} after SIGTERM of the owner");
         let _ = std::fs::remove_dir_all(&dir);
         Ok::<_, anyhow::Error>(())
     })
