@@ -91,13 +91,17 @@ async fn kustomize_renders_the_cluster_deployment() {
     assert_eq!(rule(cr, "nodes/status"), ("", vec!["patch"]));
     assert_eq!(rule(cr, "pods"), ("", vec!["list", "watch"]));
     let role = find(&docs, "Role", "tether-cloud");
-    for (resource, group) in [("configmaps", ""), ("leases", "coordination.k8s.io")] {
+    // Leases are also deleted: a replica removes its records on shutdown.
+    for (resource, group, want) in [
+        ("configmaps", "", &["create", "get", "list", "update", "watch"][..]),
+        ("leases", "coordination.k8s.io", &["create", "delete", "get", "list", "update", "watch"][..]),
+    ] {
         let (g, mut verbs) = rule(role, resource);
         verbs.sort_unstable();
         assert_eq!(g, group);
         assert_eq!(
             verbs,
-            ["create", "get", "list", "update", "watch"],
+            want,
             "{resource}"
         );
     }
