@@ -84,8 +84,9 @@ fn per_session(before: u64, after: u64, sessions: usize) -> f64 {
     after.saturating_sub(before) as f64 / sessions as f64
 }
 
-/// Removes the directory holding the CA key when dropped.
-struct TempDir(PathBuf);
+/// Removes the directory (the CA key here, the hub's stores in
+/// [`crate::hub`]) when dropped.
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {

@@ -5,13 +5,17 @@
 //!
 //! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
 //! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
-//! and the memory of idle sessions (edges in a child process). `--json` ends stdout
+//! and the memory of idle sessions (edges in a child process). The message hub's
+//! figures (messages per second, delivery latency, fan-out to many nodes) have no
+//! direct baseline and are reported as absolute numbers. `--json` ends stdout
 //! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
 //! The exit status is non-zero only when the harness itself fails, never for a
 //! missed target.
 
 mod exec;
 mod figures;
+mod hub;
+mod hub_load;
 mod idle;
 mod iptables;
 mod report;
@@ -76,6 +80,12 @@ struct RunArgs {
     /// Idle sessions for the memory figure (default 1000, 200 with --quick).
     #[arg(long)]
     edges: Option<usize>,
+    /// Edge hubs for the hub fan-out figure (default 1000).
+    #[arg(long)]
+    hub_nodes: Option<usize>,
+    /// Messages per run of the hub batch figure (default 50000, 20000 with --quick).
+    #[arg(long)]
+    hub_msgs: Option<u64>,
     /// Streams held stalled during the stalled-reader figure.
     #[arg(long, default_value_t = 1)]
     stalled: usize,
@@ -110,6 +120,7 @@ enum Figure {
     Stalled,
     Idle,
     Iptables,
+    Hub,
 }
 
 /// Sizes, counts and deadlines of one run.
@@ -131,6 +142,8 @@ struct Plan {
     edges: usize,
     edges_register: Duration,
     sides: Vec<Side>,
+    shared_runtime: bool,
+    hub: hub::HubPlan,
 }
 
 impl Plan {
@@ -158,6 +171,8 @@ impl Plan {
                 Some(SideArg::Direct) => vec![Side::Direct],
                 Some(SideArg::Tunnel) => vec![Side::Tunnel],
             },
+            shared_runtime: args.shared_runtime,
+            hub: hub::HubPlan::new(quick, args.hub_nodes, args.hub_msgs),
         }
     }
 
@@ -246,6 +261,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let result = figures::on_rig(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
+    }
+
+    if plan.wants(Figure::Hub) {
+        hub::figures(&plan, &mut report).await?;
     }
 
     if plan.wants(Figure::Iptables) {

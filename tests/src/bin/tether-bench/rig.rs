@@ -122,8 +122,18 @@ impl Runtimes {
         !self.owned.is_empty()
     }
 
+    /// Where the edge role's tasks run.
+    pub(crate) fn edge(&self) -> &Handle {
+        &self.edge
+    }
+
+    /// Where the cloud role's tasks run.
+    pub(crate) fn cloud(&self) -> &Handle {
+        &self.cloud
+    }
+
     /// Stops the role runtimes without blocking this (async) thread.
-    fn shutdown(self) {
+    pub(crate) fn shutdown(self) {
         for runtime in self.owned {
             runtime.shutdown_background();
         }

@@ -89,10 +89,8 @@ pub(crate) fn cpu_time() -> anyhow::Result<Duration> {
 /// threads (see [`crate::rig::Runtimes`]).
 pub(crate) const ROLES: [&str; 4] = ["client", "fixture", "edge", "cloud"];
 
-/// CPU time used so far by each of [`ROLES`]; threads that are not a role's
-/// (the main thread, the bench's own runtime) count as the client.
-pub(crate) fn cpu_by_role() -> anyhow::Result<[Duration; 4]> {
-    let mut out = [Duration::ZERO; 4];
+/// Calls `f` with the name and CPU time of each of this process's threads.
+fn each_thread(mut f: impl FnMut(&str, Duration)) -> anyhow::Result<()> {
     let tasks = std::fs::read_dir("/proc/self/task").context("read /proc/self/task")?;
     for task in tasks {
         let path = task.context("read /proc/self/task")?.path().join("stat");
@@ -101,12 +99,34 @@ pub(crate) fn cpu_by_role() -> anyhow::Result<[Duration; 4]> {
             continue;
         };
         let (comm, cpu) = parse_stat(&stat)?;
+        f(comm, cpu);
+    }
+    Ok(())
+}
+
+/// CPU time used so far by each of [`ROLES`]; threads that are not a role's
+/// (the main thread, the bench's own runtime) count as the client.
+pub(crate) fn cpu_by_role() -> anyhow::Result<[Duration; 4]> {
+    let mut out = [Duration::ZERO; 4];
+    each_thread(|comm, cpu| {
         let role = ROLES
             .iter()
             .position(|r| comm == format!("tb-{r}"))
             .unwrap_or(0);
         out[role] += cpu;
-    }
+    })?;
+    Ok(out)
+}
+
+/// CPU time used so far by the threads whose name starts with `prefix`
+/// (Linux keeps the first 15 bytes of a thread's name).
+pub(crate) fn cpu_of_threads(prefix: &str) -> anyhow::Result<Duration> {
+    let mut out = Duration::ZERO;
+    each_thread(|comm, cpu| {
+        if comm.starts_with(prefix) {
+            out += cpu;
+        }
+    })?;
     Ok(out)
 }
 
@@ -171,6 +191,7 @@ mod tests {
         assert_eq!(cpu, Duration::from_millis(1680));
         assert!(cpu_time().is_ok());
         assert!(cpu_by_role().is_ok());
+        assert!(cpu_of_threads("tb-").is_ok());
     }
 
     #[test]
