@@ -93,17 +93,21 @@ async fn kustomize_renders_the_cluster_deployment() {
     let role = find(&docs, "Role", "tether-cloud");
     // Leases are also deleted: a replica removes its records on shutdown.
     for (resource, group, want) in [
-        ("configmaps", "", &["create", "get", "list", "update", "watch"][..]),
-        ("leases", "coordination.k8s.io", &["create", "delete", "get", "list", "update", "watch"][..]),
+        (
+            "configmaps",
+            "",
+            &["create", "get", "list", "update", "watch"][..],
+        ),
+        (
+            "leases",
+            "coordination.k8s.io",
+            &["create", "delete", "get", "list", "update", "watch"][..],
+        ),
     ] {
         let (g, mut verbs) = rule(role, resource);
         verbs.sort_unstable();
         assert_eq!(g, group);
-        assert_eq!(
-            verbs,
-            want,
-            "{resource}"
-        );
+        assert_eq!(verbs, want, "{resource}");
     }
     let (_, verbs) = rule(find(&docs, "Role", "tether-iptables-manager"), "configmaps");
     assert_eq!(verbs, ["get", "list", "watch"]);
