@@ -616,7 +616,9 @@ async fn two_cluster_replicas_forward_and_fail_over() {
         std::fs::create_dir_all(&dir)?;
         let pki = Pki::generate()?;
         let front = pki.front_ca.issue_server("tether-cloud", &["localhost"])?;
-        let node = pki.edge_ca.issue_node_client("edge-ha", &[])?;
+        let node = pki
+            .edge_ca
+            .issue_node_client("edge-ha", &["127.0.0.9".parse()?])?;
         let f = |n: &str, pem: &str| write(&dir, n, pem);
         let kubeconfig = f(
             "kubeconfig",
@@ -709,11 +711,18 @@ async fn two_cluster_replicas_forward_and_fail_over() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         ensure!(forwarded, "replica b never forwarded: {:#?}", double.requests().len());
+        let lease = double
+            .get("leases", "tether", "tether-node-edge-ha")
+            .context("no node lease")?;
         ensure!(
-            double.get("leases", "tether", "tether-node-edge-ha").map(|l| l["spec"]["holderIdentity"].clone())
-                == Some("cloud-a".into()),
-            "node lease not held by cloud-a"
+            lease["spec"]["holderIdentity"] == "cloud-a"
+                && lease["metadata"]["annotations"]["tether.dev/node-ips"] == "127.0.0.9",
+            "node lease: {lease}"
         );
+        // Named only by address (as the apiserver's CONNECT does), it is
+        // forwarded too, found through the lease's addresses.
+        let (p, body) = front_get(&front_b, tls.clone(), "127.0.0.9:10250", "/containerLogs/default/web/app?bytes=4096").await?;
+        ensure!(p.status == 200 && body.len() == 4096, "by address: {}", p.status);
         // Replica a stops; the Service now sends edges to b.
         *target.lock().expect("lock") = tunnel_b;
         let stopped = std::time::Instant::now();

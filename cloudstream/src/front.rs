@@ -476,7 +476,11 @@ impl KubeletFront {
                 NodeKey::Name(n) => self.by_name(n),
                 NodeKey::Ip(ip) => match self.registry.by_ip(*ip) {
                     IpLookup::One(s) => Some(s),
-                    IpLookup::None => None,
+                    IpLookup::None => self
+                        .forwarder
+                        .as_ref()
+                        .filter(|_| !self.peer_mode)
+                        .and_then(|f| f.session_for_ip(*ip)),
                     IpLookup::Ambiguous(nodes) => {
                         return Err(status_response(
                             StatusCode::BAD_GATEWAY,

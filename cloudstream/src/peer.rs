@@ -5,7 +5,7 @@
 //! [`REPLICA_GROUP`] from the replicas' CA, on a listener of their own, so
 //! no apiserver or user certificate can pose as a replica.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,13 +30,18 @@ pub struct PeerAddr {
 /// Calls must not block: `claim` and `release` hand their writes to a
 /// background task, and `owner` answers from memory.
 pub trait Ownership: Send + Sync + 'static {
-    /// This replica now holds `node`'s session (the newest session wins).
-    fn claim(&self, node: &str);
+    /// This replica now holds `node`'s session (the newest session wins);
+    /// `ips` are the node's addresses from its certificate, so that other
+    /// replicas can route by address too.
+    fn claim(&self, node: &str, ips: &[IpAddr]);
     /// This replica's session of `node` ended; the record is removed only if
     /// it still names this replica.
     fn release(&self, node: &str);
     /// The live replica, other than this one, that holds `node`'s session.
     fn owner(&self, node: &str) -> Option<PeerAddr>;
+    /// The node with address `ip` and the live replica, other than this one,
+    /// that holds its session (an apiserver CONNECT names a node by IP).
+    fn owner_of_ip(&self, ip: IpAddr) -> Option<(String, PeerAddr)>;
 }
 
 /// Header naming the node a forwarded request is for.
@@ -78,7 +83,17 @@ impl Forwarder {
     /// live replica holds it.
     pub(crate) fn session_for(&self, node: &str) -> Option<Arc<dyn NodeSession>> {
         let peer = self.ownership.owner(node)?;
-        Some(Arc::new(PeerSession {
+        Some(self.session(node, peer))
+    }
+
+    /// Like [`Self::session_for`], for a node known by one of its addresses.
+    pub(crate) fn session_for_ip(&self, ip: IpAddr) -> Option<Arc<dyn NodeSession>> {
+        let (node, peer) = self.ownership.owner_of_ip(ip)?;
+        Some(self.session(&node, peer))
+    }
+
+    fn session(&self, node: &str, peer: PeerAddr) -> Arc<dyn NodeSession> {
+        Arc::new(PeerSession {
             info: SessionInfo {
                 node: node.to_owned(),
                 id: 0,
@@ -98,7 +113,7 @@ impl Forwarder {
             peer,
             from: self.replica.clone(),
             tls: self.client_tls.clone(),
-        }))
+        })
     }
 }
 

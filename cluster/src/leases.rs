@@ -49,6 +49,9 @@ pub const LEASE_KIND_LABEL: &str = "tether.dev/lease";
 pub const NODE_LABEL: &str = "tether.dev/node";
 /// The annotation of a replica Lease with the replica's peer address (`ip:port`).
 pub const PEER_ADDRESS_ANNOTATION: &str = "tether.dev/peer-address";
+/// The annotation of a node Lease with the node's addresses
+/// (comma-separated, from its certificate), for routing by address.
+pub const NODE_IPS_ANNOTATION: &str = "tether.dev/node-ips";
 /// Name prefix of replica Leases.
 pub const REPLICA_LEASE_PREFIX: &str = "tether-replica-";
 /// Name prefix of node Leases.
@@ -200,6 +203,8 @@ struct Local {
     held: HashSet<String>,
     /// The latest wish for each node whose worker runs.
     intents: HashMap<String, Intent>,
+    /// Addresses of the nodes held here, written into their Leases.
+    ips: HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 struct Inner {
@@ -346,12 +351,48 @@ impl LeaseOwnership {
 }
 
 impl Ownership for LeaseOwnership {
-    fn claim(&self, node: &str) {
+    fn claim(&self, node: &str, ips: &[std::net::IpAddr]) {
+        {
+            let mut local = self.inner.local.lock().expect("lease lock");
+            // Bounded like the held set: one entry per node held here.
+            local.ips.insert(node.to_owned(), ips.to_vec());
+        }
         self.inner.request(node, Want::Claim(Timestamp::now()));
     }
 
     fn release(&self, node: &str) {
+        self.inner
+            .local
+            .lock()
+            .expect("lease lock")
+            .ips
+            .remove(node);
         self.inner.request(node, Want::Release);
+    }
+
+    fn owner_of_ip(&self, ip: std::net::IpAddr) -> Option<(String, PeerAddr)> {
+        // A scan of the cached node Leases: this path serves only requests
+        // that reached a replica without the session, and a fleet's Leases
+        // are a few thousand small objects in memory.
+        let want = ip.to_string();
+        let node = self.inner.store.state().into_iter().find_map(|lease| {
+            let ips = lease
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(NODE_IPS_ANNOTATION)?;
+            if !ips.split(',').any(|a| a == want) {
+                return None;
+            }
+            lease
+                .metadata
+                .name
+                .as_deref()?
+                .strip_prefix(NODE_LEASE_PREFIX)
+                .map(str::to_owned)
+        })?;
+        let peer = self.inner.owner_at(&node, Timestamp::now())?;
+        Some((node, peer))
     }
 
     fn owner(&self, node: &str) -> Option<PeerAddr> {

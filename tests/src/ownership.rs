@@ -3,7 +3,7 @@
 //! of forwarding between replicas. A fixture, not the production store.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tether_cloudstream::peer::{Ownership, PeerAddr};
@@ -11,6 +11,7 @@ use tether_cloudstream::peer::{Ownership, PeerAddr};
 #[derive(Default)]
 struct Board {
     owners: HashMap<String, String>,
+    ips: HashMap<IpAddr, String>,
     replicas: HashMap<String, (SocketAddr, bool)>,
 }
 
@@ -59,11 +60,12 @@ struct View {
 }
 
 impl Ownership for View {
-    fn claim(&self, node: &str) {
-        self.board
-            .lock()
-            .owners
-            .insert(node.to_owned(), self.me.clone());
+    fn claim(&self, node: &str, ips: &[IpAddr]) {
+        let mut b = self.board.lock();
+        b.owners.insert(node.to_owned(), self.me.clone());
+        for ip in ips {
+            b.ips.insert(*ip, node.to_owned());
+        }
     }
 
     fn release(&self, node: &str) {
@@ -71,6 +73,12 @@ impl Ownership for View {
         if b.owners.get(node) == Some(&self.me) {
             b.owners.remove(node);
         }
+    }
+
+    fn owner_of_ip(&self, ip: IpAddr) -> Option<(String, PeerAddr)> {
+        let node = self.board.lock().ips.get(&ip).cloned()?;
+        let peer = self.owner(&node)?;
+        Some((node, peer))
     }
 
     fn owner(&self, node: &str) -> Option<PeerAddr> {

@@ -65,6 +65,20 @@ async fn replica(pki: &Pki, board: &OwnershipBoard, id: &str) -> anyhow::Result<
     Ok(cloud)
 }
 
+/// The claim follows the session's registration; wait (bounded) for it.
+async fn wait_holder(board: &OwnershipBoard, replica: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if board.holder(NODE).as_deref() == Some(replica) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!(
+        "{replica} never recorded as the holder: {:?}",
+        board.holder(NODE)
+    )
+}
+
 async fn logs_through(pki: &Pki, cloud: &CloudHandle, bytes: u64) -> anyhow::Result<u16> {
     let conn = cloud.front_conn(pki.apiserver_tls()?).await?;
     let resp = kubectl::get_streaming(
@@ -95,12 +109,14 @@ async fn requests_to_the_other_replica_are_forwarded_and_survive_its_loss() {
         let a = replica(&pki, &board, "cloud-a").await?;
         let b = replica(&pki, &board, "cloud-b").await?;
         let service = Service::start(a.tunnel_addr).await?;
-        let _edge = EdgeHandle::start(&pki, service.addr, EdgeSpec::new(NODE, kubelet.addr))?;
+        let mut spec = EdgeSpec::new(NODE, kubelet.addr);
+        spec.ips = vec!["10.200.0.7".parse()?];
+        let _edge = EdgeHandle::start(&pki, service.addr, spec)?;
         a.registry
             .wait_for_node(NODE, None, Duration::from_secs(10))
             .await
             .context("edge never reached replica a")?;
-        ensure!(board.holder(NODE).as_deref() == Some("cloud-a"));
+        wait_holder(&board, "cloud-a").await?;
         ensure!(b.registry.get(NODE).is_none());
 
         // Through replica b, which has no session: logs stream byte-exact...
@@ -120,6 +136,19 @@ async fn requests_to_the_other_replica_are_forwarded_and_survive_its_loss() {
             "no follow data"
         );
         drop(body);
+        // ...a request naming the node only by address is forwarded too
+        // (the apiserver's CONNECT and DNAT name nodes by IP)...
+        let (p, body) = kubectl::get(
+            b.front_conn(pki.apiserver_tls()?).await?,
+            "10.200.0.7:10250",
+            "/containerLogs/default/web/app?bytes=2048",
+        )
+        .await?;
+        ensure!(
+            p.status == 200 && body.len() == 2048,
+            "by address: {}",
+            p.status
+        );
         // ...and exec upgrades end to end.
         let path = kubectl::exec_path(
             "default",
@@ -169,7 +198,7 @@ async fn requests_to_the_other_replica_are_forwarded_and_survive_its_loss() {
         }
         let took = recovered.context("requests did not succeed again within 15 s")?;
         eprintln!("failover: requests succeed again {took:?} after the owning replica stopped");
-        ensure!(board.holder(NODE).as_deref() == Some("cloud-b"));
+        wait_holder(&board, "cloud-b").await?;
         Ok::<_, anyhow::Error>(())
     })
     .await
@@ -190,6 +219,7 @@ async fn a_dead_replica_is_not_forwarded_to() {
             .wait_for_node(NODE, None, Duration::from_secs(10))
             .await
             .context("edge never connected")?;
+        wait_holder(&board, "cloud-a").await?;
         ensure!(logs_through(&pki, &b, 1024).await? == 200);
         // Its replica Lease expired (crashed without releasing): b answers
         // at once that the node has no session, instead of dialling a corpse.

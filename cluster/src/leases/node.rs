@@ -250,6 +250,25 @@ impl Inner {
         if node.len() <= MAX_LABEL_VALUE {
             labels_now.insert(NODE_LABEL.to_owned(), node.to_owned());
         }
+        let ips = self
+            .local
+            .lock()
+            .expect("lease lock")
+            .ips
+            .get(node)
+            .map(|ips| {
+                ips.iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let annotations = lease.metadata.annotations.get_or_insert_default();
+        if ips.is_empty() {
+            annotations.remove(super::NODE_IPS_ANNOTATION);
+        } else {
+            annotations.insert(super::NODE_IPS_ANNOTATION.to_owned(), ips);
+        }
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let changed = spec.holder_identity.as_deref() != Some(self.replica.as_str());
         if changed && spec.holder_identity.is_some() {
