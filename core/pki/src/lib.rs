@@ -138,7 +138,8 @@ impl Ca {
 
     /// Loads an existing CA from its certificate and key in PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(key_pem)?;
+        let (key, key_pem) = ca_key(key_pem)?;
+        let key_pem = key_pem.as_str();
         let cert_der = parse_certs(cert_pem.as_bytes(), "CA certificate")?
             .into_iter()
             .next()
@@ -354,8 +355,102 @@ pub(crate) fn parse_certs(
     Ok(certs)
 }
 
+/// A CA key from PEM: PKCS#8 (`PRIVATE KEY`) as rcgen reads it, or an RSA
+/// key in PKCS#1 (`RSA PRIVATE KEY`, what kubeadm writes for its CAs),
+/// rewrapped as PKCS#8. Returns the key and its PKCS#8 PEM.
+fn ca_key(key_pem: &str) -> Result<(KeyPair, String), PkiError> {
+    let bad = |reason: String| PkiError::Pem {
+        what: "CA key",
+        reason,
+    };
+    let der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    match der {
+        PrivateKeyDer::Pkcs8(_) => {
+            let key = KeyPair::from_pem(key_pem)?;
+            Ok((key, key_pem.to_owned()))
+        }
+        PrivateKeyDer::Pkcs1(rsa) => {
+            let pkcs8 = pkcs1_to_pkcs8(rsa.secret_pkcs1_der());
+            let key = KeyPair::try_from(pkcs8.as_slice())?;
+            let pem = key.serialize_pem();
+            Ok((key, pem))
+        }
+        PrivateKeyDer::Sec1(_) => Err(bad(
+            "EC keys in SEC1 form (BEGIN EC PRIVATE KEY) are not read; convert with `openssl pkcs8 -topk8 -nocrypt`".into(),
+        )),
+        _ => Err(bad("unsupported key type".into())),
+    }
+}
+
+/// Wraps a PKCS#1 RSAPrivateKey in a PKCS#8 PrivateKeyInfo (RFC 5208):
+/// SEQUENCE { INTEGER 0, SEQUENCE { rsaEncryption, NULL }, OCTET STRING key }.
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    fn der_len(out: &mut Vec<u8>, len: usize) {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (bytes.len() - skip) as u8);
+            out.extend_from_slice(&bytes[skip..]);
+        }
+    }
+    const VERSION: [u8; 3] = [0x02, 0x01, 0x00];
+    // rsaEncryption (1.2.840.113549.1.1.1) with NULL parameters.
+    const ALGORITHM: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut octets = vec![0x04];
+    der_len(&mut octets, pkcs1.len());
+    octets.extend_from_slice(pkcs1);
+    let body_len = VERSION.len() + ALGORITHM.len() + octets.len();
+    let mut out = vec![0x30];
+    der_len(&mut out, body_len);
+    out.extend_from_slice(&VERSION);
+    out.extend_from_slice(&ALGORITHM);
+    out.extend_from_slice(&octets);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_kubeadm_rsa_ca_in_pkcs1_signs_node_certificates() {
+        let ca = Ca::from_pem(
+            include_str!("../testdata/kubeadm-ca.crt"),
+            include_str!("../testdata/kubeadm-ca.key"),
+        )
+        .unwrap();
+        assert!(
+            ca.key_pem()
+                .expose()
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
+        let node = ca.issue_node_client("edge-1", &[]).unwrap();
+        let der = node.cert_chain().unwrap().remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(cert.issuer().to_string(), "CN=test-kubeadm-ca");
+        // sha256WithRSAEncryption
+        assert_eq!(
+            cert.signature_algorithm.algorithm.to_id_string(),
+            "1.2.840.113549.1.1.11"
+        );
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        cert.verify_signature(Some(ca_cert.public_key())).unwrap();
+        // The converted key loads again (the state directory stores it).
+        Ca::from_pem(ca.cert_pem(), ca.key_pem().expose()).unwrap();
+    }
+
+    #[test]
+    fn an_ec_key_in_sec1_form_gets_a_clear_error() {
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIDXs\n-----END EC PRIVATE KEY-----\n";
+        let e = ca_key(sec1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("SEC1") || e.contains("invalid PEM"), "{e}");
+    }
+
     use super::*;
 
     #[test]
