@@ -220,11 +220,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             SocketAddr::new(ip, front_local.port()).to_string()
         }
     };
+    // Set once the ownership records run (cluster mode): then every
+    // replica's /sd lists the nodes the others hold too.
+    let sd_others: Arc<std::sync::OnceLock<Arc<dyn tether_cloudstream::peer::Ownership>>> =
+        Arc::default();
     let sd = {
         let sessions = sessions.clone();
+        let others = sd_others.clone();
         Arc::new(move || {
             hyper::body::Bytes::from(
-                tether_cloudstream::sd::targets(&sessions, &sd_front).to_string(),
+                tether_cloudstream::sd::targets(&sessions, others.get().map(|o| &**o), &sd_front)
+                    .to_string(),
             )
         }) as Arc<dyn Fn() -> hyper::body::Bytes + Send + Sync>
     };
@@ -364,6 +370,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let (peers, ownership) = match (&cluster, &state) {
         (Some(c), Some(state)) => {
             let (p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
+            let _ = sd_others.set(o.clone());
             (Some(p), Some(o))
         }
         (Some(_), None) => {

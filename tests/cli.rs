@@ -719,6 +719,14 @@ async fn two_cluster_replicas_forward_and_fail_over() {
                 && lease["metadata"]["annotations"]["tether.dev/node-ips"] == "127.0.0.9",
             "node lease: {lease}"
         );
+        // Replica b's service discovery lists the node a holds, so one
+        // Prometheus job through the Service finds every edge.
+        let sd = Command::new("curl")
+            .args(["-sf", &format!("http://{}/sd", field(&replicas[1].started, "admin")?)])
+            .output()
+            .await?;
+        let sd = String::from_utf8_lossy(&sd.stdout);
+        ensure!(sd.contains("/tether/v1/nodes/edge-ha/kubelet/metrics"), "b's /sd: {sd}");
         // Named only by address (as the apiserver's CONNECT does), it is
         // forwarded too, found through the lease's addresses.
         let (p, body) = front_get(&front_b, tls.clone(), "127.0.0.9:10250", "/containerLogs/default/web/app?bytes=4096").await?;

@@ -90,7 +90,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         metrics.tunnel_event(&ev);
         if let Some(o) = &ownership {
             match &ev {
-                TunnelEvent::Connected { info, .. } => o.claim(&info.node, &info.ips),
+                TunnelEvent::Connected { info, .. } => o.claim(info),
                 // A replaced session's node is still here, in the newer one.
                 TunnelEvent::Disconnected { info, reason } if *reason != "replaced" => {
                     o.release(&info.node)

@@ -25,15 +25,29 @@ pub struct PeerAddr {
     pub addr: SocketAddr,
 }
 
+/// A node whose session another live replica holds, as its record says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldNode {
+    /// Node name.
+    pub node: String,
+    /// The replica holding it.
+    pub replica: String,
+    /// The node's addresses (certificate IP SANs).
+    pub ips: Vec<IpAddr>,
+    /// Allow-listed endpoints the edge announced (service discovery).
+    pub endpoints: Vec<SocketAddr>,
+}
+
 /// The ownership records: which replica holds each node's session. Cluster
 /// mode keeps them in Kubernetes Leases; tests use an in-memory store.
 /// Calls must not block: `claim` and `release` hand their writes to a
 /// background task, and `owner` answers from memory.
 pub trait Ownership: Send + Sync + 'static {
-    /// This replica now holds `node`'s session (the newest session wins);
-    /// `ips` are the node's addresses from its certificate, so that other
-    /// replicas can route by address too.
-    fn claim(&self, node: &str, ips: &[IpAddr]);
+    /// This replica now holds the node's session (the newest session
+    /// wins). The record keeps the node's addresses, so other replicas can
+    /// route by address, and its announced endpoints, so every replica's
+    /// service discovery lists it.
+    fn claim(&self, session: &SessionInfo);
     /// This replica's session of `node` ended; the record is removed only if
     /// it still names this replica.
     fn release(&self, node: &str);
@@ -42,6 +56,8 @@ pub trait Ownership: Send + Sync + 'static {
     /// The node with address `ip` and the live replica, other than this one,
     /// that holds its session (an apiserver CONNECT names a node by IP).
     fn owner_of_ip(&self, ip: IpAddr) -> Option<(String, PeerAddr)>;
+    /// Every node held by another live replica.
+    fn remote_nodes(&self) -> Vec<HeldNode>;
 }
 
 /// Header naming the node a forwarded request is for.

@@ -15,14 +15,30 @@ const KUBELET_PATHS: [(&str, &str); 3] = [
     ("/metrics/resource", "resource"),
 ];
 
-/// The target groups for every connected node; `front` is the `host:port`
-/// Prometheus reaches the front at.
-pub fn targets(registry: &SessionRegistry, front: &str) -> Value {
-    let mut sessions = registry.sessions();
-    sessions.sort_by(|a, b| a.node.cmp(&b.node));
+/// The target groups for every connected node: this replica's sessions and,
+/// with several replicas, the nodes the others hold (their requests are
+/// forwarded); `front` is the `host:port` Prometheus reaches the front at.
+pub fn targets(
+    registry: &SessionRegistry,
+    others: Option<&dyn crate::peer::Ownership>,
+    front: &str,
+) -> Value {
+    let mut nodes: Vec<(String, Vec<std::net::SocketAddr>)> = registry
+        .sessions()
+        .into_iter()
+        .map(|s| (s.node, s.endpoints))
+        .collect();
+    if let Some(o) = others {
+        for held in o.remote_nodes() {
+            if !nodes.iter().any(|(n, _)| *n == held.node) {
+                nodes.push((held.node, held.endpoints));
+            }
+        }
+    }
+    nodes.sort_by(|a, b| a.0.cmp(&b.0));
     let mut groups = Vec::new();
-    for s in sessions {
-        let node = &s.node;
+    for (node, endpoints) in nodes {
+        let node = &node;
         for (path, kind) in KUBELET_PATHS {
             groups.push(json!({
                 "targets": [front],
@@ -33,7 +49,7 @@ pub fn targets(registry: &SessionRegistry, front: &str) -> Value {
                 },
             }));
         }
-        for ep in &s.endpoints {
+        for ep in &endpoints {
             groups.push(json!({
                 "targets": [front],
                 "labels": {

@@ -52,6 +52,9 @@ pub const PEER_ADDRESS_ANNOTATION: &str = "tether.dev/peer-address";
 /// The annotation of a node Lease with the node's addresses
 /// (comma-separated, from its certificate), for routing by address.
 pub const NODE_IPS_ANNOTATION: &str = "tether.dev/node-ips";
+/// The annotation of a node Lease with the endpoints its edge announced
+/// (comma-separated `ip:port`), for every replica's service discovery.
+pub const NODE_ENDPOINTS_ANNOTATION: &str = "tether.dev/endpoints";
 /// Name prefix of replica Leases.
 pub const REPLICA_LEASE_PREFIX: &str = "tether-replica-";
 /// Name prefix of node Leases.
@@ -203,8 +206,9 @@ struct Local {
     held: HashSet<String>,
     /// The latest wish for each node whose worker runs.
     intents: HashMap<String, Intent>,
-    /// Addresses of the nodes held here, written into their Leases.
-    ips: HashMap<String, Vec<std::net::IpAddr>>,
+    /// Addresses and announced endpoints of the nodes held here, written
+    /// into their Leases.
+    ips: HashMap<String, (Vec<std::net::IpAddr>, Vec<SocketAddr>)>,
 }
 
 struct Inner {
@@ -351,13 +355,57 @@ impl LeaseOwnership {
 }
 
 impl Ownership for LeaseOwnership {
-    fn claim(&self, node: &str, ips: &[std::net::IpAddr]) {
+    fn claim(&self, session: &tether_tunnel::SessionInfo) {
+        let node = session.node.as_str();
         {
             let mut local = self.inner.local.lock().expect("lease lock");
             // Bounded like the held set: one entry per node held here.
-            local.ips.insert(node.to_owned(), ips.to_vec());
+            local.ips.insert(
+                node.to_owned(),
+                (session.ips.clone(), session.endpoints.clone()),
+            );
         }
         self.inner.request(node, Want::Claim(Timestamp::now()));
+    }
+
+    fn remote_nodes(&self) -> Vec<tether_cloudstream::peer::HeldNode> {
+        let now = Timestamp::now();
+        self.inner
+            .store
+            .state()
+            .into_iter()
+            .filter_map(|lease| {
+                let node = lease
+                    .metadata
+                    .name
+                    .as_deref()?
+                    .strip_prefix(NODE_LEASE_PREFIX)?
+                    .to_owned();
+                let peer = self.inner.owner_at(&node, now)?;
+                let list = |key: &str| -> String {
+                    lease
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(key))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                Some(tether_cloudstream::peer::HeldNode {
+                    node,
+                    replica: peer.replica,
+                    ips: list(NODE_IPS_ANNOTATION)
+                        .split(',')
+                        .filter_map(|a| a.parse().ok())
+                        .collect(),
+                    endpoints: list(NODE_ENDPOINTS_ANNOTATION)
+                        .split(',')
+                        .filter_map(|a| a.parse().ok())
+                        .take(64)
+                        .collect(),
+                })
+            })
+            .collect()
     }
 
     fn release(&self, node: &str) {

@@ -20,9 +20,9 @@ mod tunnelport;
 use std::path::Path;
 
 pub use leases::{
-    APP_LABEL, LEASE_KIND_LABEL, LeaseError, LeaseOptions, LeaseOwnership, NODE_IPS_ANNOTATION,
-    NODE_LABEL, NODE_LEASE_PREFIX, NameError, PEER_ADDRESS_ANNOTATION, REPLICA_LEASE_PREFIX,
-    node_lease_name, replica_lease_name,
+    APP_LABEL, LEASE_KIND_LABEL, LeaseError, LeaseOptions, LeaseOwnership,
+    NODE_ENDPOINTS_ANNOTATION, NODE_IPS_ANNOTATION, NODE_LABEL, NODE_LEASE_PREFIX, NameError,
+    PEER_ADDRESS_ANNOTATION, REPLICA_LEASE_PREFIX, node_lease_name, replica_lease_name,
 };
 pub use pods::{PodCache, PodCacheOptions, PodLocatorFn};
 pub use retry::RetryPolicy;

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use tether_cloudstream::peer::{Ownership, PeerAddr};
+use tether_cloudstream::peer::{HeldNode, Ownership, PeerAddr};
+use tether_tunnel::SessionInfo;
 
 #[derive(Default)]
 struct Board {
     owners: HashMap<String, String>,
     ips: HashMap<IpAddr, String>,
+    endpoints: HashMap<String, Vec<SocketAddr>>,
     replicas: HashMap<String, (SocketAddr, bool)>,
 }
 
@@ -60,12 +62,33 @@ struct View {
 }
 
 impl Ownership for View {
-    fn claim(&self, node: &str, ips: &[IpAddr]) {
+    fn claim(&self, session: &SessionInfo) {
         let mut b = self.board.lock();
-        b.owners.insert(node.to_owned(), self.me.clone());
-        for ip in ips {
-            b.ips.insert(*ip, node.to_owned());
+        let node = session.node.clone();
+        b.owners.insert(node.clone(), self.me.clone());
+        for ip in &session.ips {
+            b.ips.insert(*ip, node.clone());
         }
+        b.endpoints.insert(node, session.endpoints.clone());
+    }
+
+    fn remote_nodes(&self) -> Vec<HeldNode> {
+        let b = self.board.lock();
+        b.owners
+            .iter()
+            .filter(|(_, r)| **r != self.me && b.replicas.get(*r).is_some_and(|(_, alive)| *alive))
+            .map(|(node, replica)| HeldNode {
+                node: node.clone(),
+                replica: replica.clone(),
+                ips: b
+                    .ips
+                    .iter()
+                    .filter(|(_, n)| *n == node)
+                    .map(|(ip, _)| *ip)
+                    .collect(),
+                endpoints: b.endpoints.get(node).cloned().unwrap_or_default(),
+            })
+            .collect()
     }
 
     fn release(&self, node: &str) {

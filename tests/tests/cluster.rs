@@ -907,7 +907,7 @@ async fn leases_against_api_double_claim_creates_and_the_newest_claim_takes_over
         let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7001", 15).await?;
         let name = "tether-node-edge-1";
         let path = lease_path(name);
-        a.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await, "claim never written");
         ensure!(statuses(&double.requests_to(&Method::GET, &path)) == [404]);
         let posts: Vec<Recorded> = double
@@ -943,8 +943,8 @@ async fn leases_against_api_double_claim_creates_and_the_newest_claim_takes_over
         // same version, so one PUT is stale: the double answers 409 and that
         // replica reads again. B's claim is the newer and wins either way.
         double.gate(Method::GET, &path, 2);
-        a.claim("edge-1", &[]);
-        b.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
+        b.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await && b.wait_idle(WAIT).await);
         let puts = double.requests_to(&Method::PUT, &path);
         ensure!(
@@ -969,7 +969,7 @@ async fn leases_against_api_double_claim_creates_and_the_newest_claim_takes_over
         // A scripted stale write: B reads again and writes again.
         let before = double.requests_to(&Method::PUT, &path).len();
         double.fail_next(Method::PUT, &path, &[Fault::Status(409)]);
-        b.claim("edge-1", &[]);
+        b.claim(&session("edge-1"));
         ensure!(b.wait_idle(WAIT).await);
         let puts = double.requests_to(&Method::PUT, &path);
         ensure!(
@@ -991,9 +991,9 @@ async fn leases_against_api_double_release_keeps_another_replicas_record() {
         let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7001", 15).await?;
         let name = "tether-node-edge-1";
         let path = lease_path(name);
-        a.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await);
-        b.claim("edge-1", &[]);
+        b.claim(&session("edge-1"));
         ensure!(b.wait_idle(WAIT).await);
         ensure!(lease_holder(&double, name).as_deref() == Some("r-b"));
         // A's old session ends after B took the node over: nothing to delete.
@@ -1008,12 +1008,12 @@ async fn leases_against_api_double_release_keeps_another_replicas_record() {
         // A release racing a takeover: both read the record naming A. If the
         // delete lands second its precondition is stale (409) and A reads
         // again; if first, B's write finds nothing and creates. B holds it.
-        a.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await);
         ensure!(lease_holder(&double, name).as_deref() == Some("r-a"));
         double.gate(Method::GET, &path, 2);
         a.release("edge-1");
-        b.claim("edge-1", &[]);
+        b.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await && b.wait_idle(WAIT).await);
         ensure!(
             lease_holder(&double, name).as_deref() == Some("r-b"),
@@ -1054,7 +1054,7 @@ async fn leases_against_api_double_owner_resolves_through_the_replica_lease() {
         let double = api_double::start().await?;
         let (a, _ta) = replica(&double, "r-a", "10.0.0.1:7001", 15).await?;
         let (b, _tb) = replica(&double, "r-b", "10.0.0.2:7002", 15).await?;
-        a.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
         ensure!(
             b.wait_until(WAIT, |b| b.owner("edge-1") == peer("r-a", "10.0.0.1:7001"))
                 .await,
@@ -1066,6 +1066,30 @@ async fn leases_against_api_double_owner_resolves_through_the_replica_lease() {
             "a replica never forwards to itself"
         );
         ensure!(b.owner("edge-2").is_none(), "nobody holds edge-2");
+        // The record carries the node's addresses and endpoints: B routes by
+        // address and lists the node in its service discovery.
+        ensure!(
+            b.owner_of_ip("10.0.0.7".parse()?)
+                == Some((
+                    "edge-1".into(),
+                    peer("r-a", "10.0.0.1:7001").context("peer")?
+                )),
+            "by address: {:?}",
+            b.owner_of_ip("10.0.0.7".parse()?)
+        );
+        ensure!(b.owner_of_ip("10.0.0.8".parse()?).is_none());
+        let held = b.remote_nodes();
+        ensure!(
+            held.len() == 1
+                && held[0].node == "edge-1"
+                && held[0].replica == "r-a"
+                && held[0].endpoints == ["127.0.0.1:9100".parse::<std::net::SocketAddr>()?],
+            "remote nodes: {held:?}"
+        );
+        ensure!(
+            a.remote_nodes().is_empty(),
+            "a's own nodes are not remote to it"
+        );
 
         // A replica that stopped renewing a minute ago is dead. The edge-3
         // record comes last: once B sees it, it has seen the others.
@@ -1094,8 +1118,8 @@ async fn leases_against_api_double_owner_resolves_through_the_replica_lease() {
         // Names that cannot name a Lease are refused before any request.
         let posts = double.requests_to(&Method::POST, LEASES).len();
         let too_long = "a".repeat(242);
-        a.claim("Edge_1", &[]);
-        a.claim(&too_long, &[]);
+        a.claim(&session("Edge_1"));
+        a.claim(&session(&too_long));
         ensure!(a.pending() == 0, "a refused name was queued");
         ensure!(double.requests_to(&Method::POST, LEASES).len() == posts);
         ensure!(
@@ -1200,7 +1224,7 @@ async fn leases_against_api_double_replica_lease_is_renewed_and_removed_on_shutd
             "{spec}"
         );
         let start: Timestamp = spec["renewTime"].as_str().context("renewTime")?.parse()?;
-        a.claim("edge-1", &[]);
+        a.claim(&session("edge-1"));
         ensure!(a.wait_idle(WAIT).await);
 
         // Renewed every third of a second, each PUT from the version last
@@ -1251,7 +1275,7 @@ async fn leases_against_api_double_replica_lease_is_renewed_and_removed_on_shutd
         ensure!(del[0].json()["preconditions"]["resourceVersion"].is_string());
         ensure!(b.wait_until(WAIT, |b| b.owner("edge-1").is_none()).await);
         // After shutdown a claim writes nothing.
-        a.claim("edge-2", &[]);
+        a.claim(&session("edge-2"));
         ensure!(a.pending() == 0);
         Ok(())
     })
@@ -1275,7 +1299,7 @@ async fn leases_against_api_double_restart_releases_records_of_an_earlier_run() 
             shutdown,
         )?;
         // edge-2 reconnects at once; edge-1 does not.
-        a.claim("edge-2", &[]);
+        a.claim(&session("edge-2"));
         ensure!(
             double
                 .wait_for_objects(WAIT, |_| double
@@ -1299,4 +1323,24 @@ async fn leases_against_api_double_restart_releases_records_of_an_earlier_run() 
         Ok(())
     })
     .await;
+}
+
+/// A session of `node` as the tunnel listener reports it.
+fn session(node: &str) -> tether_tunnel::SessionInfo {
+    tether_tunnel::SessionInfo {
+        node: node.to_owned(),
+        id: 1,
+        peer: "127.0.0.1:1".parse().expect("address"),
+        ips: vec!["10.0.0.7".parse().expect("address")],
+        connected_at: std::time::SystemTime::now(),
+        identity: tether_pki::Identity {
+            common_name: format!("system:node:{node}"),
+            organizations: vec!["system:nodes".to_owned()],
+            ips: Vec::new(),
+            serial: "1".to_owned(),
+            not_before: 0,
+            not_after: 0,
+        },
+        endpoints: vec!["127.0.0.1:9100".parse().expect("address")],
+    }
 }

@@ -250,24 +250,30 @@ impl Inner {
         if node.len() <= MAX_LABEL_VALUE {
             labels_now.insert(NODE_LABEL.to_owned(), node.to_owned());
         }
-        let ips = self
-            .local
-            .lock()
-            .expect("lease lock")
-            .ips
-            .get(node)
-            .map(|ips| {
-                ips.iter()
-                    .map(|ip| ip.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .unwrap_or_default();
+        let (ips, endpoints) = {
+            let local = self.local.lock().expect("lease lock");
+            let join = |v: Vec<String>| v.join(",");
+            local
+                .ips
+                .get(node)
+                .map(|(ips, eps)| {
+                    (
+                        join(ips.iter().map(|ip| ip.to_string()).collect()),
+                        join(eps.iter().map(|ep| ep.to_string()).collect()),
+                    )
+                })
+                .unwrap_or_default()
+        };
         let annotations = lease.metadata.annotations.get_or_insert_default();
-        if ips.is_empty() {
-            annotations.remove(super::NODE_IPS_ANNOTATION);
-        } else {
-            annotations.insert(super::NODE_IPS_ANNOTATION.to_owned(), ips);
+        for (key, value) in [
+            (super::NODE_IPS_ANNOTATION, ips),
+            (super::NODE_ENDPOINTS_ANNOTATION, endpoints),
+        ] {
+            if value.is_empty() {
+                annotations.remove(key);
+            } else {
+                annotations.insert(key.to_owned(), value);
+            }
         }
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let changed = spec.holder_identity.as_deref() != Some(self.replica.as_str());
