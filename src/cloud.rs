@@ -396,6 +396,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         pod_locator,
         session_hook,
         peers,
+        egress_passthrough: cfg.egress_passthrough.clone(),
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,

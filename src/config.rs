@@ -91,6 +91,11 @@ pub(crate) struct CloudConfig {
     pub(crate) patch_kubelet_port: bool,
     /// The message hub's listener for edges (default `0.0.0.0:10000`).
     pub(crate) hub_addr: SocketAddr,
+    /// Networks the front's CONNECT may dial directly when no node claims
+    /// the address: the pod and service CIDRs, so the apiserver's `cluster`
+    /// egress reaches webhooks and aggregated APIs (ADR 0012). Never list
+    /// edge node addresses. Default: none.
+    pub(crate) egress_passthrough: Vec<tether_cloudstream::egress::Cidr>,
     /// Cluster mode: the listener other replicas forward requests to
     /// (default `0.0.0.0:10001`; replicas only, never a NodePort).
     pub(crate) peer_addr: SocketAddr,
@@ -134,6 +139,7 @@ impl Default for CloudConfig {
             patch_kubelet_port: true,
             hub_addr: ([0, 0, 0, 0], 10000).into(),
             peer_addr: ([0, 0, 0, 0], 10001).into(),
+            egress_passthrough: Vec::new(),
             hub_api_token_file: None,
             hub: HubConfig::cloud(),
         }

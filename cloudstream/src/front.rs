@@ -65,6 +65,8 @@ pub(crate) struct KubeletFront {
     /// their node and target in headers, and are served from local
     /// sessions only (never forwarded again).
     pub(crate) peer_mode: bool,
+    /// Networks a CONNECT naming no node is dialled to directly.
+    pub(crate) egress_passthrough: Vec<crate::egress::Cidr>,
 }
 
 /// Facts about one client connection, fixed at accept.
@@ -273,7 +275,13 @@ impl KubeletFront {
             },
             (None, None) => match self.route(&req, conn) {
                 Ok(s) => s,
-                Err(resp) => return resp,
+                Err(resp) => match self.passthrough_target(&req) {
+                    // Only for addresses no node claims (not for ambiguous ones).
+                    Some(to) if resp.status() == StatusCode::NOT_FOUND => {
+                        return self.passthrough(req, to, kind_label, shutdown).await;
+                    }
+                    _ => return resp,
+                },
             },
         };
         tracing::Span::current().record("node", session.info().node.as_str());
@@ -367,6 +375,71 @@ impl KubeletFront {
         );
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, body_empty())
+    }
+
+    /// The destination of a CONNECT that no node claims, when it lies in a
+    /// passthrough network.
+    fn passthrough_target(&self, req: &Request<Incoming>) -> Option<SocketAddr> {
+        if req.method() != http::Method::CONNECT || self.egress_passthrough.is_empty() {
+            return None;
+        }
+        let to: SocketAddr = req.uri().authority()?.as_str().parse().ok()?;
+        self.egress_passthrough
+            .iter()
+            .any(|c| c.contains(to.ip()))
+            .then_some(to)
+    }
+
+    /// Dials `to` from the cloud and splices the client's CONNECT onto it
+    /// (ADR 0012): the apiserver's TLS to a webhook or aggregated API stays
+    /// end to end, as it does to a kubelet.
+    async fn passthrough(
+        &self,
+        mut req: Request<Incoming>,
+        to: SocketAddr,
+        kind: Kind,
+        shutdown: &Shutdown,
+    ) -> Response<Body> {
+        let tcp = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("passthrough to {to} failed: {e}"),
+                );
+            }
+            Err(_) => {
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!("passthrough to {to} timed out"),
+                );
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        debug!(%to, "egress passthrough");
+        let client_side = hyper::upgrade::on(&mut req);
+        let shutdown = shutdown.clone();
+        let (up_bytes, down_bytes) = (
+            self.metrics.bytes(kind, "from_client"),
+            self.metrics.bytes(kind, "to_client"),
+        );
+        tokio::spawn(
+            async move {
+                let Ok(c) = client_side.await else { return };
+                let (mut c, mut tcp) = (TokioIo::new(c), tcp);
+                match tether_tunnel::splice(&mut c, &mut tcp, &shutdown).await {
+                    Ok((up, down)) => {
+                        up_bytes.inc_by(up);
+                        down_bytes.inc_by(down);
+                    }
+                    Err(e) => debug!(error = %e, "passthrough stream ended"),
+                }
+            }
+            .in_current_span(),
+        );
+        Response::new(body_empty())
     }
 
     /// The request with its body counted into `from_client` bytes as it streams.

@@ -3,6 +3,7 @@
 //! talk to. Both share one [`SessionRegistry`].
 
 mod authz;
+pub mod egress;
 mod front;
 mod metrics;
 pub mod peer;
@@ -67,6 +68,9 @@ pub struct CloudOptions {
     pub session_hook: Option<SessionHook>,
     /// Several replicas: ownership records and forwarding between replicas.
     pub peers: Option<peer::PeerOptions>,
+    /// Networks a CONNECT that names no node may reach directly from the
+    /// cloud (the apiserver's egress to webhooks and aggregated APIs).
+    pub egress_passthrough: Vec<egress::Cidr>,
 }
 
 /// Runs the tunnel listener and the front until shutdown, then drains both.
@@ -136,6 +140,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
             pod_locator: None,
             forwarder: None,
             peer_mode: true,
+            egress_passthrough: Vec::new(),
         };
         tokio::spawn(peer_front.run(shutdown.clone()));
         Arc::new(peer::Forwarder {
@@ -157,6 +162,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         pod_locator: opts.pod_locator,
         forwarder,
         peer_mode: false,
+        egress_passthrough: opts.egress_passthrough,
     };
     let (t, ()) = tokio::join!(tunnel.run(shutdown.clone()), front.run(shutdown));
     if let Err(e) = t {

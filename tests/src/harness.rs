@@ -197,6 +197,8 @@ pub struct CloudSpec {
     /// Run as one of several replicas: this replica's id and its view of
     /// the ownership records. A peer listener starts on loopback.
     pub replica: Option<(String, Arc<dyn tether_cloudstream::peer::Ownership>)>,
+    /// Networks the front's CONNECT may reach directly (egress passthrough).
+    pub egress_passthrough: Vec<tether_cloudstream::egress::Cidr>,
 }
 
 impl CloudHandle {
@@ -278,6 +280,7 @@ impl CloudHandle {
             pod_locator: spec.pod_locator,
             session_hook: spec.session_hook,
             peers,
+            egress_passthrough: spec.egress_passthrough,
         };
         let task = tokio::spawn(tether_cloudstream::run(opts, shutdown));
         Ok(Self {

@@ -112,7 +112,11 @@ struct Env {
 impl Env {
     /// Cloud and one edge whose certificate carries [`NODE_IP`].
     async fn start(pki: Pki, spec: EdgeSpec) -> anyhow::Result<Self> {
-        let cloud = CloudHandle::start(&pki, CloudSpec::default()).await?;
+        Self::start_with(pki, spec, CloudSpec::default()).await
+    }
+
+    async fn start_with(pki: Pki, spec: EdgeSpec, cloud: CloudSpec) -> anyhow::Result<Self> {
+        let cloud = CloudHandle::start(&pki, cloud).await?;
         let edge = EdgeHandle::start(&pki, cloud.tunnel_addr, spec)?;
         cloud
             .registry
@@ -376,6 +380,45 @@ async fn connect_to_node_ip_kubelet_port_is_raw_tcp_to_an_https_kubelet() {
         }
         ensure!(v.offset() == N, "got {} bytes", v.offset());
         ensure!(fixture.requests() == before + 1);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_a_passthrough_network_is_dialled_from_the_cloud() {
+    bounded(async {
+        // A "webhook" in the cluster network (127.0.0.50), with its own CA.
+        let webhook_ca = Ca::generate("webhook-ca")?;
+        let webhook = TlsEcho::start(&webhook_ca, "127.0.0.50".parse()?).await?;
+        let unlisted = TcpListener::bind(SocketAddr::new(node_ip(), 0)).await?;
+        let fixture = FixtureKubelet::start(None).await?;
+        let mut spec = EdgeSpec::new(NODE, fixture.addr);
+        spec.ips = vec![node_ip()];
+        // The passthrough network holds the webhook and, to show that nodes
+        // win, the node's address too; 127.0.0.99 lies outside it.
+        let cloud = CloudSpec {
+            egress_passthrough: vec!["127.0.0.0/26".parse().map_err(anyhow::Error::msg)?],
+            ..CloudSpec::default()
+        };
+        let env = Env::start_with(Pki::generate()?, spec, cloud).await?;
+
+        let raw = env
+            .apiserver_dial(&format!("127.0.0.50:{}", webhook.addr.port()))
+            .await?;
+        let tls = end_to_end_tls(raw, &webhook_ca, ServerName::try_from(ECHO_NAME)?, None).await?;
+        let back = kubectl::echo_through(tls, b"admission review").await?;
+        ensure!(back == b"admission review", "echo differs");
+
+        // The node's own address still goes through its tunnel, where the
+        // allow-list refuses an unlisted port (not dialled from the cloud).
+        let target = format!("{NODE_IP}:{}", unlisted.local_addr()?.port());
+        let (code, status) = env.refused(&target).await?;
+        ensure!(code == 403, "{code}: {status}");
+        ensure!(env.edge.metrics.refused_total() == 1);
+
+        let (code, status) = env.refused(&format!("{UNKNOWN_IP}:443")).await?;
+        ensure!(code == 404, "{code}: {status}");
         Ok(())
     })
     .await;
