@@ -28,6 +28,9 @@ pub type Handler = Arc<
 
 /// Most messages in one NDJSON batch.
 pub const MAX_BATCH: usize = 1000;
+/// Largest NDJSON batch body. Bodies are read whole to publish them in one
+/// transaction, so this times the API's connection limit bounds its memory.
+pub const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Longest sync wait a caller may ask for.
 const MAX_SYNC_WAIT: Duration = Duration::from_secs(60);
 
@@ -128,7 +131,12 @@ where
             (_, Some(e)) => to_response(&e),
         };
     }
-    let body = match read_body(req, max_message.saturating_mul(MAX_BATCH).min(64 << 20)).await {
+    let body = match read_body(
+        req,
+        max_message.saturating_mul(MAX_BATCH).min(MAX_BATCH_BYTES),
+    )
+    .await
+    {
         Ok(b) => b,
         Err(resp) => return resp,
     };
