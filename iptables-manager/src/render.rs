@@ -5,7 +5,6 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use crate::records::{Entry, Records};
 
@@ -34,39 +33,7 @@ impl Family {
     }
 }
 
-/// A destination network, `addr/prefix`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("{s:?} is not a CIDR (want e.g. 10.0.0.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+pub use tether_tunnel::Cidr;
 
 /// Which destinations are redirected. Empty means every destination: that is
 /// KubeEdge's behaviour, and it hijacks the tunnel ports of every address.
@@ -93,7 +60,7 @@ impl DestMatch {
         let mut out: Vec<String> = self
             .cidrs
             .iter()
-            .filter(|c| Family::of(&c.addr) == family)
+            .filter(|c| Family::of(&c.addr()) == family)
             .map(|c| format!("-d {c} "))
             .collect();
         let set = match family {
@@ -305,7 +272,7 @@ pub fn nft_sync(
         let cidrs: Vec<String> = dst
             .cidrs
             .iter()
-            .filter(|c| Family::of(&c.addr) == fam)
+            .filter(|c| Family::of(&c.addr()) == fam)
             .map(Cidr::to_string)
             .collect();
         if !dst.is_any() && cidrs.is_empty() {

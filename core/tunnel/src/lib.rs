@@ -8,6 +8,7 @@
 //! control, resets, PING and GOAWAY come from h2. See `docs/protocol.md`.
 
 mod backoff;
+mod cidr;
 mod dialer;
 mod limits;
 mod listener;
@@ -22,6 +23,7 @@ pub mod wire;
 mod ws;
 
 pub use backoff::Backoff;
+pub use cidr::Cidr;
 pub use dialer::{DialError, EdgeTransport, TunnelDialer};
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, TunnelEvent, TunnelListener};
