@@ -537,7 +537,12 @@ impl Channel {
             generation,
         };
         let (rd, wr) = tokio::io::split(io);
-        let (ctl_tx, ctl_rx) = mpsc::channel(1024);
+        // Acks, defers and errors the reader hands the writer. The peer has
+        // at most `window` messages unacknowledged, so with room for several
+        // windows of acks the reader never waits on the writer: otherwise two
+        // writers blocked on each other's full sockets, each with its reader
+        // waiting for room here, would deadlock.
+        let (ctl_tx, ctl_rx) = mpsc::channel(self.inner.cfg.window.max(64) * 4);
         tokio::select! {
             end = self.read_loop(BufReader::new(rd), ctl_tx) => end,
             end = self.write_loop(BufWriter::new(wr), ctl_rx, generation) => end,
