@@ -211,6 +211,14 @@ struct State {
     bucket: Option<Bucket>,
     /// Ids acknowledged lately: a resend makes the peer ack again.
     recently_acked: Bounded<String>,
+    /// Resources with a deferred message in the peer's current pass: later
+    /// messages of theirs are deferred too, so that nothing overtakes the
+    /// deferred one. Cleared when the peer rewinds (resends from its oldest
+    /// unacknowledged message) and on every new connection. At most one
+    /// entry per message in flight, so bounded by the peer's window.
+    barriers: HashSet<String>,
+    /// Send a `rewind` before the next data frame (after a go-back).
+    rewind: bool,
 }
 
 enum Persist {
@@ -336,6 +344,8 @@ impl Channel {
                 waiters: HashMap::new(),
                 bucket,
                 recently_acked: Bounded::new(4096),
+                barriers: HashSet::new(),
+                rewind: false,
             }),
             wake: Notify::new(),
             deliver,
@@ -527,6 +537,8 @@ impl Channel {
             st.generation += 1;
             st.in_flight = 0;
             st.connected = true;
+            st.barriers.clear();
+            st.rewind = false;
             st.generation
         };
         // Wake a previous connection's writer so it sees it was replaced.
@@ -647,6 +659,10 @@ impl Channel {
                 self.deferred(&msg.header.parent_msg_id);
                 Ok(())
             }
+            "rewind" => {
+                self.lock().barriers.clear();
+                Ok(())
+            }
             "error" => {
                 self.inner.metrics.error("peer_error");
                 warn!(peer = %self.inner.peer, parent = %msg.header.parent_msg_id,
@@ -733,6 +749,10 @@ impl Channel {
             let mut st = self.lock();
             if st.seen.set.contains(&id) {
                 Verdict::Duplicate
+            } else if st.barriers.contains(&msg.route.resource) {
+                // An earlier message of this resource was deferred in this
+                // pass: this one waits for it, to keep per-resource order.
+                Verdict::Defer
             } else if self.is_stale(&mut st, &msg) {
                 st.seen.insert(id.clone());
                 Verdict::Stale
@@ -741,6 +761,7 @@ impl Channel {
             } else if (self.inner.accepts)(&msg) {
                 Verdict::Deliver
             } else {
+                st.barriers.insert(msg.route.resource.clone());
                 Verdict::Defer
             }
         };
@@ -902,6 +923,12 @@ impl Channel {
             if i >= st.pending.len() || i >= cfg.window {
                 break;
             }
+            if i == 0 && st.rewind {
+                // Tell the peer a new pass starts, so it lifts its barriers.
+                st.rewind = false;
+                let rewind = Message::control("rewind", "", Content::None);
+                return Ok((Some(rewind.to_json().into()), None));
+            }
             let p = &mut st.pending[i];
             p.attempts += 1;
             if p.attempts > cfg.max_attempts {
@@ -936,6 +963,7 @@ impl Channel {
         if st.generation == generation {
             debug!(peer = %self.inner.peer, in_flight = st.in_flight, "ack overdue; resending");
             st.in_flight = 0;
+            st.rewind = true;
         }
     }
 
@@ -1456,5 +1484,67 @@ mod tests {
             g = tokio::time::timeout(Duration::from_secs(10), got) => g.expect("never delivered"),
         };
         assert_eq!((first, second), (("r".into(), 1), ("r".into(), 2)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_arriving_mid_stream_sees_every_message_in_order() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let open = Arc::new(AtomicBool::new(false));
+        let (atx, _arx) = mpsc::channel(64);
+        let (btx, mut brx) = mpsc::channel(64);
+        let m = HubMetrics::default();
+        let a = Channel::open(
+            "b",
+            "q",
+            ChannelConfig::default(),
+            Store::in_memory(),
+            m.clone(),
+            atx,
+            yes(),
+        )
+        .unwrap();
+        let gate = open.clone();
+        let b = Channel::open(
+            "a",
+            "q",
+            ChannelConfig::default(),
+            Store::in_memory(),
+            m,
+            btx,
+            Arc::new(move |_| gate.load(Ordering::SeqCst)),
+        )
+        .unwrap();
+        const N: u64 = 300;
+        let publisher = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for n in 0..N {
+                    a.publish(msg("r", n)).await.unwrap();
+                    if n % 10 == 0 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        };
+        let got = async {
+            // The application subscribes while messages are in flight.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            open.store(true, Ordering::SeqCst);
+            let mut got = Vec::new();
+            while got.len() < N as usize {
+                got.push(value(brx.recv().await.unwrap()).1);
+            }
+            got
+        };
+        let got = tokio::select! {
+            _ = link(&a, &b, std::future::pending()) => panic!("link ended"),
+            g = tokio::time::timeout(Duration::from_secs(30), got) => g.expect("not all delivered"),
+        };
+        publisher.await.unwrap();
+        assert!(
+            got.iter().copied().eq(0..N),
+            "out of order: {:?}",
+            &got[..20]
+        );
     }
 }
