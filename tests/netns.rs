@@ -534,13 +534,15 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
-    for _ in 0..100 {
+    // 15 s: repairs take one resync (0.3 s) and one exec; the margin is for
+    // a loaded CI machine.
+    for _ in 0..300 {
         if check().await? {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("{what} did not happen within 5 s")
+    anyhow::bail!("{what} did not happen within 15 s")
 }
 
 /// A freshly synced manager must see no drift in its own rules: what it
@@ -586,7 +588,8 @@ async fn drift_repair(backend: &str) -> anyhow::Result<()> {
         eventually("restoring the flushed chain", || async {
             Ok(listing().await? == good)
         })
-        .await?;
+        .await
+        .with_context(|| format!("want:\n{good}"))?;
         ns.ok(&["nft", "delete", "table", "inet", "tether_tunnel"])
             .await?;
         eventually("restoring the deleted table", || async {
@@ -596,7 +599,8 @@ async fn drift_repair(backend: &str) -> anyhow::Result<()> {
                 .1
                 == good)
         })
-        .await?;
+        .await
+        .with_context(|| format!("want:\n{good}"))?;
         let other = ns.ok(&["nft", "list", "table", "inet", "foreign"]).await?;
         ensure!(
             other.contains("tcp dport 9999 accept"),
