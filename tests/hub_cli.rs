@@ -25,17 +25,6 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Certificates, keys and configs of one cloud and one edge, in `dir`.
 struct Files {
     dir: PathBuf,
@@ -563,7 +552,7 @@ async fn sh(args: &[&str]) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn veth_downed_100_times_loses_and_duplicates_nothing() {
-    if !is_root() {
+    if !process::is_root() {
         eprintln!("skipped: this test creates network namespaces and a veth pair and needs root");
         return;
     }

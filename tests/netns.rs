@@ -22,20 +22,9 @@ const REPLICA_A6: &str = "fd00:99::1";
 const REPLICA_B: &str = "10.99.0.2";
 const TUNNEL_PORT: u16 = 10351;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 macro_rules! require_root {
     () => {
-        if !is_root() {
+        if !process::is_root() {
             eprintln!(
                 "skipped: this test creates network namespaces and netfilter rules and needs root"
             );

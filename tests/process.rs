@@ -143,3 +143,15 @@ pub(crate) async fn ok(args: &[&str]) -> anyhow::Result<String> {
     ensure!(success, "{args:?} failed: {err}");
     Ok(out)
 }
+
+/// True when this test runs as root (network namespaces, netfilter).
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

@@ -641,7 +641,7 @@ impl Channel {
         match msg.route.operation.as_str() {
             "ack" => {
                 let parent = &msg.header.parent_msg_id;
-                if !self.acked(parent) {
+                if !self.acked(parent).await {
                     self.inner.metrics.error("unknown_ack");
                     debug!(peer = %self.inner.peer, id = %parent, "ack for an unknown message id");
                     return self
@@ -695,18 +695,20 @@ impl Channel {
 
     /// Removes an acknowledged message; false if the id was never pending
     /// (or so long ago that it is forgotten).
-    fn acked(&self, id: &str) -> bool {
-        let mut st = self.lock();
-        // Acks come in send order, so the front almost always matches.
-        let Some(i) = st.pending.iter().position(|p| p.id == id) else {
-            return st.recently_acked.set.contains(id);
+    async fn acked(&self, id: &str) -> bool {
+        let p = {
+            let mut st = self.lock();
+            // Acks come in send order, so the front almost always matches.
+            let Some(i) = st.pending.iter().position(|p| p.id == id) else {
+                return st.recently_acked.set.contains(id);
+            };
+            let p = st.pending.remove(i).expect("index from position");
+            st.recently_acked.insert(p.id.clone());
+            if i < st.in_flight {
+                st.in_flight -= 1;
+            }
+            p
         };
-        let p = st.pending.remove(i).expect("index from position");
-        st.recently_acked.insert(p.id.clone());
-        if i < st.in_flight {
-            st.in_flight -= 1;
-        }
-        drop(st);
         if let Some(at) = p.sent_at {
             self.inner
                 .metrics
@@ -714,14 +716,10 @@ impl Channel {
                 .observe(at.elapsed().as_secs_f64());
         }
         self.inner.metrics.queue_depth.dec();
-        if let Err(mpsc::error::TrySendError::Full(item)) =
-            self.inner.persist.try_send(Persist::Acked(p.seq))
-        {
-            // The persister is behind; never block the reader on the store.
-            let tx = self.inner.persist.clone();
-            tokio::spawn(async move { tx.send(item).await });
-        }
         self.inner.wake.notify_one();
+        // A persister behind by its whole queue slows this reader down, as
+        // recording delivered ids does: bounded backpressure, no task pile.
+        let _ = self.inner.persist.send(Persist::Acked(p.seq)).await;
         true
     }
 
