@@ -303,6 +303,13 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             }
         });
     }
+    let preauth_metrics = tether_tunnel::PreAuthMetrics::default();
+    preauth_metrics.register(&mut registry);
+    let hub_listener = hub_listener.preauth(tether_tunnel::PreAuthGate::new(
+        "hub",
+        cfg.preauth.clone(),
+        preauth_metrics.clone(),
+    ));
     let (hub_listener, hub_shutdown) = (Some(hub_listener), shutdown.clone());
     let hub_api = match &cfg.hub_api_token_file {
         Some(path) => {
@@ -333,6 +340,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: Some(sd),
             sessions: Some(debug_sessions),
             hub_api,
+            preauth: preauth_metrics.clone(),
         },
         shutdown.clone(),
     ));
@@ -348,7 +356,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             leaf.key_pem.to_der()?,
             std::slice::from_ref(state.ca().cert_der()),
         )?;
-        let server = BootstrapServer::new(state.clone(), Arc::new(tls), cfg.cert_lifetime()?);
+        let server = BootstrapServer::new(state.clone(), Arc::new(tls), cfg.cert_lifetime()?)
+            .preauth(tether_tunnel::PreAuthGate::new(
+                "bootstrap",
+                cfg.preauth.clone(),
+                preauth_metrics.clone(),
+            ));
         tokio::spawn(server.run(listener, shutdown.clone()));
         tokio::spawn(
             state
@@ -391,6 +404,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         authz: cfg.authz,
         limits: cfg.limits,
         front_limits: cfg.front_limits,
+        preauth: cfg.preauth,
+        preauth_metrics,
         registry: sessions,
         metrics,
         pod_locator,

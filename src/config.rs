@@ -40,6 +40,9 @@ pub(crate) struct CloudConfig {
     pub(crate) limits: TunnelLimits,
     /// Front bounds.
     pub(crate) front_limits: FrontLimits,
+    /// Bounds of connections that have not finished their handshake, per
+    /// listener (front, tunnel, hub, bootstrap, peer): ADR 0013.
+    pub(crate) preauth: tether_tunnel::PreAuthLimits,
     /// Drain deadline after SIGTERM, in seconds (default 10).
     pub(crate) drain_timeout_secs: u64,
     /// This replica's address as the control-plane hosts reach it; with
@@ -121,6 +124,7 @@ impl Default for CloudConfig {
             authz: Authorizer::default(),
             limits: TunnelLimits::default(),
             front_limits: FrontLimits::default(),
+            preauth: tether_tunnel::PreAuthLimits::default(),
             drain_timeout_secs: 10,
             advertise_address: None,
             tunnel_port: None,
@@ -376,6 +380,9 @@ impl CloudConfig {
         self.limits
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
+        self.preauth
+            .validate()
+            .map_err(|e| anyhow::anyhow!("config field `preauth.{e}`"))?;
         self.cert_lifetime()?;
         for (cert, key, p) in [
             (&self.tunnel_cert, &self.tunnel_key, "tunnel"),

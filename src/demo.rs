@@ -67,6 +67,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
             sd: None,
             sessions: None,
             hub_api: None,
+            preauth: Default::default(),
         },
         admin_shutdown,
     ));

@@ -204,6 +204,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         let m = metrics.clone();
         Arc::new(move || m.is_connected())
     };
+    let preauth = tether_tunnel::PreAuthMetrics::default();
+    preauth.register(&mut registry);
     tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
         tether_metrics_adapter::Admin {
@@ -213,6 +215,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: None,
             sessions: None,
             hub_api: None,
+            preauth,
         },
         shutdown.clone(),
     ));

@@ -119,6 +119,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let listener = crate::bind(a.admin_addr, "the admin endpoint").await?;
     let admin_addr = listener.local_addr()?;
     let (trigger, shutdown) = Shutdown::new(Duration::ZERO);
+    let preauth = tether_tunnel::PreAuthMetrics::default();
+    preauth.register(&mut registry);
     tokio::spawn(tether_metrics_adapter::serve(
         listener,
         tether_metrics_adapter::Admin {
@@ -128,6 +130,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: None,
             sessions: None,
             hub_api: None,
+            preauth,
         },
         shutdown.clone(),
     ));

@@ -14,14 +14,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info_span, warn};
 
 use tether_pki::Identity;
 use tether_tunnel::wire::{self, KUBELET_TARGET, StreamKind, status_response};
 use tether_tunnel::{
-    Body, BoxError, IpLookup, NodeSession, ServerTls, SessionRegistry, Shutdown, StreamError,
-    StreamPermit, body_empty,
+    Body, BoxError, IpLookup, NodeSession, PreAuthGate, PreAuthTicket, ServerTls, SessionRegistry,
+    Shutdown, StreamError, StreamPermit, body_empty,
 };
 
 use crate::authz::Authorizer;
@@ -32,11 +31,14 @@ use crate::route::{self, NodeKey};
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FrontLimits {
-    /// Concurrent client connections (default 4096); more wait in the backlog.
+    /// Concurrent authenticated client connections (default 4096); a client
+    /// that finishes its handshake beyond this is closed at once.
+    /// Connections still handshaking are bounded separately (`preauth`).
     pub max_connections: usize,
     /// Largest request header block in bytes (default 64 KiB).
     pub max_header_bytes: usize,
-    /// TLS handshake and request-header deadline in seconds (default 10).
+    /// Request-header deadline in seconds (default 10), also the idle
+    /// timeout of a kept-alive connection between requests.
     pub header_timeout_secs: u64,
 }
 
@@ -51,7 +53,10 @@ impl Default for FrontLimits {
 }
 
 pub(crate) struct KubeletFront {
-    pub(crate) tcp: TcpListener,
+    /// Taken by `run`, which closes it when shutdown starts.
+    pub(crate) tcp: Option<TcpListener>,
+    /// The budget of connections still handshaking.
+    pub(crate) gate: PreAuthGate,
     pub(crate) tls: ServerTls,
     pub(crate) node_certs: Option<Arc<crate::serving::NodeCerts>>,
     pub(crate) registry: SessionRegistry,
@@ -78,17 +83,15 @@ struct Conn {
 }
 
 impl KubeletFront {
-    pub(crate) async fn run(self, shutdown: Shutdown) {
+    pub(crate) async fn run(mut self, shutdown: Shutdown) {
+        let Some(tcp) = self.tcp.take() else { return };
         let this = Arc::new(self);
         let conns = Arc::new(Semaphore::new(this.limits.max_connections));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
-            let permit = tokio::select! {
-                p = conns.clone().acquire_owned() => p.expect("never closed"),
-                _ = shutdown.triggered() => break,
-            };
+            // Accept at once; the pre-auth gate bounds what is handshaking.
             let (tcp, peer) = tokio::select! {
-                r = this.tcp.accept() => match r {
+                r = tcp.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(error = %e, "front accept failed");
@@ -98,19 +101,25 @@ impl KubeletFront {
                 },
                 _ = shutdown.triggered() => break,
             };
+            let Some(ticket) = this.gate.admit(peer.ip()) else {
+                continue;
+            };
             while tasks.try_join_next().is_some() {}
             let this = this.clone();
             let shutdown = shutdown.clone();
+            let conns = conns.clone();
             tasks.spawn(
                 async move {
-                    if let Err(e) = this.serve_conn(tcp, shutdown).await {
+                    if let Err(e) = this.serve_conn(tcp, ticket, conns, shutdown).await {
                         debug!(error = %e, "front connection ended");
                     }
-                    drop(permit);
                 }
                 .instrument(info_span!("front", peer.addr = %peer)),
             );
         }
+        // Refuse new connections at once while in-flight requests drain, so
+        // clients retry elsewhere instead of waiting in a dead backlog.
+        drop(tcp);
         let drain = async { while tasks.join_next().await.is_some() {} };
         tokio::select! {
             _ = drain => {}
@@ -121,23 +130,31 @@ impl KubeletFront {
     async fn serve_conn(
         self: Arc<Self>,
         tcp: TcpStream,
+        ticket: PreAuthTicket,
+        conns: Arc<Semaphore>,
         shutdown: Shutdown,
     ) -> Result<(), BoxError> {
         let local = tcp.local_addr()?;
         let original_dst = original_dst(&tcp, local);
         let _ = tcp.set_nodelay(true);
         let timeout = Duration::from_secs(self.limits.header_timeout_secs);
-        let cfg = match &self.node_certs {
+        let config = |_: &rustls::server::ClientHello<'_>| match &self.node_certs {
             Some(certs) => certs.config_for(self.tls.current(), original_dst.map(|d| d.ip())),
             None => self.tls.current(),
         };
-        let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(cfg).accept(tcp)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                self.metrics.auth_failure("tls");
+        let tls = match ticket.accept_tls(tcp, config).await {
+            Ok(t) => t,
+            Err(e) => {
+                if matches!(e, tether_tunnel::PreAuthError::Tls(_)) {
+                    self.metrics.auth_failure("tls");
+                }
                 return Err(e.into());
             }
-            Err(_) => return Err("tls handshake timed out".into()),
+        };
+        drop(ticket);
+        let Ok(_slot) = conns.try_acquire_owned() else {
+            self.metrics.auth_failure("busy");
+            return Err("max_connections authenticated connections open; closed".into());
         };
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let authorized = self.authz.allows(&identity);

@@ -18,7 +18,8 @@ use tracing::warn;
 
 use tether_cloudhub::DenyList;
 use tether_tunnel::{
-    ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
+    PreAuthGate, PreAuthLimits, PreAuthMetrics, ServerTls, SessionRegistry, Shutdown, TunnelEvent,
+    TunnelLimits, TunnelListener,
 };
 
 pub use authz::Authorizer;
@@ -58,6 +59,10 @@ pub struct CloudOptions {
     pub limits: TunnelLimits,
     /// Front bounds.
     pub front_limits: FrontLimits,
+    /// Bounds of connections still handshaking, per listener (tunnel, front, peer).
+    pub preauth: PreAuthLimits,
+    /// Metric families of those bounds, registered by the caller.
+    pub preauth_metrics: PreAuthMetrics,
     /// The session registry (shared with callers that inspect it).
     pub registry: SessionRegistry,
     /// Metric families, registered by the caller.
@@ -90,6 +95,11 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         opts.limits,
         opts.registry.clone(),
     )
+    .preauth(PreAuthGate::new(
+        "tunnel",
+        opts.preauth.clone(),
+        opts.preauth_metrics.clone(),
+    ))
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
         if let Some(o) = &ownership {
@@ -126,7 +136,8 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     }
     let forwarder = opts.peers.map(|p| {
         let peer_front = front::KubeletFront {
-            tcp: p.listener,
+            tcp: Some(p.listener),
+            gate: PreAuthGate::new("peer", opts.preauth.clone(), opts.preauth_metrics.clone()),
             tls: p.server_tls,
             node_certs: None,
             registry: opts.registry.clone(),
@@ -150,7 +161,8 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         })
     });
     let front = front::KubeletFront {
-        tcp: opts.front_listener,
+        tcp: Some(opts.front_listener),
+        gate: PreAuthGate::new("front", opts.preauth, opts.preauth_metrics),
         tls: opts.front_tls,
         node_certs: opts
             .serving_ca

@@ -162,7 +162,7 @@ impl CloudMetrics {
         );
         r.register(
             "auth_failures",
-            "Front clients refused: tls (no or foreign certificate), forbidden (subject not allowed)",
+            "Front clients refused: tls (no or foreign certificate), forbidden (subject not allowed), busy (max_connections authenticated connections open)",
             m.auth_failures.clone(),
         );
         r.register(

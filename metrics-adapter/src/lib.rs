@@ -35,7 +35,18 @@ pub struct Admin {
     pub sessions: Option<Json>,
     /// Requests under `/hub/` go here (the cloud hub API), if set.
     pub hub_api: Option<Handler>,
+    /// Where the admin port's connection budget is counted
+    /// (`tether_preauth_*{listener="admin"}`); the caller registers it.
+    pub preauth: tether_tunnel::PreAuthMetrics,
 }
+
+/// Admin connections at once (probes, scrapes, hub API subscriptions), and
+/// of those from one source address. The oldest connection that has not
+/// sent a complete request head yet is closed to make room for a new one.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+const ADMIN_MAX_PER_SOURCE: usize = 64;
+/// Deadline for a request head, also the idle timeout between requests.
+pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A handler for a path prefix of the admin endpoint.
 pub type Handler = Arc<
@@ -92,18 +103,22 @@ impl Admin {
     }
 }
 
-/// Serves the admin endpoint until shutdown.
+/// Serves the admin endpoint until shutdown. Idle and half-sent connections
+/// are closed after [`ADMIN_HEADER_TIMEOUT`], or earlier when a newer
+/// connection needs their slot, so probes always get through.
 pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
+    let gate = tether_tunnel::PreAuthGate::new(
+        "admin",
+        tether_tunnel::PreAuthLimits {
+            max_pending: ADMIN_MAX_CONNECTIONS,
+            max_pending_per_source: ADMIN_MAX_PER_SOURCE,
+            handshake_timeout: ADMIN_HEADER_TIMEOUT,
+        },
+        admin.preauth.clone(),
+    );
     let admin = Arc::new(admin);
-    // Scrapes and probes are few; bound them so a misbehaving client cannot
-    // pile up connections.
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("never closed"),
-            _ = shutdown.triggered() => return,
-        };
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -114,9 +129,16 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
             },
             _ = shutdown.triggered() => return,
         };
+        let Some(ticket) = gate.admit(peer.ip()) else {
+            continue;
+        };
+        let ticket = Arc::new(ticket);
         let admin = admin.clone();
+        let progress = ticket.clone();
         let service =
             hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                // A whole request head arrived: no longer sheddable.
+                progress.progressed();
                 let admin = admin.clone();
                 async move {
                     if let Some(api) = &admin.hub_api
@@ -134,11 +156,13 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
             });
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
                 _ = conn => {}
+                _ = ticket.shed() => {}
                 _ = shutdown.triggered() => {}
             }
         });

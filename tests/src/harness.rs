@@ -199,6 +199,8 @@ pub struct CloudSpec {
     pub replica: Option<(String, Arc<dyn tether_cloudstream::peer::Ownership>)>,
     /// Networks the front's CONNECT may reach directly (egress passthrough).
     pub egress_passthrough: Vec<tether_cloudstream::egress::Cidr>,
+    /// Bounds of connections still handshaking; defaults if None.
+    pub preauth: Option<tether_tunnel::PreAuthLimits>,
 }
 
 impl CloudHandle {
@@ -211,6 +213,9 @@ impl CloudHandle {
         let front_addr = front_listener.local_addr()?;
         let mut registry_m = Registry::default();
         let metrics = CloudMetrics::register(&mut registry_m);
+        let preauth_metrics = tether_tunnel::PreAuthMetrics::default();
+        preauth_metrics.register(&mut registry_m);
+        let preauth = spec.preauth.unwrap_or_default();
         let registry = SessionRegistry::new();
         let (trigger, shutdown) = Shutdown::new(spec.drain.unwrap_or(Duration::from_secs(2)));
         let (state, bootstrap_addr) = match &spec.state_dir {
@@ -231,7 +236,12 @@ impl CloudHandle {
                     state.clone(),
                     Arc::new(tls),
                     spec.cert_lifetime.unwrap_or(Duration::from_secs(24 * 3600)),
-                );
+                )
+                .preauth(tether_tunnel::PreAuthGate::new(
+                    "bootstrap",
+                    preauth.clone(),
+                    preauth_metrics.clone(),
+                ));
                 tokio::spawn(server.run(listener, shutdown.clone()));
                 (Some(state), Some(addr))
             }
@@ -275,6 +285,8 @@ impl CloudHandle {
             authz: Authorizer::default(),
             limits: spec.limits.unwrap_or_default(),
             front_limits: FrontLimits::default(),
+            preauth,
+            preauth_metrics,
             registry: registry.clone(),
             metrics,
             pod_locator: spec.pod_locator,

@@ -23,11 +23,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use tether_pki::{BootstrapToken, Identity, valid_node_name};
-use tether_tunnel::Shutdown;
+use tether_tunnel::{PreAuthGate, PreAuthLimits, PreAuthMetrics, Shutdown};
 
 use crate::CloudState;
 
@@ -54,7 +53,8 @@ pub struct EnrolRequest {
 /// Serves enrolment and renewal.
 pub struct BootstrapServer {
     state: Arc<CloudState>,
-    tls: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
+    gate: PreAuthGate,
     lifetime: Duration,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
@@ -76,21 +76,31 @@ impl BootstrapServer {
     pub fn new(state: Arc<CloudState>, tls: Arc<rustls::ServerConfig>, lifetime: Duration) -> Self {
         Self {
             state,
-            tls: TlsAcceptor::from(tls),
+            tls,
+            gate: PreAuthGate::new(
+                "bootstrap",
+                PreAuthLimits::default(),
+                PreAuthMetrics::default(),
+            ),
             lifetime,
             failures: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Serves until shutdown.
+    /// Uses `gate` as the budget of connections that have not proven who
+    /// they are: all of them until the TLS handshake ends, and anonymous
+    /// (token) clients until their connection closes.
+    pub fn preauth(mut self, gate: PreAuthGate) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Serves until shutdown; the listening socket closes when it starts.
     pub async fn run(self, listener: TcpListener, shutdown: Shutdown) {
         let this = Arc::new(self);
+        // Connections of edges that renew over mTLS.
         let conns = Arc::new(Semaphore::new(1024));
         loop {
-            let permit = tokio::select! {
-                p = conns.clone().acquire_owned() => p.expect("never closed"),
-                _ = shutdown.triggered() => return,
-            };
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -102,18 +112,29 @@ impl BootstrapServer {
                 },
                 _ = shutdown.triggered() => return,
             };
+            let Some(ticket) = this.gate.admit(peer.ip()) else {
+                continue;
+            };
             let this = this.clone();
             let shutdown = shutdown.clone();
+            let conns = conns.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let tls = match tokio::time::timeout(Duration::from_secs(10), this.tls.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => return debug!(error = %e, %peer, "bootstrap tls failed"),
-                    Err(_) => return debug!(%peer, "bootstrap tls timed out"),
+                let tls = match ticket.accept_tls(tcp, |_| this.tls.clone()).await {
+                    Ok(t) => t,
+                    Err(e) => return debug!(error = %e, %peer, "bootstrap tls failed"),
                 };
                 let client = Identity::from_peer(tls.get_ref().1.peer_certificates()).ok();
+                // A node renewing with its certificate leaves the anonymous
+                // budget; a token client stays in it while connected.
+                let (_ticket, _slot) = if client.is_some() {
+                    drop(ticket);
+                    match conns.try_acquire_owned() {
+                        Ok(slot) => (None, Some(slot)),
+                        Err(_) => return debug!(%peer, "bootstrap busy"),
+                    }
+                } else {
+                    (Some(ticket), None)
+                };
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     let client = client.clone();
@@ -123,6 +144,7 @@ impl BootstrapServer {
                         )
                     }
                 });
+                // The header deadline is also the idle timeout between requests.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))

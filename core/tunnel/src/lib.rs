@@ -12,6 +12,7 @@ mod cidr;
 mod dialer;
 mod limits;
 mod listener;
+mod preauth;
 mod registry;
 mod server_tls;
 mod session;
@@ -27,6 +28,7 @@ pub use cidr::Cidr;
 pub use dialer::{DialError, EdgeTransport, TunnelDialer};
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, TunnelEvent, TunnelListener};
+pub use preauth::{PreAuthError, PreAuthGate, PreAuthLimits, PreAuthMetrics, PreAuthTicket};
 pub use registry::{IpLookup, SessionRegistry};
 pub use server_tls::ServerTls;
 pub use session::{

@@ -9,16 +9,15 @@ use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use tether_pki::{Identity, IdentityError};
 
 use crate::{
-    H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, ServerTls, SessionInfo, SessionRegistry,
-    Shutdown, TUNNEL_PATH, TunnelLimits, WsStream,
+    H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, PreAuthError, PreAuthGate,
+    PreAuthLimits, PreAuthMetrics, ServerTls, SessionInfo, SessionRegistry, Shutdown, TUNNEL_PATH,
+    TunnelLimits, WsStream,
 };
 
 /// Why an edge connection was not turned into a session.
@@ -27,9 +26,10 @@ pub enum AcceptError {
     /// A handshake stage did not finish in time.
     #[error("{0} handshake timed out")]
     Timeout(&'static str),
-    /// TLS failed (bad or missing client certificate, wrong CA, garbage).
-    #[error("tls handshake failed: {0}")]
-    Tls(#[source] std::io::Error),
+    /// The TLS handshake did not finish: timed out, shed for a newer
+    /// connection, or failed (bad or missing client certificate, garbage).
+    #[error(transparent)]
+    PreAuth(#[from] PreAuthError),
     /// The certificate is not a node identity.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -46,7 +46,7 @@ impl AcceptError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "timeout",
-            Self::Tls(_) => "tls",
+            Self::PreAuth(e) => e.label(),
             Self::Identity(_) => "identity",
             Self::WebSocket(_) => "websocket",
             Self::Session(_) => "session",
@@ -56,11 +56,11 @@ impl AcceptError {
 
 /// Accepts edge tunnels and registers their sessions.
 pub struct TunnelListener {
-    tcp: TcpListener,
+    tcp: Option<TcpListener>,
     tls: ServerTls,
     limits: TunnelLimits,
     registry: SessionRegistry,
-    handshakes: Arc<Semaphore>,
+    gate: PreAuthGate,
     next_id: Arc<AtomicU64>,
     on_event: Option<EventHook>,
     admission: Option<Admission>,
@@ -92,9 +92,6 @@ pub enum TunnelEvent<'a> {
     Refused(&'a AcceptError),
 }
 
-/// Handshakes in progress at once; more wait in the kernel backlog.
-const MAX_HANDSHAKES: usize = 512;
-
 impl TunnelListener {
     /// A listener on an already bound socket. `tls` must require client
     /// certificates from the edge CA.
@@ -105,11 +102,11 @@ impl TunnelListener {
         registry: SessionRegistry,
     ) -> Self {
         Self {
-            tcp,
+            tcp: Some(tcp),
             tls: tls.into(),
             limits,
             registry,
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            gate: PreAuthGate::new("tunnel", PreAuthLimits::default(), PreAuthMetrics::default()),
             next_id: Arc::new(AtomicU64::new(1)),
             on_event: None,
             admission: None,
@@ -126,6 +123,13 @@ impl TunnelListener {
         self
     }
 
+    /// Uses `gate` as the budget of connections that have not finished
+    /// their TLS handshake (default: [`PreAuthLimits::default`], unmetered).
+    pub fn preauth(mut self, gate: PreAuthGate) -> Self {
+        self.gate = gate;
+        self
+    }
+
     /// Calls `f` on every session event.
     pub fn on_event(mut self, f: impl Fn(TunnelEvent<'_>) + Send + Sync + 'static) -> Self {
         self.on_event = Some(Arc::new(f));
@@ -134,23 +138,23 @@ impl TunnelListener {
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
+        match &self.tcp {
+            Some(tcp) => tcp.local_addr(),
+            None => Err(std::io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// Accepts until shutdown, then closes every session and waits for them
     /// to drain (bounded by the shutdown's drain deadline).
-    pub async fn run(self, shutdown: Shutdown) -> std::io::Result<()> {
+    pub async fn run(mut self, shutdown: Shutdown) -> std::io::Result<()> {
+        let tcp = self.tcp.take().ok_or(std::io::ErrorKind::NotConnected)?;
         let this = Arc::new(self);
         let mut sessions = tokio::task::JoinSet::new();
         loop {
-            // Take a handshake slot before accepting, so a connection flood
-            // waits in the kernel backlog instead of piling up tasks.
-            let permit = tokio::select! {
-                p = this.handshakes.clone().acquire_owned() => p.expect("never closed"),
-                _ = shutdown.triggered() => break,
-            };
+            // Accept at once: a flood is bounded by the pre-auth gate, not by
+            // the kernel backlog where legitimate edges would wait behind it.
             let (tcp, peer) = tokio::select! {
-                r = this.tcp.accept() => match r {
+                r = tcp.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -161,14 +165,20 @@ impl TunnelListener {
                 },
                 _ = shutdown.triggered() => break,
             };
+            let Some(ticket) = this.gate.admit(peer.ip()) else {
+                continue;
+            };
             while sessions.try_join_next().is_some() {}
             let this = this.clone();
             let shutdown = shutdown.clone();
             sessions.spawn(
-                async move { this.serve(tcp, peer, permit, shutdown).await }
+                async move { this.serve(tcp, peer, ticket, shutdown).await }
                     .instrument(info_span!("tunnel", peer.addr = %peer)),
             );
         }
+        // Close the listening socket now: new edges are refused at once and
+        // try again (another replica, or this one after its restart).
+        drop(tcp);
         this.registry.close_all();
         let drain = async { while sessions.join_next().await.is_some() {} };
         tokio::select! {
@@ -194,11 +204,10 @@ impl TunnelListener {
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-        handshake_slot: tokio::sync::OwnedSemaphorePermit,
+        ticket: crate::PreAuthTicket,
         shutdown: Shutdown,
     ) {
-        let session = self.handshake(tcp, peer).await;
-        drop(handshake_slot);
+        let session = self.handshake(tcp, peer, ticket).await;
         let session = match session {
             Ok(s) => s,
             Err(e) => {
@@ -238,14 +247,13 @@ impl TunnelListener {
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
+        ticket: crate::PreAuthTicket,
     ) -> Result<Arc<H2Session>, AcceptError> {
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(self.tls.current());
-        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
-            .await
-            .map_err(|_| AcceptError::Timeout("tls"))?
-            .map_err(AcceptError::Tls)?;
+        let tls = ticket.accept_tls(tcp, |_| self.tls.current()).await?;
+        // Authenticated from here on: the edge leaves the pre-auth budget.
+        drop(ticket);
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let node = identity.require_node()?.to_owned();
         let denied = self.admission.as_ref().and_then(|a| a(&identity).err());

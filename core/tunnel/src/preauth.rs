@@ -1,0 +1,522 @@
+//! The budget for connections that have not proven who they are yet.
+//!
+//! Every listener (front, tunnel, bootstrap, peer, admin) accepts without
+//! waiting for a slot, then gives each new connection a [`PreAuthTicket`] from
+//! its [`PreAuthGate`]. The gate holds at most `max_pending` such connections,
+//! and at most `max_pending_per_source` from one source (an IPv4 address or
+//! an IPv6 /64). When a bound is reached, the oldest connection that has
+//! not yet sent a complete TLS ClientHello (or, on plain HTTP, a request
+//! head) is shed to make room; a connection that is already handshaking is
+//! never shed, and if only those fill the bound the newcomer is refused.
+//!
+//! So a client that stalls mid-ClientHello only ever displaces other
+//! stallers: a legitimate peer sends its ClientHello in its first flight
+//! and leaves the sheddable set at once. Nothing an authenticated peer needs
+//! (stream slots, sessions, the authenticated connection budget) is spent
+//! before the handshake finishes. See `docs/adr/0013-pre-auth-budget.md`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// Bounds of one listener's unauthenticated connections.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreAuthLimits {
+    /// Connections of one listener that have not finished their handshake
+    /// (default 512).
+    pub max_pending: usize,
+    /// Of those, from one IPv4 address or IPv6 /64 (default 64).
+    pub max_pending_per_source: usize,
+    /// Deadline from accept to a finished TLS handshake, or on plain-HTTP
+    /// listeners to a complete first request head (default 5 s).
+    #[serde(with = "crate::limits::secs")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for PreAuthLimits {
+    fn default() -> Self {
+        Self {
+            max_pending: 512,
+            max_pending_per_source: 64,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl PreAuthLimits {
+    /// Refuses values that cannot work, naming the field and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=16_384).contains(&self.max_pending) {
+            return Err("max_pending must be within 1..=16384".into());
+        }
+        if self.max_pending_per_source == 0 || self.max_pending_per_source > self.max_pending {
+            return Err("max_pending_per_source must be within 1..=max_pending".into());
+        }
+        if self.handshake_timeout < Duration::from_millis(100)
+            || self.handshake_timeout > Duration::from_secs(120)
+        {
+            return Err("handshake_timeout must be within 0.1..=120 seconds".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a pre-authentication phase ended without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum PreAuthError {
+    /// The handshake deadline passed.
+    #[error("handshake not finished within {0:?}")]
+    Timeout(Duration),
+    /// Room was needed for a newer connection while this one had not sent a
+    /// complete ClientHello or request head.
+    #[error("shed: pre-authentication budget full and this connection had sent nothing usable")]
+    Shed,
+    /// TLS failed (garbage, wrong CA, missing client certificate).
+    #[error("tls handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+}
+
+impl PreAuthError {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Shed => "shed",
+            Self::Tls(_) => "tls",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    listener: &'static str,
+    outcome: &'static str,
+}
+
+/// Metric families of every gate in a process (label `listener`).
+#[derive(Clone, Debug, Default)]
+pub struct PreAuthMetrics {
+    pending: Family<ListenerLabel, Gauge>,
+    ended: Family<OutcomeLabel, Counter>,
+}
+
+impl PreAuthMetrics {
+    /// Registers the families.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "tether_preauth_pending",
+            "Connections that have not finished their handshake, by listener",
+            self.pending.clone(),
+        );
+        registry.register(
+            "tether_preauth_ended",
+            "Pre-authentication phases ended without a handshake, by listener and outcome (shed, refused, timeout, tls)",
+            self.ended.clone(),
+        );
+    }
+
+    fn ended(&self, listener: &'static str, outcome: &'static str) {
+        self.ended
+            .get_or_create(&OutcomeLabel { listener, outcome })
+            .inc();
+    }
+}
+
+/// The budget of one listener; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PreAuthGate {
+    inner: Arc<Gate>,
+}
+
+#[derive(Debug)]
+struct Gate {
+    listener: &'static str,
+    limits: PreAuthLimits,
+    metrics: PreAuthMetrics,
+    pool: Mutex<Pool>,
+}
+
+/// Who is pending. `waiting` holds the sequence numbers of connections that
+/// may still be shed, oldest first.
+#[derive(Debug, Default)]
+struct Pool {
+    next: u64,
+    entries: HashMap<u64, Entry>,
+    waiting: BTreeSet<u64>,
+    sources: HashMap<IpAddr, Source>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    source: IpAddr,
+    signal: Arc<Signal>,
+}
+
+#[derive(Debug, Default)]
+struct Source {
+    pending: usize,
+    waiting: BTreeSet<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Signal {
+    shed: AtomicBool,
+    notify: Notify,
+}
+
+/// The groups per-source caps count by: an IPv6 client usually holds a /64.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+impl Pool {
+    fn shed(&mut self, seq: u64) {
+        if let Some(e) = self.entries.remove(&seq) {
+            self.waiting.remove(&seq);
+            if let Some(s) = self.sources.get_mut(&e.source) {
+                s.waiting.remove(&seq);
+                s.pending -= 1;
+                if s.pending == 0 {
+                    self.sources.remove(&e.source);
+                }
+            }
+            e.signal.shed.store(true, Ordering::Release);
+            e.signal.notify.notify_one();
+        }
+    }
+
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some(e) = self.entries.remove(&seq) else {
+            return false;
+        };
+        self.waiting.remove(&seq);
+        if let Some(s) = self.sources.get_mut(&e.source) {
+            s.waiting.remove(&seq);
+            s.pending -= 1;
+            if s.pending == 0 {
+                self.sources.remove(&e.source);
+            }
+        }
+        true
+    }
+}
+
+impl PreAuthGate {
+    /// A gate for the listener named `listener` (a metric label).
+    pub fn new(listener: &'static str, limits: PreAuthLimits, metrics: PreAuthMetrics) -> Self {
+        Self {
+            inner: Arc::new(Gate {
+                listener,
+                limits,
+                metrics,
+                pool: Mutex::new(Pool::default()),
+            }),
+        }
+    }
+
+    /// The configured bounds.
+    pub fn limits(&self) -> &PreAuthLimits {
+        &self.inner.limits
+    }
+
+    /// Admits a connection from `peer`, shedding the oldest sheddable
+    /// connection when a bound is reached. `None`: the bound is full of
+    /// connections that are already handshaking, so the newcomer is refused
+    /// (the caller closes it at once).
+    pub fn admit(&self, peer: IpAddr) -> Option<PreAuthTicket> {
+        let g = &self.inner;
+        let source = source_key(peer);
+        let mut pool = g.pool.lock().expect("pre-auth pool lock");
+        let mut shed = 0;
+        let per_source_full = pool
+            .sources
+            .get(&source)
+            .is_some_and(|s| s.pending >= g.limits.max_pending_per_source);
+        if per_source_full {
+            let oldest = pool.sources.get(&source).and_then(|s| s.waiting.first().copied());
+            match oldest {
+                Some(seq) => {
+                    pool.shed(seq);
+                    shed += 1;
+                }
+                None => {
+                    drop(pool);
+                    g.metrics.ended(g.listener, "refused");
+                    return None;
+                }
+            }
+        }
+        if pool.entries.len() >= g.limits.max_pending {
+            match pool.waiting.first().copied() {
+                Some(seq) => {
+                    pool.shed(seq);
+                    shed += 1;
+                }
+                None => {
+                    drop(pool);
+                    g.metrics.ended(g.listener, "refused");
+                    return None;
+                }
+            }
+        }
+        let seq = pool.next;
+        pool.next += 1;
+        let signal = Arc::new(Signal::default());
+        pool.entries.insert(
+            seq,
+            Entry {
+                source,
+                signal: signal.clone(),
+            },
+        );
+        pool.waiting.insert(seq);
+        let s = pool.sources.entry(source).or_default();
+        s.pending += 1;
+        s.waiting.insert(seq);
+        let pending = pool.entries.len();
+        drop(pool);
+        for _ in 0..shed {
+            g.metrics.ended(g.listener, "shed");
+        }
+        g.metrics
+            .pending
+            .get_or_create(&ListenerLabel {
+                listener: g.listener,
+            })
+            .set(pending as i64);
+        Some(PreAuthTicket {
+            gate: self.inner.clone(),
+            seq,
+            signal,
+            deadline: Instant::now() + g.limits.handshake_timeout,
+        })
+    }
+
+    /// Connections pending now (for tests and debugging).
+    pub fn pending(&self) -> usize {
+        self.inner
+            .pool
+            .lock()
+            .expect("pre-auth pool lock")
+            .entries
+            .len()
+    }
+}
+
+/// One connection's place in its listener's pre-authentication budget. It
+/// leaves the budget when dropped.
+#[derive(Debug)]
+pub struct PreAuthTicket {
+    gate: Arc<Gate>,
+    seq: u64,
+    signal: Arc<Signal>,
+    deadline: Instant,
+}
+
+impl PreAuthTicket {
+    /// The connection sent a complete ClientHello (or request head): from
+    /// now on it is never shed for a newcomer.
+    pub fn progressed(&self) {
+        let mut pool = self.gate.pool.lock().expect("pre-auth pool lock");
+        if let Some(e) = pool.entries.get(&self.seq) {
+            let source = e.source;
+            pool.waiting.remove(&self.seq);
+            if let Some(s) = pool.sources.get_mut(&source) {
+                s.waiting.remove(&self.seq);
+            }
+        }
+    }
+
+    /// Resolves when this connection is shed for a newer one.
+    pub async fn shed(&self) {
+        loop {
+            let notified = self.signal.notify.notified();
+            if self.signal.shed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The handshake deadline (fixed at admission).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Runs `f` until it finishes, the handshake deadline passes or the
+    /// connection is shed; counts the outcome when it is not a result.
+    pub async fn guard<T>(
+        &self,
+        f: impl Future<Output = Result<T, std::io::Error>>,
+    ) -> Result<T, PreAuthError> {
+        let r = tokio::select! {
+            r = tokio::time::timeout_at(self.deadline, f) => match r {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => PreAuthError::Tls(e),
+                Err(_) => PreAuthError::Timeout(self.gate.limits.handshake_timeout),
+            },
+            _ = self.shed() => PreAuthError::Shed,
+        };
+        // Shedding was counted when it happened.
+        if !matches!(r, PreAuthError::Shed) {
+            self.gate.metrics.ended(self.gate.listener, r.label());
+        }
+        Err(r)
+    }
+
+    /// The TLS server handshake under this ticket: the ClientHello first
+    /// (the sheddable phase), then the rest with `config(hello)`.
+    pub async fn accept_tls<IO>(
+        &self,
+        io: IO,
+        config: impl FnOnce(&rustls::server::ClientHello<'_>) -> Arc<rustls::ServerConfig>,
+    ) -> Result<TlsStream<IO>, PreAuthError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = self.guard(acceptor).await?;
+        self.progressed();
+        let config = config(&start.client_hello());
+        self.guard(start.into_stream(config)).await
+    }
+}
+
+impl Drop for PreAuthTicket {
+    fn drop(&mut self) {
+        let g = &self.gate;
+        let mut pool = g.pool.lock().expect("pre-auth pool lock");
+        pool.remove(self.seq);
+        let pending = pool.entries.len();
+        drop(pool);
+        g.metrics
+            .pending
+            .get_or_create(&ListenerLabel {
+                listener: g.listener,
+            })
+            .set(pending as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max: usize, per_source: usize) -> PreAuthGate {
+        PreAuthGate::new(
+            "test",
+            PreAuthLimits {
+                max_pending: max,
+                max_pending_per_source: per_source,
+                handshake_timeout: Duration::from_secs(5),
+            },
+            PreAuthMetrics::default(),
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn oldest_waiting_is_shed_first() {
+        let g = gate(3, 3);
+        let a = g.admit(ip("10.0.0.1")).unwrap();
+        let b = g.admit(ip("10.0.0.2")).unwrap();
+        b.progressed();
+        let _c = g.admit(ip("10.0.0.3")).unwrap();
+        let _d = g.admit(ip("10.0.0.4")).unwrap();
+        // `a` was the oldest that had sent nothing; `b` is handshaking.
+        tokio::time::timeout(Duration::from_secs(1), a.shed())
+            .await
+            .expect("a shed");
+        assert!(!b.signal.shed.load(Ordering::Acquire));
+        assert_eq!(g.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn per_source_cap_sheds_within_the_source() {
+        let g = gate(100, 2);
+        let a1 = g.admit(ip("10.0.0.1")).unwrap();
+        let other = g.admit(ip("10.0.0.9")).unwrap();
+        let _a2 = g.admit(ip("10.0.0.1")).unwrap();
+        let _a3 = g.admit(ip("10.0.0.1")).unwrap();
+        assert!(a1.signal.shed.load(Ordering::Acquire));
+        assert!(!other.signal.shed.load(Ordering::Acquire));
+        assert_eq!(g.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn handshaking_connections_are_never_shed() {
+        let g = gate(2, 2);
+        let a = g.admit(ip("10.0.0.1")).unwrap();
+        let b = g.admit(ip("10.0.0.2")).unwrap();
+        a.progressed();
+        b.progressed();
+        assert!(g.admit(ip("10.0.0.3")).is_none(), "newcomer refused");
+        drop(a);
+        assert!(g.admit(ip("10.0.0.3")).is_some());
+    }
+
+    #[test]
+    fn ipv6_sources_group_by_64() {
+        let g = gate(100, 1);
+        let a = g.admit(ip("2001:db8::1")).unwrap();
+        let _b = g.admit(ip("2001:db8::2")).unwrap();
+        assert!(a.signal.shed.load(Ordering::Acquire));
+        let _c = g.admit(ip("2001:db8:0:1::1")).unwrap();
+        assert_eq!(g.pending(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guard_times_out_at_the_deadline() {
+        let g = gate(1, 1);
+        let t = g.admit(ip("10.0.0.1")).unwrap();
+        let r = t
+            .guard(std::future::pending::<Result<(), std::io::Error>>())
+            .await;
+        assert!(matches!(r, Err(PreAuthError::Timeout(_))));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut l = PreAuthLimits::default();
+        assert!(l.validate().is_ok());
+        l.max_pending = 0;
+        assert!(l.validate().unwrap_err().contains("max_pending"));
+        l = PreAuthLimits {
+            max_pending_per_source: 1000,
+            ..Default::default()
+        };
+        assert!(l.validate().unwrap_err().contains("max_pending_per_source"));
+    }
+}
