@@ -305,11 +305,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let preauth_metrics = tether_tunnel::PreAuthMetrics::default();
     preauth_metrics.register(&mut registry);
-    let hub_listener = hub_listener.preauth(tether_tunnel::PreAuthGate::new(
-        "hub",
-        cfg.preauth.clone(),
-        preauth_metrics.clone(),
-    ));
+    let preauth = tether_tunnel::PreAuthGate::new(cfg.preauth.clone(), preauth_metrics);
+    let hub_listener = hub_listener.preauth(preauth.clone(), "hub");
     let (hub_listener, hub_shutdown) = (Some(hub_listener), shutdown.clone());
     let hub_api = match &cfg.hub_api_token_file {
         Some(path) => {
@@ -340,7 +337,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: Some(sd),
             sessions: Some(debug_sessions),
             hub_api,
-            preauth: preauth_metrics.clone(),
+            preauth: preauth.clone(),
         },
         shutdown.clone(),
     ));
@@ -357,11 +354,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             std::slice::from_ref(state.ca().cert_der()),
         )?;
         let server = BootstrapServer::new(state.clone(), Arc::new(tls), cfg.cert_lifetime()?)
-            .preauth(tether_tunnel::PreAuthGate::new(
-                "bootstrap",
-                cfg.preauth.clone(),
-                preauth_metrics.clone(),
-            ));
+            .preauth(preauth.clone());
         tokio::spawn(server.run(listener, shutdown.clone()));
         tokio::spawn(
             state
@@ -404,8 +397,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         authz: cfg.authz,
         limits: cfg.limits,
         front_limits: cfg.front_limits,
-        preauth: cfg.preauth,
-        preauth_metrics,
+        preauth,
         registry: sessions,
         metrics,
         pod_locator,

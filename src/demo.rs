@@ -67,7 +67,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
             sd: None,
             sessions: None,
             hub_api: None,
-            preauth: Default::default(),
+            preauth: tether_tunnel::PreAuthGate::new(Default::default(), Default::default()),
         },
         admin_shutdown,
     ));

@@ -155,7 +155,6 @@ async fn stop_signal() {
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+    tether_tunnel::bind_listener(addr)
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }

@@ -55,8 +55,9 @@ impl Default for FrontLimits {
 pub(crate) struct KubeletFront {
     /// Taken by `run`, which closes it when shutdown starts.
     pub(crate) tcp: Option<TcpListener>,
-    /// The budget of connections still handshaking.
-    pub(crate) gate: PreAuthGate,
+    /// The process's budget of connections still handshaking, and this
+    /// listener's name in it.
+    pub(crate) gate: (PreAuthGate, &'static str),
     pub(crate) tls: ServerTls,
     pub(crate) node_certs: Option<Arc<crate::serving::NodeCerts>>,
     pub(crate) registry: SessionRegistry,
@@ -101,7 +102,7 @@ impl KubeletFront {
                 },
                 _ = shutdown.triggered() => break,
             };
-            let Some(ticket) = this.gate.admit(peer.ip()) else {
+            let Some(ticket) = this.gate.0.admit(this.gate.1, peer.ip()) else {
                 continue;
             };
             while tasks.try_join_next().is_some() {}

@@ -18,8 +18,7 @@ use tracing::warn;
 
 use tether_cloudhub::DenyList;
 use tether_tunnel::{
-    PreAuthGate, PreAuthLimits, PreAuthMetrics, ServerTls, SessionRegistry, Shutdown, TunnelEvent,
-    TunnelLimits, TunnelListener,
+    PreAuthGate, ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
 };
 
 pub use authz::Authorizer;
@@ -59,10 +58,9 @@ pub struct CloudOptions {
     pub limits: TunnelLimits,
     /// Front bounds.
     pub front_limits: FrontLimits,
-    /// Bounds of connections still handshaking, per listener (tunnel, front, peer).
-    pub preauth: PreAuthLimits,
-    /// Metric families of those bounds, registered by the caller.
-    pub preauth_metrics: PreAuthMetrics,
+    /// The process's budget of connections still handshaking (shared with
+    /// the other listeners of the process).
+    pub preauth: PreAuthGate,
     /// The session registry (shared with callers that inspect it).
     pub registry: SessionRegistry,
     /// Metric families, registered by the caller.
@@ -95,11 +93,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         opts.limits,
         opts.registry.clone(),
     )
-    .preauth(PreAuthGate::new(
-        "tunnel",
-        opts.preauth.clone(),
-        opts.preauth_metrics.clone(),
-    ))
+    .preauth(opts.preauth.clone(), "tunnel")
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
         if let Some(o) = &ownership {
@@ -137,7 +131,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let forwarder = opts.peers.map(|p| {
         let peer_front = front::KubeletFront {
             tcp: Some(p.listener),
-            gate: PreAuthGate::new("peer", opts.preauth.clone(), opts.preauth_metrics.clone()),
+            gate: (opts.preauth.clone(), "peer"),
             tls: p.server_tls,
             node_certs: None,
             registry: opts.registry.clone(),
@@ -162,7 +156,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     });
     let front = front::KubeletFront {
         tcp: Some(opts.front_listener),
-        gate: PreAuthGate::new("front", opts.preauth, opts.preauth_metrics),
+        gate: (opts.preauth, "front"),
         tls: opts.front_tls,
         node_certs: opts
             .serving_ca

@@ -35,17 +35,14 @@ pub struct Admin {
     pub sessions: Option<Json>,
     /// Requests under `/hub/` go here (the cloud hub API), if set.
     pub hub_api: Option<Handler>,
-    /// Where the admin port's connection budget is counted
-    /// (`tether_preauth_*{listener="admin"}`); the caller registers it.
-    pub preauth: tether_tunnel::PreAuthMetrics,
+    /// The process's budget of connections that have not sent a request
+    /// head yet (`tether_preauth_*{listener="admin"}`). Admin connections
+    /// stay in it until they close.
+    pub preauth: tether_tunnel::PreAuthGate,
 }
 
-/// Admin connections at once (probes, scrapes, hub API subscriptions), and
-/// of those from one source address. The oldest connection that has not
-/// sent a complete request head yet is closed to make room for a new one.
-const ADMIN_MAX_CONNECTIONS: usize = 256;
-const ADMIN_MAX_PER_SOURCE: usize = 64;
-/// Deadline for a request head, also the idle timeout between requests.
+/// Idle timeout between requests of a kept-alive connection (the first
+/// request head must arrive within the gate's handshake deadline).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A handler for a path prefix of the admin endpoint.
@@ -103,19 +100,12 @@ impl Admin {
     }
 }
 
-/// Serves the admin endpoint until shutdown. Idle and half-sent connections
-/// are closed after [`ADMIN_HEADER_TIMEOUT`], or earlier when a newer
-/// connection needs their slot, so probes always get through.
+/// Serves the admin endpoint until shutdown. Half-sent connections are closed
+/// at the gate's deadline, or earlier when a newer connection needs their
+/// slot; kept-alive ones after [`ADMIN_HEADER_TIMEOUT`] idle. So probes
+/// always get through.
 pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
-    let gate = tether_tunnel::PreAuthGate::new(
-        "admin",
-        tether_tunnel::PreAuthLimits {
-            max_pending: ADMIN_MAX_CONNECTIONS,
-            max_pending_per_source: ADMIN_MAX_PER_SOURCE,
-            handshake_timeout: ADMIN_HEADER_TIMEOUT,
-        },
-        admin.preauth.clone(),
-    );
+    let gate = admin.preauth.clone();
     let admin = Arc::new(admin);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -129,7 +119,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
             },
             _ = shutdown.triggered() => return,
         };
-        let Some(ticket) = gate.admit(peer.ip()) else {
+        let Some(ticket) = gate.admit("admin", peer.ip()) else {
             continue;
         };
         let ticket = Arc::new(ticket);

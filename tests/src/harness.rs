@@ -215,14 +215,15 @@ impl CloudHandle {
         let metrics = CloudMetrics::register(&mut registry_m);
         let preauth_metrics = tether_tunnel::PreAuthMetrics::default();
         preauth_metrics.register(&mut registry_m);
-        let preauth = spec.preauth.unwrap_or_default();
+        let preauth =
+            tether_tunnel::PreAuthGate::new(spec.preauth.unwrap_or_default(), preauth_metrics);
         let registry = SessionRegistry::new();
         let (trigger, shutdown) = Shutdown::new(spec.drain.unwrap_or(Duration::from_secs(2)));
         let (state, bootstrap_addr) = match &spec.state_dir {
             Some(dir) => {
                 let ca = Ca::from_pem(pki.edge_ca.cert_pem(), pki.edge_ca.key_pem().expose())?;
                 let state = Arc::new(CloudState::with_ca(dir, ca)?);
-                let listener = TcpListener::bind(loopback).await?;
+                let listener = tether_tunnel::bind_listener(loopback)?;
                 let addr = listener.local_addr()?;
                 let serving = pki
                     .edge_ca
@@ -237,11 +238,7 @@ impl CloudHandle {
                     Arc::new(tls),
                     spec.cert_lifetime.unwrap_or(Duration::from_secs(24 * 3600)),
                 )
-                .preauth(tether_tunnel::PreAuthGate::new(
-                    "bootstrap",
-                    preauth.clone(),
-                    preauth_metrics.clone(),
-                ));
+                .preauth(preauth.clone());
                 tokio::spawn(server.run(listener, shutdown.clone()));
                 (Some(state), Some(addr))
             }
@@ -259,7 +256,7 @@ impl CloudHandle {
         };
         let (peers, peer_addr) = match spec.replica {
             Some((replica, ownership)) => {
-                let listener = TcpListener::bind(loopback).await?;
+                let listener = tether_tunnel::bind_listener(loopback)?;
                 let addr = listener.local_addr()?;
                 let (server_tls, client_tls) = pki.peer_tls(&replica)?;
                 (
@@ -286,7 +283,6 @@ impl CloudHandle {
             limits: spec.limits.unwrap_or_default(),
             front_limits: FrontLimits::default(),
             preauth,
-            preauth_metrics,
             registry: registry.clone(),
             metrics,
             pod_locator: spec.pod_locator,
@@ -308,6 +304,11 @@ impl CloudHandle {
             trigger,
             task,
         })
+    }
+
+    /// Starts shutdown (the drain) without waiting for it.
+    pub fn begin_stop(&self) {
+        self.trigger.trigger();
     }
 
     /// Starts shutdown and waits for the cloud to finish draining.
@@ -340,7 +341,7 @@ impl CloudHandle {
 async fn bind_retry(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let mut last = None;
     for _ in 0..50 {
-        match TcpListener::bind(addr).await {
+        match tether_tunnel::bind_listener(addr) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),
         }

@@ -7,3 +7,4 @@ pub mod fixture;
 pub mod harness;
 pub mod kubectl;
 pub mod ownership;
+pub mod slowloris;

@@ -77,17 +77,13 @@ impl BootstrapServer {
         Self {
             state,
             tls,
-            gate: PreAuthGate::new(
-                "bootstrap",
-                PreAuthLimits::default(),
-                PreAuthMetrics::default(),
-            ),
+            gate: PreAuthGate::new(PreAuthLimits::default(), PreAuthMetrics::default()),
             lifetime,
             failures: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Uses `gate` as the budget of connections that have not proven who
+    /// Uses `gate` (the process's) as the budget of connections that have not proven who
     /// they are: all of them until the TLS handshake ends, and anonymous
     /// (token) clients until their connection closes.
     pub fn preauth(mut self, gate: PreAuthGate) -> Self {
@@ -112,7 +108,7 @@ impl BootstrapServer {
                 },
                 _ = shutdown.triggered() => return,
             };
-            let Some(ticket) = this.gate.admit(peer.ip()) else {
+            let Some(ticket) = this.gate.admit("bootstrap", peer.ip()) else {
                 continue;
             };
             let this = this.clone();

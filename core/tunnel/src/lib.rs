@@ -28,7 +28,10 @@ pub use cidr::Cidr;
 pub use dialer::{DialError, EdgeTransport, TunnelDialer};
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, TunnelEvent, TunnelListener};
-pub use preauth::{PreAuthError, PreAuthGate, PreAuthLimits, PreAuthMetrics, PreAuthTicket};
+pub use preauth::{
+    LISTEN_BACKLOG, PreAuthError, PreAuthGate, PreAuthLimits, PreAuthMetrics, PreAuthTicket,
+    bind_listener,
+};
 pub use registry::{IpLookup, SessionRegistry};
 pub use server_tls::ServerTls;
 pub use session::{

@@ -61,6 +61,7 @@ pub struct TunnelListener {
     limits: TunnelLimits,
     registry: SessionRegistry,
     gate: PreAuthGate,
+    gate_name: &'static str,
     next_id: Arc<AtomicU64>,
     on_event: Option<EventHook>,
     admission: Option<Admission>,
@@ -106,7 +107,8 @@ impl TunnelListener {
             tls: tls.into(),
             limits,
             registry,
-            gate: PreAuthGate::new("tunnel", PreAuthLimits::default(), PreAuthMetrics::default()),
+            gate: PreAuthGate::new(PreAuthLimits::default(), PreAuthMetrics::default()),
+            gate_name: "tunnel",
             next_id: Arc::new(AtomicU64::new(1)),
             on_event: None,
             admission: None,
@@ -123,10 +125,12 @@ impl TunnelListener {
         self
     }
 
-    /// Uses `gate` as the budget of connections that have not finished
-    /// their TLS handshake (default: [`PreAuthLimits::default`], unmetered).
-    pub fn preauth(mut self, gate: PreAuthGate) -> Self {
+    /// Uses `gate` (the process's) as the budget of connections that have
+    /// not finished their TLS handshake, counted under `name` (default: a
+    /// gate of its own with [`PreAuthLimits::default`], unmetered).
+    pub fn preauth(mut self, gate: PreAuthGate, name: &'static str) -> Self {
         self.gate = gate;
+        self.gate_name = name;
         self
     }
 
@@ -165,7 +169,7 @@ impl TunnelListener {
                 },
                 _ = shutdown.triggered() => break,
             };
-            let Some(ticket) = this.gate.admit(peer.ip()) else {
+            let Some(ticket) = this.gate.admit(this.gate_name, peer.ip()) else {
                 continue;
             };
             while sessions.try_join_next().is_some() {}

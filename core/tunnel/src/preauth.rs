@@ -1,10 +1,13 @@
 //! The budget for connections that have not proven who they are yet.
 //!
-//! Every listener (front, tunnel, bootstrap, peer, admin) accepts without
-//! waiting for a slot, then gives each new connection a [`PreAuthTicket`] from
-//! its [`PreAuthGate`]. The gate holds at most `max_pending` such connections,
-//! and at most `max_pending_per_source` from one source (an IPv4 address or
-//! an IPv6 /64). When a bound is reached, the oldest connection that has
+//! Every listener (front, tunnel, hub, bootstrap, peer, admin) accepts
+//! without waiting for a slot, then gives each new connection a
+//! [`PreAuthTicket`] from the process's one [`PreAuthGate`]. The gate holds at
+//! most `max_pending` such connections across all listeners, and at most
+//! `max_pending_per_source` from one source (an IPv4 address or an IPv6
+//! /64). Holding a stalled connection costs a descriptor and a few KiB, so
+//! the budget is large: a flood must be held, not left in the kernel's
+//! accept queue, where it would make legitimate SYNs wait for a retransmit. When a bound is reached, the oldest connection that has
 //! not yet sent a complete TLS ClientHello (or, on plain HTTP, a request
 //! head) is shed to make room; a connection that is already handshaking is
 //! never shed, and if only those fill the bound the newcomer is refused.
@@ -37,13 +40,14 @@ use tokio_rustls::server::TlsStream;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PreAuthLimits {
-    /// Connections of one listener that have not finished their handshake
-    /// (default 512).
+    /// Connections that have not finished their handshake, across all
+    /// listeners of the process (default 8192).
     pub max_pending: usize,
-    /// Of those, from one IPv4 address or IPv6 /64 (default 64).
+    /// Of those, from one IPv4 address or IPv6 /64 (default 6144).
     pub max_pending_per_source: usize,
     /// Deadline from accept to a finished TLS handshake, or on plain-HTTP
-    /// listeners to a complete first request head (default 5 s).
+    /// listeners to a complete first request head (default 5 s). Each
+    /// connection gets a deadline between half of this and all of it.
     #[serde(with = "crate::limits::secs")]
     pub handshake_timeout: Duration,
 }
@@ -51,8 +55,8 @@ pub struct PreAuthLimits {
 impl Default for PreAuthLimits {
     fn default() -> Self {
         Self {
-            max_pending: 512,
-            max_pending_per_source: 64,
+            max_pending: 8192,
+            max_pending_per_source: 6144,
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -61,8 +65,8 @@ impl Default for PreAuthLimits {
 impl PreAuthLimits {
     /// Refuses values that cannot work, naming the field and the fix.
     pub fn validate(&self) -> Result<(), String> {
-        if !(1..=16_384).contains(&self.max_pending) {
-            return Err("max_pending must be within 1..=16384".into());
+        if !(1..=65_536).contains(&self.max_pending) {
+            return Err("max_pending must be within 1..=65536".into());
         }
         if self.max_pending_per_source == 0 || self.max_pending_per_source > self.max_pending {
             return Err("max_pending_per_source must be within 1..=max_pending".into());
@@ -74,6 +78,22 @@ impl PreAuthLimits {
         }
         Ok(())
     }
+}
+
+/// Listen backlog of Tether's listeners: the kernel caps it at
+/// `net.core.somaxconn` (4096 on current kernels).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`LISTEN_BACKLOG`], so a burst of connections
+/// waits in the accept queue instead of having its SYNs dropped.
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Why a pre-authentication phase ended without a result.
@@ -135,6 +155,12 @@ impl PreAuthMetrics {
         );
     }
 
+    fn set_pending(&self, listener: &'static str, n: i64) {
+        self.pending
+            .get_or_create(&ListenerLabel { listener })
+            .set(n);
+    }
+
     fn ended(&self, listener: &'static str, outcome: &'static str) {
         self.ended
             .get_or_create(&OutcomeLabel { listener, outcome })
@@ -142,7 +168,7 @@ impl PreAuthMetrics {
     }
 }
 
-/// The budget of one listener; cheap to clone.
+/// The pre-authentication budget of a process; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PreAuthGate {
     inner: Arc<Gate>,
@@ -150,7 +176,6 @@ pub struct PreAuthGate {
 
 #[derive(Debug)]
 struct Gate {
-    listener: &'static str,
     limits: PreAuthLimits,
     metrics: PreAuthMetrics,
     pool: Mutex<Pool>,
@@ -164,11 +189,13 @@ struct Pool {
     entries: HashMap<u64, Entry>,
     waiting: BTreeSet<u64>,
     sources: HashMap<IpAddr, Source>,
+    listeners: HashMap<&'static str, i64>,
 }
 
 #[derive(Debug)]
 struct Entry {
     source: IpAddr,
+    listener: &'static str,
     signal: Arc<Signal>,
 }
 
@@ -199,25 +226,9 @@ fn source_key(ip: IpAddr) -> IpAddr {
 }
 
 impl Pool {
-    fn shed(&mut self, seq: u64) {
-        if let Some(e) = self.entries.remove(&seq) {
-            self.waiting.remove(&seq);
-            if let Some(s) = self.sources.get_mut(&e.source) {
-                s.waiting.remove(&seq);
-                s.pending -= 1;
-                if s.pending == 0 {
-                    self.sources.remove(&e.source);
-                }
-            }
-            e.signal.shed.store(true, Ordering::Release);
-            e.signal.notify.notify_one();
-        }
-    }
-
-    fn remove(&mut self, seq: u64) -> bool {
-        let Some(e) = self.entries.remove(&seq) else {
-            return false;
-        };
+    /// Takes `seq` out of the pool; its listener's new pending count.
+    fn take(&mut self, seq: u64) -> Option<(Entry, i64)> {
+        let e = self.entries.remove(&seq)?;
         self.waiting.remove(&seq);
         if let Some(s) = self.sources.get_mut(&e.source) {
             s.waiting.remove(&seq);
@@ -226,16 +237,18 @@ impl Pool {
                 self.sources.remove(&e.source);
             }
         }
-        true
+        let n = self.listeners.entry(e.listener).or_default();
+        *n -= 1;
+        let n = *n;
+        Some((e, n))
     }
 }
 
 impl PreAuthGate {
-    /// A gate for the listener named `listener` (a metric label).
-    pub fn new(listener: &'static str, limits: PreAuthLimits, metrics: PreAuthMetrics) -> Self {
+    /// The budget of one process; give every listener a clone.
+    pub fn new(limits: PreAuthLimits, metrics: PreAuthMetrics) -> Self {
         Self {
             inner: Arc::new(Gate {
-                listener,
                 limits,
                 metrics,
                 pool: Mutex::new(Pool::default()),
@@ -248,45 +261,38 @@ impl PreAuthGate {
         &self.inner.limits
     }
 
-    /// Admits a connection from `peer`, shedding the oldest sheddable
-    /// connection when a bound is reached. `None`: the bound is full of
-    /// connections that are already handshaking, so the newcomer is refused
-    /// (the caller closes it at once).
-    pub fn admit(&self, peer: IpAddr) -> Option<PreAuthTicket> {
+    /// Admits a connection from `peer` on `listener` (a metric label),
+    /// shedding the oldest sheddable connection when a bound is reached.
+    /// `None`: the bound is full of connections that are already
+    /// handshaking, so the newcomer is refused (the caller closes it).
+    pub fn admit(&self, listener: &'static str, peer: IpAddr) -> Option<PreAuthTicket> {
         let g = &self.inner;
         let source = source_key(peer);
         let mut pool = g.pool.lock().expect("pre-auth pool lock");
-        let mut shed = 0;
+        let mut shed = Vec::new();
         let per_source_full = pool
             .sources
             .get(&source)
             .is_some_and(|s| s.pending >= g.limits.max_pending_per_source);
-        if per_source_full {
-            let oldest = pool.sources.get(&source).and_then(|s| s.waiting.first().copied());
-            match oldest {
-                Some(seq) => {
-                    pool.shed(seq);
-                    shed += 1;
-                }
-                None => {
-                    drop(pool);
-                    g.metrics.ended(g.listener, "refused");
-                    return None;
-                }
+        let victim = if per_source_full {
+            Some(
+                pool.sources
+                    .get(&source)
+                    .and_then(|s| s.waiting.first().copied()),
+            )
+        } else if pool.entries.len() >= g.limits.max_pending {
+            Some(pool.waiting.first().copied())
+        } else {
+            None
+        };
+        match victim {
+            Some(Some(seq)) => shed.extend(pool.take(seq)),
+            Some(None) => {
+                drop(pool);
+                g.metrics.ended(listener, "refused");
+                return None;
             }
-        }
-        if pool.entries.len() >= g.limits.max_pending {
-            match pool.waiting.first().copied() {
-                Some(seq) => {
-                    pool.shed(seq);
-                    shed += 1;
-                }
-                None => {
-                    drop(pool);
-                    g.metrics.ended(g.listener, "refused");
-                    return None;
-                }
-            }
+            None => {}
         }
         let seq = pool.next;
         pool.next += 1;
@@ -295,6 +301,7 @@ impl PreAuthGate {
             seq,
             Entry {
                 source,
+                listener,
                 signal: signal.clone(),
             },
         );
@@ -302,26 +309,31 @@ impl PreAuthGate {
         let s = pool.sources.entry(source).or_default();
         s.pending += 1;
         s.waiting.insert(seq);
-        let pending = pool.entries.len();
+        let n = pool.listeners.entry(listener).or_default();
+        *n += 1;
+        let pending = *n;
         drop(pool);
-        for _ in 0..shed {
-            g.metrics.ended(g.listener, "shed");
+        for (e, n) in shed {
+            e.signal.shed.store(true, Ordering::Release);
+            e.signal.notify.notify_one();
+            g.metrics.ended(e.listener, "shed");
+            g.metrics.set_pending(e.listener, n);
         }
-        g.metrics
-            .pending
-            .get_or_create(&ListenerLabel {
-                listener: g.listener,
-            })
-            .set(pending as i64);
+        g.metrics.set_pending(listener, pending);
+        // Spread deadlines over the last half of the timeout, so that a
+        // flood admitted at once does not expire (and redial) at once.
+        let timeout = g.limits.handshake_timeout;
+        let spread = timeout / 2 * ((seq.wrapping_mul(7919) % 1000) as u32) / 1000;
         Some(PreAuthTicket {
             gate: self.inner.clone(),
+            listener,
             seq,
             signal,
-            deadline: Instant::now() + g.limits.handshake_timeout,
+            deadline: Instant::now() + timeout - spread,
         })
     }
 
-    /// Connections pending now (for tests and debugging).
+    /// Connections pending now, across listeners.
     pub fn pending(&self) -> usize {
         self.inner
             .pool
@@ -337,6 +349,7 @@ impl PreAuthGate {
 #[derive(Debug)]
 pub struct PreAuthTicket {
     gate: Arc<Gate>,
+    listener: &'static str,
     seq: u64,
     signal: Arc<Signal>,
     deadline: Instant,
@@ -388,7 +401,7 @@ impl PreAuthTicket {
         };
         // Shedding was counted when it happened.
         if !matches!(r, PreAuthError::Shed) {
-            self.gate.metrics.ended(self.gate.listener, r.label());
+            self.gate.metrics.ended(self.listener, r.label());
         }
         Err(r)
     }
@@ -414,16 +427,10 @@ impl PreAuthTicket {
 impl Drop for PreAuthTicket {
     fn drop(&mut self) {
         let g = &self.gate;
-        let mut pool = g.pool.lock().expect("pre-auth pool lock");
-        pool.remove(self.seq);
-        let pending = pool.entries.len();
-        drop(pool);
-        g.metrics
-            .pending
-            .get_or_create(&ListenerLabel {
-                listener: g.listener,
-            })
-            .set(pending as i64);
+        let taken = g.pool.lock().expect("pre-auth pool lock").take(self.seq);
+        if let Some((_, n)) = taken {
+            g.metrics.set_pending(self.listener, n);
+        }
     }
 }
 
@@ -433,7 +440,6 @@ mod tests {
 
     fn gate(max: usize, per_source: usize) -> PreAuthGate {
         PreAuthGate::new(
-            "test",
             PreAuthLimits {
                 max_pending: max,
                 max_pending_per_source: per_source,
@@ -450,11 +456,11 @@ mod tests {
     #[tokio::test]
     async fn oldest_waiting_is_shed_first() {
         let g = gate(3, 3);
-        let a = g.admit(ip("10.0.0.1")).unwrap();
-        let b = g.admit(ip("10.0.0.2")).unwrap();
+        let a = g.admit("test", ip("10.0.0.1")).unwrap();
+        let b = g.admit("test", ip("10.0.0.2")).unwrap();
         b.progressed();
-        let _c = g.admit(ip("10.0.0.3")).unwrap();
-        let _d = g.admit(ip("10.0.0.4")).unwrap();
+        let _c = g.admit("test", ip("10.0.0.3")).unwrap();
+        let _d = g.admit("test", ip("10.0.0.4")).unwrap();
         // `a` was the oldest that had sent nothing; `b` is handshaking.
         tokio::time::timeout(Duration::from_secs(1), a.shed())
             .await
@@ -466,10 +472,10 @@ mod tests {
     #[tokio::test]
     async fn per_source_cap_sheds_within_the_source() {
         let g = gate(100, 2);
-        let a1 = g.admit(ip("10.0.0.1")).unwrap();
-        let other = g.admit(ip("10.0.0.9")).unwrap();
-        let _a2 = g.admit(ip("10.0.0.1")).unwrap();
-        let _a3 = g.admit(ip("10.0.0.1")).unwrap();
+        let a1 = g.admit("test", ip("10.0.0.1")).unwrap();
+        let other = g.admit("test", ip("10.0.0.9")).unwrap();
+        let _a2 = g.admit("test", ip("10.0.0.1")).unwrap();
+        let _a3 = g.admit("test", ip("10.0.0.1")).unwrap();
         assert!(a1.signal.shed.load(Ordering::Acquire));
         assert!(!other.signal.shed.load(Ordering::Acquire));
         assert_eq!(g.pending(), 3);
@@ -478,29 +484,32 @@ mod tests {
     #[tokio::test]
     async fn handshaking_connections_are_never_shed() {
         let g = gate(2, 2);
-        let a = g.admit(ip("10.0.0.1")).unwrap();
-        let b = g.admit(ip("10.0.0.2")).unwrap();
+        let a = g.admit("test", ip("10.0.0.1")).unwrap();
+        let b = g.admit("test", ip("10.0.0.2")).unwrap();
         a.progressed();
         b.progressed();
-        assert!(g.admit(ip("10.0.0.3")).is_none(), "newcomer refused");
+        assert!(
+            g.admit("test", ip("10.0.0.3")).is_none(),
+            "newcomer refused"
+        );
         drop(a);
-        assert!(g.admit(ip("10.0.0.3")).is_some());
+        assert!(g.admit("test", ip("10.0.0.3")).is_some());
     }
 
     #[test]
     fn ipv6_sources_group_by_64() {
         let g = gate(100, 1);
-        let a = g.admit(ip("2001:db8::1")).unwrap();
-        let _b = g.admit(ip("2001:db8::2")).unwrap();
+        let a = g.admit("test", ip("2001:db8::1")).unwrap();
+        let _b = g.admit("test", ip("2001:db8::2")).unwrap();
         assert!(a.signal.shed.load(Ordering::Acquire));
-        let _c = g.admit(ip("2001:db8:0:1::1")).unwrap();
+        let _c = g.admit("test", ip("2001:db8:0:1::1")).unwrap();
         assert_eq!(g.pending(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn guard_times_out_at_the_deadline() {
         let g = gate(1, 1);
-        let t = g.admit(ip("10.0.0.1")).unwrap();
+        let t = g.admit("test", ip("10.0.0.1")).unwrap();
         let r = t
             .guard(std::future::pending::<Result<(), std::io::Error>>())
             .await;
