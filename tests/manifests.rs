@@ -249,6 +249,36 @@ async fn kustomize_renders_the_cluster_deployment() {
         "None"
     );
 
+    // Item 2 of the hardening issue: the plain-HTTP admin port (probes,
+    // metrics, hub API) is never open to every pod. Each ingress rule that
+    // admits it names its sources, and none of them is "any namespace".
+    let policy = find(&docs, "NetworkPolicy", "tether-cloud");
+    let admin_rules: Vec<&Value> = policy["spec"]["ingress"]
+        .as_array()
+        .expect("ingress rules")
+        .iter()
+        .filter(|r| {
+            r["ports"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["port"] == 10005))
+        })
+        .collect();
+    assert!(!admin_rules.is_empty(), "no rule for the admin port");
+    for r in admin_rules {
+        let from = r["from"].as_array().expect("admin port rule without `from`");
+        assert!(!from.is_empty(), "admin port open to all: {r}");
+        for peer in from {
+            assert!(
+                peer.get("namespaceSelector").is_none()
+                    || peer["namespaceSelector"]
+                        .as_object()
+                        .is_some_and(|o| !o.is_empty()),
+                "admin port open to every namespace: {peer}"
+            );
+            assert!(peer.get("ipBlock").is_none(), "admin port open to an ipBlock: {peer}");
+        }
+    }
+
     let pdb = find(&docs, "PodDisruptionBudget", "tether-cloud");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
     assert_eq!(
