@@ -265,7 +265,9 @@ async fn kustomize_renders_the_cluster_deployment() {
         .collect();
     assert!(!admin_rules.is_empty(), "no rule for the admin port");
     for r in admin_rules {
-        let from = r["from"].as_array().expect("admin port rule without `from`");
+        let from = r["from"]
+            .as_array()
+            .expect("admin port rule without `from`");
         assert!(!from.is_empty(), "admin port open to all: {r}");
         for peer in from {
             assert!(
@@ -275,7 +277,10 @@ async fn kustomize_renders_the_cluster_deployment() {
                         .is_some_and(|o| !o.is_empty()),
                 "admin port open to every namespace: {peer}"
             );
-            assert!(peer.get("ipBlock").is_none(), "admin port open to an ipBlock: {peer}");
+            assert!(
+                peer.get("ipBlock").is_none(),
+                "admin port open to an ipBlock: {peer}"
+            );
         }
     }
 
