@@ -523,7 +523,7 @@ mod tests {
         l.max_pending = 0;
         assert!(l.validate().unwrap_err().contains("max_pending"));
         l = PreAuthLimits {
-            max_pending_per_source: 1000,
+            max_pending_per_source: 10_000,
             ..Default::default()
         };
         assert!(l.validate().unwrap_err().contains("max_pending_per_source"));
