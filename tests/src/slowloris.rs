@@ -113,20 +113,8 @@ impl Slowloris {
         self.dials.load(Ordering::Relaxed)
     }
 
-    /// Waits until `n` dials happened (the attack is in full swing), for at
-    /// most `limit`; false if it did not get there.
-    pub async fn wait_dials(&self, n: usize, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.dials() < n {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
-    }
-
-    /// Waits until `n` connections are open at once, for at most `limit`.
+    /// Waits until `n` connections are open at once, for at most `limit`;
+    /// false if the attack did not get there.
     pub async fn wait_open(&self, n: usize, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         while self.open() < n {

@@ -39,6 +39,10 @@ const MAX_BODY: usize = 64 << 10;
 const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const MAX_TRACKED_SOURCES: usize = 16_384;
+/// Whole-connection deadline of a client without a certificate: enough for
+/// `/ca.crt` and one enrolment, never long enough to hold a pre-auth slot by
+/// trickling a request body.
+const ANONYMOUS_CONN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The enrolment request body.
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,14 +126,15 @@ impl BootstrapServer {
                 let client = Identity::from_peer(tls.get_ref().1.peer_certificates()).ok();
                 // A node renewing with its certificate leaves the anonymous
                 // budget; a token client stays in it while connected.
-                let (_ticket, _slot) = if client.is_some() {
+                let (_ticket, _slot, deadline) = if client.is_some() {
                     drop(ticket);
                     match conns.try_acquire_owned() {
-                        Ok(slot) => (None, Some(slot)),
+                        Ok(slot) => (None, Some(slot), None),
                         Err(_) => return debug!(%peer, "bootstrap busy"),
                     }
                 } else {
-                    (Some(ticket), None)
+                    let deadline = tokio::time::Instant::now() + ANONYMOUS_CONN_DEADLINE;
+                    (Some(ticket), None, Some(deadline))
                 };
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
@@ -145,8 +150,15 @@ impl BootstrapServer {
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
                     .serve_connection(TokioIo::new(tls), svc);
+                let expired = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = conn => {}
+                    _ = expired => debug!(%peer, "anonymous bootstrap connection past its deadline"),
                     _ = shutdown.triggered() => {}
                 }
             });

@@ -256,11 +256,6 @@ impl PreAuthGate {
         }
     }
 
-    /// The configured bounds.
-    pub fn limits(&self) -> &PreAuthLimits {
-        &self.inner.limits
-    }
-
     /// Admits a connection from `peer` on `listener` (a metric label),
     /// shedding the oldest sheddable connection when a bound is reached.
     /// `None`: the bound is full of connections that are already
