@@ -176,6 +176,11 @@ pub(crate) struct EdgeConfig {
     pub(crate) kubelet_key: Option<PathBuf>,
     /// Name the kubelet's certificate must carry (default: its IP).
     pub(crate) kubelet_server_name: Option<String>,
+    /// Deadline to connect to the kubelet (and TLS), seconds (default 5).
+    pub(crate) kubelet_connect_timeout_secs: u64,
+    /// How long the kubelet may go without taking request body or sending
+    /// its response head, seconds (default 60); then 504.
+    pub(crate) kubelet_response_header_timeout_secs: u64,
     /// Local endpoints the cloud may reach besides the kubelet, `ip:port`.
     pub(crate) allow: Vec<SocketAddr>,
     /// Metrics and probes (default `127.0.0.1:10006`).
@@ -217,6 +222,8 @@ impl Default for EdgeConfig {
             kubelet_cert: None,
             kubelet_key: None,
             kubelet_server_name: None,
+            kubelet_connect_timeout_secs: 5,
+            kubelet_response_header_timeout_secs: 60,
             allow: Vec::new(),
             admin_addr: ([127, 0, 0, 1], 10006).into(),
             limits: TunnelLimits::default(),
@@ -550,6 +557,27 @@ impl EdgeConfig {
             &[b"http/1.1"],
         )?;
         Ok(Arc::new(cfg))
+    }
+
+    /// Deadlines towards the kubelet, checked.
+    pub(crate) fn kubelet_timeouts(&self) -> anyhow::Result<tether_edgestream::KubeletTimeouts> {
+        let secs = |v: u64, field: &str| {
+            anyhow::ensure!(
+                (1..=3600).contains(&v),
+                "config field `{field}`: {v} is out of range; use 1 to 3600 seconds"
+            );
+            Ok(Duration::from_secs(v))
+        };
+        Ok(tether_edgestream::KubeletTimeouts {
+            connect: secs(
+                self.kubelet_connect_timeout_secs,
+                "kubelet_connect_timeout_secs",
+            )?,
+            response_headers: secs(
+                self.kubelet_response_header_timeout_secs,
+                "kubelet_response_header_timeout_secs",
+            )?,
+        })
     }
 
     /// TLS for an `https://` kubelet, if configured.

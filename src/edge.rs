@@ -113,7 +113,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         cfg.kubelet_tls()?,
         cfg.kubelet_server_name.as_deref(),
     )
-    .context("config field `kubelet_url`")?;
+    .context("config field `kubelet_url`")?
+    .with_timeouts(cfg.kubelet_timeouts()?);
     let (trigger, shutdown) = Shutdown::new(cfg.drain());
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "edge");

@@ -662,6 +662,40 @@ struct CountingBody {
     counter: prometheus_client::metrics::counter::Counter,
 }
 
+/// How much of a request body the front still reads, and for how long, once
+/// the edge has answered without taking it all.
+const DRAIN_BYTES: u64 = 256 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(60);
+
+/// A request body dropped before its end (the kubelet answered early, or the
+/// stream failed) is read to its end in the background, within
+/// [`DRAIN_BYTES`] and [`DRAIN_TIME`], and thrown away. Dropping it instead
+/// makes hyper close the connection under a client that is still sending:
+/// the client's next write fails (curl: "Send failure: Broken pipe") and it
+/// reports an error although the response is already there.
+impl Drop for CountingBody {
+    fn drop(&mut self) {
+        if hyper::body::Body::is_end_stream(&self.inner) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut body = std::mem::replace(&mut self.inner, body_empty());
+        rt.spawn(async move {
+            let drain = async {
+                let mut left = DRAIN_BYTES;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    left = left.checked_sub(n)?;
+                }
+                Some(())
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        });
+    }
+}
+
 impl hyper::body::Body for CountingBody {
     type Data = bytes::Bytes;
     type Error = BoxError;

@@ -14,7 +14,7 @@ use tether_tunnel::{Backoff, DialError, EdgeTransport, Shutdown, TunnelDialer};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use local::{KubeletEndpoint, LocalError};
+pub use local::{KubeletEndpoint, KubeletTimeouts, LocalError};
 pub use metrics::EdgeMetrics;
 
 /// Everything the agent needs, already loaded (certificates parsed, etc.).

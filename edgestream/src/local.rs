@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,12 +34,34 @@ pub enum LocalError {
     NoTls(String),
 }
 
+/// Deadlines towards the kubelet and allow-listed endpoints. A request that
+/// passes one is answered 504 with a Status naming it, and counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KubeletTimeouts {
+    /// TCP connect, plus the TLS handshake to an `https://` kubelet.
+    pub connect: Duration,
+    /// How long the endpoint may go without taking request body or sending
+    /// the response head. Once the head has arrived nothing is cut: logs
+    /// `follow`, exec, attach and port-forward stream for as long as they last.
+    pub response_headers: Duration,
+}
+
+impl Default for KubeletTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            response_headers: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The kubelet endpoint and how to talk to it.
 #[derive(Clone)]
 pub struct KubeletEndpoint {
     pub(crate) base: Uri,
     pub(crate) addr: SocketAddr,
     pub(crate) tls: Option<(TlsConnector, ServerName<'static>)>,
+    pub(crate) timeouts: KubeletTimeouts,
 }
 
 impl std::fmt::Debug for KubeletEndpoint {
@@ -79,7 +102,18 @@ impl KubeletEndpoint {
             }
             _ => return Err(LocalError::Url(url.to_owned())),
         };
-        Ok(Self { base, addr, tls })
+        Ok(Self {
+            base,
+            addr,
+            tls,
+            timeouts: KubeletTimeouts::default(),
+        })
+    }
+
+    /// Replaces the default deadlines.
+    pub fn with_timeouts(mut self, timeouts: KubeletTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// The kubelet's socket address.
@@ -98,16 +132,31 @@ pub(crate) fn client(kubelet: &KubeletEndpoint) -> LocalClient {
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .build(LocalConnector {
             tls: kubelet.tls.clone(),
+            timeout: kubelet.timeouts.connect,
         })
+}
+
+/// True when `e` (a client error) is the connector's deadline passing.
+pub(crate) fn is_connect_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Connects to local endpoints; `https` URIs get TLS with the kubelet config.
 #[derive(Clone)]
 pub(crate) struct LocalConnector {
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    timeout: Duration,
 }
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl tower_service::Service<Uri> for LocalConnector {
     type Response = TokioIo<LocalStream>;
@@ -120,12 +169,15 @@ impl tower_service::Service<Uri> for LocalConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let tls = self.tls.clone();
+        let limit = self.timeout;
         Box::pin(async move {
             let authority = uri
                 .authority()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "uri has no authority"))?
                 .to_string();
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
+            // One deadline for TCP and TLS together.
+            let deadline = tokio::time::Instant::now() + limit;
+            let tcp = tokio::time::timeout_at(deadline, TcpStream::connect(&authority))
                 .await
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "local connect timed out")
@@ -133,7 +185,7 @@ impl tower_service::Service<Uri> for LocalConnector {
             let _ = tcp.set_nodelay(true);
             match (uri.scheme_str(), tls) {
                 (Some("https"), Some((connector, name))) => {
-                    let s = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+                    let s = tokio::time::timeout_at(deadline, connector.connect(name, tcp))
                         .await
                         .map_err(|_| {
                             io::Error::new(io::ErrorKind::TimedOut, "kubelet tls timed out")
@@ -217,5 +269,80 @@ impl AsyncWrite for LocalStream {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// When the local endpoint last made progress on a request: took a chunk of
+/// the request body, or finished taking it. The response-header deadline
+/// counts from there, so a long upload to a live kubelet is never cut, while
+/// a kubelet that stops taking the body or answering is.
+#[derive(Clone)]
+pub(crate) struct Progress {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`, or [`WAITING_ON_CLIENT`].
+    last_ms: Arc<AtomicU64>,
+}
+
+/// The body is waiting for the client's next chunk: the endpoint is not late.
+const WAITING_ON_CLIENT: u64 = u64::MAX;
+
+impl Progress {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Since when the endpoint owes us progress; None while the request body
+    /// waits for the client.
+    pub(crate) fn idle_since(&self) -> Option<tokio::time::Instant> {
+        match self.last_ms.load(Ordering::Relaxed) {
+            WAITING_ON_CLIENT => None,
+            ms => Some(self.start + Duration::from_millis(ms)),
+        }
+    }
+
+    /// `body`, reporting each chunk the endpoint takes.
+    pub(crate) fn track(&self, body: Body) -> Body {
+        use http_body_util::BodyExt;
+        ProgressBody {
+            inner: body,
+            progress: self.clone(),
+        }
+        .boxed_unsync()
+    }
+}
+
+struct ProgressBody {
+    inner: Body,
+    progress: Progress,
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = bytes::Bytes;
+    type Error = tether_tunnel::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let ms = match polled {
+            Poll::Pending => WAITING_ON_CLIENT,
+            Poll::Ready(_) => {
+                u64::try_from(self.progress.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+            }
+        };
+        self.progress.last_ms.store(ms, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

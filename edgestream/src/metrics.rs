@@ -32,6 +32,31 @@ pub(crate) struct KindLabel {
     pub(crate) kind: Kind,
 }
 
+/// Which deadline towards a local endpoint passed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// TCP connect (and TLS to an `https://` kubelet).
+    Connect,
+    /// Waiting for the response head while the request was sent.
+    ResponseHeaders,
+}
+
+impl EncodeLabelValue for Phase {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            Self::Connect => "connect",
+            Self::ResponseHeaders => "response_headers",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabel {
+    kind: Kind,
+    phase: Phase,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -51,6 +76,7 @@ pub struct EdgeMetrics {
     streams: Family<KindLabel, Counter>,
     refused: Family<KindLabel, Counter>,
     local_errors: Family<KindLabel, Counter>,
+    local_timeouts: Family<TimeoutLabel, Counter>,
     dial_failures: Family<ReasonLabel, Counter>,
     connected: Gauge,
     cert_expiry: Gauge,
@@ -79,6 +105,11 @@ impl EdgeMetrics {
             "local_errors",
             "Streams that failed reaching the local kubelet or endpoint",
             m.local_errors.clone(),
+        );
+        r.register(
+            "local_timeouts",
+            "Streams answered 504 because the local kubelet or endpoint passed a deadline, by kind and phase (connect, response_headers)",
+            m.local_timeouts.clone(),
         );
         r.register(
             "dial_failures",
@@ -163,6 +194,29 @@ impl EdgeMetrics {
 
     pub(crate) fn local_error(&self, kind: Kind) {
         self.local_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub(crate) fn local_timeout(&self, kind: Kind, phase: Phase) {
+        self.local_timeouts
+            .get_or_create(&TimeoutLabel { kind, phase })
+            .inc();
+    }
+
+    /// Streams answered 504 for a local deadline so far (all kinds and phases).
+    pub fn local_timeouts_total(&self) -> u64 {
+        let mut n = 0;
+        for kind in [Kind::Http, Kind::Upgrade, Kind::Connect] {
+            for phase in [Phase::Connect, Phase::ResponseHeaders] {
+                n += self
+                    .local_timeouts
+                    .get_or_create(&TimeoutLabel {
+                        kind: kind.clone(),
+                        phase,
+                    })
+                    .get();
+            }
+        }
+        n
     }
 
     /// Refused targets so far (all kinds).

@@ -10,13 +10,14 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use tether_tunnel::wire::{self, Inbound, KUBELET_TARGET, status_response};
 use tether_tunnel::{Body, BoxError, Shutdown, body_empty};
 
 use crate::local::{self, KubeletEndpoint, LocalClient};
-use crate::metrics::{EdgeMetrics, Kind};
+use crate::metrics::{EdgeMetrics, Kind, Phase};
 
 /// Where a permitted stream goes.
 enum Local {
@@ -167,19 +168,44 @@ impl StreamHandler {
         parts.uri = Uri::from_parts(uri).expect("base uri with a path is valid");
         // The kubelet traces too; its spans become children of this one.
         tether_tunnel::trace::inject(&tracing::Span::current(), &mut parts.headers);
-        let mut resp = match self
-            .inner
-            .client
-            .request(Request::from_parts(parts, body))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
+        let progress = local::Progress::new();
+        let body = progress.track(body);
+        let sent = self.inner.client.request(Request::from_parts(parts, body));
+        let kind = if upgrade { Kind::Upgrade } else { Kind::Http };
+        let mut resp = match self.response_head(sent, &progress).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) if local::is_connect_timeout(&e) => {
+                self.inner.metrics.local_timeout(kind, Phase::Connect);
+                warn!(error = %e, "local connect timed out");
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!(
+                        "edge could not connect to {host} within {:?} (edge setting kubelet_connect_timeout_secs)",
+                        self.inner.kubelet.timeouts.connect
+                    ),
+                );
+            }
+            Some(Err(e)) => {
                 debug!(error = %e, "local request failed");
                 return status_response(
                     StatusCode::BAD_GATEWAY,
                     "ServiceUnavailable",
                     &format!("edge could not reach {host}: {e}"),
+                );
+            }
+            None => {
+                self.inner
+                    .metrics
+                    .local_timeout(kind, Phase::ResponseHeaders);
+                warn!("local endpoint sent no response head in time");
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!(
+                        "{host} sent no response headers within {:?} (edge setting kubelet_response_header_timeout_secs)",
+                        self.inner.kubelet.timeouts.response_headers
+                    ),
                 );
             }
         };
@@ -230,30 +256,58 @@ impl StreamHandler {
         wire::upgraded_to_tunnel(Response::from_parts(parts, body_empty()))
     }
 
+    /// The response head, or None when the endpoint went longer than the
+    /// response-header deadline without taking request body or answering.
+    async fn response_head<F, E>(
+        &self,
+        sent: F,
+        progress: &local::Progress,
+    ) -> Option<Result<Response<Incoming>, E>>
+    where
+        F: std::future::Future<Output = Result<Response<Incoming>, E>>,
+    {
+        let limit = self.inner.kubelet.timeouts.response_headers;
+        let mut sent = std::pin::pin!(sent);
+        loop {
+            let since = progress.idle_since().unwrap_or_else(Instant::now);
+            tokio::select! {
+                r = &mut sent => return Some(r),
+                () = tokio::time::sleep_until(since + limit) => {
+                    if progress.idle_since().is_some_and(|s| s + limit <= Instant::now()) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     async fn connect(&self, mut req: Request<Incoming>, local: Local) -> Response<Body> {
         let Local::Endpoint(addr) = local else {
             unreachable!("connect targets are resolved to addresses")
         };
-        let tcp =
-            match tokio::time::timeout(std::time::Duration::from_secs(5), TcpStream::connect(addr))
-                .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    return status_response(
-                        StatusCode::BAD_GATEWAY,
-                        "ServiceUnavailable",
-                        &format!("edge could not connect to {addr}: {e}"),
-                    );
-                }
-                Err(_) => {
-                    return status_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "Timeout",
-                        &format!("edge connect to {addr} timed out"),
-                    );
-                }
-            };
+        let limit = self.inner.kubelet.timeouts.connect;
+        let tcp = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("edge could not connect to {addr}: {e}"),
+                );
+            }
+            Err(_) => {
+                self.inner
+                    .metrics
+                    .local_timeout(Kind::Connect, Phase::Connect);
+                return status_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Timeout",
+                    &format!(
+                        "edge could not connect to {addr} within {limit:?} (edge setting kubelet_connect_timeout_secs)"
+                    ),
+                );
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let tunnel_side = hyper::upgrade::on(&mut req);
         let shutdown = self.inner.shutdown.clone();

@@ -18,7 +18,7 @@ use tokio_rustls::client::TlsStream;
 use tether_cloudhub::{BootstrapServer, CloudState};
 use tether_cloudstream::{Authorizer, CloudMetrics, CloudOptions, FrontLimits};
 use tether_edgehub::CertManager;
-use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint};
+use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint, KubeletTimeouts};
 use tether_pki::BootstrapToken;
 use tether_pki::{Ca, CertifiedKey};
 use tether_tunnel::{
@@ -378,6 +378,8 @@ pub struct EdgeSpec {
     pub allow: Vec<SocketAddr>,
     /// Tunnel bounds; defaults if None.
     pub limits: Option<TunnelLimits>,
+    /// Deadlines towards the kubelet.
+    pub kubelet_timeouts: KubeletTimeouts,
 }
 
 impl EdgeSpec {
@@ -391,6 +393,7 @@ impl EdgeSpec {
             kubelet_tls: None,
             allow: Vec::new(),
             limits: None,
+            kubelet_timeouts: KubeletTimeouts::default(),
         }
     }
 }
@@ -454,7 +457,8 @@ impl EdgeHandle {
                 &spec.kubelet_url,
                 spec.kubelet_tls.clone(),
                 Some("localhost"),
-            )?,
+            )?
+            .with_timeouts(spec.kubelet_timeouts),
             allow: spec.allow.clone(),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             metrics: metrics.clone(),
