@@ -118,6 +118,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let (trigger, shutdown) = Shutdown::new(cfg.drain());
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "edge");
+    tether_metrics_adapter::register_process(&mut registry);
     let metrics = EdgeMetrics::register(&mut registry);
     let hub_addr = match &cfg.hub_addr {
         Some(a) => a.clone(),

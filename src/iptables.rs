@@ -81,6 +81,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "iptables-manager");
+    tether_metrics_adapter::register_process(&mut registry);
     let metrics = ManagerMetrics::register(&mut registry);
     let mut manager = Manager::new(cfg, metrics).await?;
     if a.cleanup {

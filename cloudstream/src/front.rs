@@ -226,6 +226,7 @@ impl KubeletFront {
             let counted = CountingBody {
                 inner: b,
                 counter: to_client,
+                drain: false,
             }
             .boxed_unsync();
             tether_tunnel::stall_metered(counted, stalls)
@@ -467,6 +468,7 @@ impl KubeletFront {
             CountingBody {
                 inner: b.map_err(BoxError::from).boxed_unsync(),
                 counter,
+                drain: true,
             }
             .boxed_unsync()
         })
@@ -660,6 +662,8 @@ fn stream_error(e: &StreamError) -> Response<Body> {
 struct CountingBody {
     inner: Body,
     counter: prometheus_client::metrics::counter::Counter,
+    /// A request body: drained when dropped early (see the Drop impl).
+    drain: bool,
 }
 
 /// How much of a request body the front still reads, and for how long, once
@@ -667,7 +671,7 @@ struct CountingBody {
 const DRAIN_BYTES: u64 = 256 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(60);
 
-/// A request body dropped before its end (the kubelet answered early, or the
+/// A request body (`drain`) dropped before its end (the kubelet answered early, or the
 /// stream failed) is read to its end in the background, within
 /// [`DRAIN_BYTES`] and [`DRAIN_TIME`], and thrown away. Dropping it instead
 /// makes hyper close the connection under a client that is still sending:
@@ -675,7 +679,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(60);
 /// reports an error although the response is already there.
 impl Drop for CountingBody {
     fn drop(&mut self) {
-        if hyper::body::Body::is_end_stream(&self.inner) {
+        if !self.drain || hyper::body::Body::is_end_stream(&self.inner) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {

@@ -159,6 +159,59 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
     }
 }
 
+/// Registers what every role exposes about its process, read at each scrape:
+/// `process_open_fds`, `process_resident_memory_bytes` (the Prometheus
+/// conventions) and `tether_runtime_alive_tasks` (a task leak shows there
+/// first). The fault suite checks all three after every cycle.
+pub fn register_process(registry: &mut Registry) {
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count());
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<i64>().ok()
+            });
+        let tasks = tokio::runtime::Handle::try_current().map(|h| h.metrics().num_alive_tasks());
+        let gauges = [
+            (
+                "process_open_fds",
+                "Open file descriptors",
+                fds.ok().map(|n| n as i64),
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                rss_kib.map(|kib| kib * 1024),
+            ),
+            (
+                "tether_runtime_alive_tasks",
+                "Tokio tasks alive in this process",
+                tasks.ok().map(|n| n as i64),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let g = ConstGauge::new(v);
+                g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Registers `tether_build_info{version, role} 1`, a gauge (promtool 2.42
 /// cannot parse the OpenMetrics `info` type).
 pub fn register_build_info(registry: &mut Registry, role: &'static str) {

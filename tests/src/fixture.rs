@@ -200,7 +200,22 @@ where
     }
 }
 
+/// Like the kubelet (Go's net/http), a request body no handler reads is
+/// still read for a moment after the answer (Go's 500 ms "RST avoidance"
+/// delay), then the connection closes with whatever is left unread. A large
+/// upload is therefore cut with a reset, as the real kubelet cuts it, and
+/// its sender must keep the answer it already has.
+async fn drain_body(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+}
+
 async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<FixtureBody> {
+    // No route reads a request body; upgrades use only the head.
+    let (parts, body) = req.into_parts();
+    tokio::spawn(drain_body(body));
+    let req = Request::from_parts(parts, ());
     let query = parse_query(req.uri().query());
     let upgrade = req
         .headers()
@@ -595,11 +610,7 @@ fn metrics(state: &State, kind: MetricsKind, query: &[(String, String)]) -> Resp
 // Upgrades: raw echo, exec and port-forward over WebSocket
 
 /// Answers `101` for an opaque upgrade protocol and echoes every byte until EOF.
-fn raw_echo(
-    state: &State,
-    mut req: Request<Incoming>,
-    protocol: &'static str,
-) -> Response<FixtureBody> {
+fn raw_echo(state: &State, mut req: Request<()>, protocol: &'static str) -> Response<FixtureBody> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     state.spawn(async move {
         match on_upgrade.await {
@@ -631,7 +642,7 @@ const PORT_FORWARD_PROTOCOLS: &[&str] = &[
 /// Validates a WebSocket upgrade and picks the subprotocol: the first one offered that
 /// is in `supported`, or none if the client offered none. The error is a 400 message.
 fn websocket_handshake(
-    req: &mut Request<Incoming>,
+    req: &mut Request<()>,
     supported: &[&str],
 ) -> Result<(Response<FixtureBody>, Option<String>, OnUpgrade), String> {
     let Some(key) = req.headers().get(SEC_WEBSOCKET_KEY) else {
@@ -684,7 +695,7 @@ struct ExecRequest {
 
 fn exec_ws(
     state: &State,
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
     query: &[(String, String)],
     attach: bool,
 ) -> Response<FixtureBody> {
@@ -887,7 +898,7 @@ where
 
 fn port_forward_ws(
     state: &State,
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
     query: &[(String, String)],
 ) -> Response<FixtureBody> {
     let ports: Result<Vec<u16>, _> = query

@@ -108,6 +108,9 @@ pub(crate) async fn on_rig(rig: &Rig, plan: &Plan, report: &mut Report) -> anyho
     if plan.wants(Figure::Concurrent) {
         concurrent(rig, plan, report).await?;
     }
+    if plan.wants(Figure::Slowloris) {
+        crate::slowloris::figure(rig, plan, report).await?;
+    }
     Ok(())
 }
 

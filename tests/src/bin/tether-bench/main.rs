@@ -5,7 +5,7 @@
 //!
 //! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
 //! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
-//! and the memory of idle sessions (edges in a child process). The message hub's
+//! front latency under a pre-TLS flood, and the memory of idle sessions (edges in a child process). The message hub's
 //! figures (messages per second, delivery latency, fan-out to many nodes) have no
 //! direct baseline and are reported as absolute numbers. `--json` ends stdout
 //! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
@@ -21,6 +21,7 @@ mod iptables;
 mod report;
 mod requests;
 mod rig;
+mod slowloris;
 mod stats;
 mod streams;
 
@@ -118,6 +119,7 @@ enum Figure {
     Exec,
     Concurrent,
     Stalled,
+    Slowloris,
     Idle,
     Iptables,
     Hub,
@@ -246,6 +248,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Figure::SmallGet,
         Figure::Exec,
         Figure::Concurrent,
+        Figure::Slowloris,
     ];
     if rig_figures.iter().any(|f| plan.wants(*f)) {
         let runtimes = Runtimes::new(args.shared_runtime)?;

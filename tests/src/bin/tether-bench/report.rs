@@ -32,12 +32,13 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 8] = [
+pub(crate) const TARGETS: [(&str, Rule); 9] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
     ("stalled_reader_ratio", Rule::AtLeast(0.95)),
     ("concurrent_streams_ok", Rule::Equals(100.0)),
+    ("front_p99_under_slowloris_ms", Rule::AtMost(1000.0)),
     ("idle_session_kib", Rule::AtMost(64.0)),
     ("iptables_sync_1000_ms", Rule::AtMost(500.0)),
     ("iptables_execs_one_change", Rule::AtMost(1.0)),

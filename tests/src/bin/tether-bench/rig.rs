@@ -53,6 +53,11 @@ pub(crate) struct Dial {
 }
 
 impl Dial {
+    /// The front's address.
+    pub(crate) fn front(&self) -> SocketAddr {
+        self.front
+    }
+
     /// A TCP (no delay) + TLS connection to the front or to the kubelet.
     pub(crate) async fn connect(&self, side: Side) -> anyhow::Result<Conn> {
         let (addr, tls, name) = match side {
