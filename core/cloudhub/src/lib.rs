@@ -3,6 +3,7 @@
 //! edge nodes, and revocation.
 
 pub mod api;
+mod attempts;
 mod bootstrap;
 mod files;
 pub mod hub;

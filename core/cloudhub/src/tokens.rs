@@ -43,9 +43,13 @@ struct File {
 /// learns "invalid token".
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenRefusal {
-    /// No such token id, or the secret does not match.
-    #[error("unknown token or wrong secret")]
+    /// No such token id.
+    #[error("unknown token")]
     Unknown,
+    /// The id exists but the secret does not match: a guess at a known id,
+    /// which the bootstrap server bounds per id.
+    #[error("wrong secret")]
+    WrongSecret,
     /// Past its expiry.
     #[error("token expired")]
     Expired,
@@ -77,6 +81,11 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Equality without an early exit.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl TokenStore {
@@ -167,11 +176,22 @@ impl TokenStore {
         let store = |e: StateError| TokenRefusal::Store(e.to_string());
         let mut f = self.load().map_err(store)?;
         let t = now();
-        let k = f
-            .tokens
-            .iter_mut()
-            .find(|k| k.id == token.id && token.secret_matches(&k.secret_sha256))
-            .ok_or(TokenRefusal::Unknown)?;
+        // Every entry is compared, in constant time and without stopping at
+        // a match, so the answer's timing says nothing about which ids exist.
+        let (mut found, mut id_known) = (None, false);
+        for (i, k) in f.tokens.iter().enumerate() {
+            let id = ct_eq(k.id.as_bytes(), token.id.as_bytes());
+            let secret = token.secret_matches(&k.secret_sha256);
+            id_known |= id;
+            if id & secret {
+                found = Some(i);
+            }
+        }
+        let k = match found {
+            Some(i) => &mut f.tokens[i],
+            None if id_known => return Err(TokenRefusal::WrongSecret),
+            None => return Err(TokenRefusal::Unknown),
+        };
         if k.expires_at <= t {
             return Err(TokenRefusal::Expired);
         }
