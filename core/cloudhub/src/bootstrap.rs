@@ -302,15 +302,23 @@ impl BootstrapServer {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
+                let state_failed =
+                    |e: crate::StateError| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
                 let enrolled = self
                     .state
                     .enrolled
-                    .holds_valid(&node, &self.state.deny, now);
+                    .holds_valid(&node, &self.state.deny, now)
+                    .map_err(state_failed)?;
+                let holder = |ip: &std::net::IpAddr| {
+                    self.state
+                        .enrolled
+                        .ip_holder(ip, &node, &self.state.deny, now)
+                };
                 // The bound on guessing a known id's secret (ADR 0014).
                 let redeemed = self
                     .budgets
                     .check_secret(&token.id, || {
-                        self.state.tokens.redeem(&token, &node, enrolled)
+                        self.state.tokens.redeem(&token, &node, enrolled, holder)
                     })
                     .ok_or_else(|| {
                         fail(
@@ -323,7 +331,9 @@ impl BootstrapServer {
                     })?;
                 let ips = redeemed.map_err(|e| match e {
                     // Not secret, and the operator needs to know.
-                    crate::TokenRefusal::Enrolled(_) => fail(StatusCode::CONFLICT, e.to_string()),
+                    crate::TokenRefusal::Enrolled(_) | crate::TokenRefusal::AddressHeld { .. } => {
+                        fail(StatusCode::CONFLICT, e.to_string())
+                    }
                     _ => fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id)),
                 })?;
                 (ips, "token")
@@ -344,7 +354,7 @@ impl BootstrapServer {
             .ok()
             .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()));
         if let Some(id) = &issued
-            && let Err(e) = self.state.enrolled.record(&node, id.not_after)
+            && let Err(e) = self.state.enrolled.record(&node, id)
         {
             warn!(error = %e, node, "cannot record the enrolment");
         }

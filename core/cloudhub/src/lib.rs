@@ -57,35 +57,101 @@ pub struct CloudState {
     pub enrolled: Enrolled,
 }
 
-/// Which nodes hold a certificate from this cloud (`enrolled.json`).
+/// Which nodes hold a certificate from this cloud (`enrolled.json`): each
+/// node's latest certificate, so that neither its name (ADR 0006) nor its
+/// addresses (ADR 0001) can be given to another node while it is valid.
 pub struct Enrolled {
     path: PathBuf,
     lock: std::sync::Mutex<()>,
 }
 
+/// A node's latest certificate in `enrolled.json`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Entry {
+    Cert(IssuedCert),
+    /// Files written before addresses were recorded hold only the expiry.
+    Expiry(i64),
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuedCert {
+    not_after: i64,
+    /// Issuance time (`not_before` plus the backdating).
+    issued_at: i64,
+    serial: String,
+    #[serde(default)]
+    ips: Vec<std::net::IpAddr>,
+}
+
+type EnrolledMap = std::collections::BTreeMap<String, Entry>;
+
 impl Enrolled {
-    fn load(&self) -> std::collections::BTreeMap<String, i64> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    fn load(&self) -> Result<EnrolledMap, StateError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Invalid {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EnrolledMap::new()),
+            Err(cause) => Err(StateError::Io {
+                path: self.path.display().to_string(),
+                cause,
+            }),
+        }
+    }
+
+    fn valid(node: &str, e: &Entry, deny: &Revoked, now: i64) -> bool {
+        match e {
+            Entry::Cert(c) => {
+                let revoked = deny.serials.contains(&c.serial)
+                    || deny.nodes.get(node).is_some_and(|&at| c.issued_at <= at);
+                c.not_after > now && !revoked
+            }
+            Entry::Expiry(not_after) => *not_after > now && !deny.nodes.contains_key(node),
+        }
     }
 
     /// True when `node` holds an unexpired certificate that is not revoked.
-    pub fn holds_valid(&self, node: &str, deny: &DenyList, now: i64) -> bool {
+    pub fn holds_valid(&self, node: &str, deny: &DenyList, now: i64) -> Result<bool, StateError> {
         let _g = self.lock.lock().expect("enrolled lock");
-        let Some(&not_after) = self.load().get(node) else {
-            return false;
-        };
-        let revoked = deny.subscribe().borrow().nodes.contains_key(node);
-        not_after > now && !revoked
+        let deny = deny.subscribe().borrow().clone();
+        Ok(self
+            .load()?
+            .get(node)
+            .is_some_and(|e| Self::valid(node, e, &deny, now)))
     }
 
-    /// Records a certificate issued to `node`.
-    pub fn record(&self, node: &str, not_after: i64) -> Result<(), StateError> {
+    /// The node other than `node` whose valid certificate carries `ip`.
+    pub fn ip_holder(
+        &self,
+        ip: &std::net::IpAddr,
+        node: &str,
+        deny: &DenyList,
+        now: i64,
+    ) -> Result<Option<String>, StateError> {
         let _g = self.lock.lock().expect("enrolled lock");
-        let mut m = self.load();
-        m.insert(node.to_owned(), not_after);
+        let deny = deny.subscribe().borrow().clone();
+        Ok(self.load()?.into_iter().find_map(|(n, e)| {
+            let holds = matches!(&e, Entry::Cert(c) if c.ips.contains(ip));
+            (n != node && holds && Self::valid(&n, &e, &deny, now)).then_some(n)
+        }))
+    }
+
+    /// Records the certificate `id` issued to `node`.
+    pub fn record(&self, node: &str, id: &tether_pki::Identity) -> Result<(), StateError> {
+        let _g = self.lock.lock().expect("enrolled lock");
+        let mut m = self.load()?;
+        m.insert(
+            node.to_owned(),
+            Entry::Cert(IssuedCert {
+                not_after: id.not_after,
+                issued_at: id.not_before + tether_pki::BACKDATE_SECS,
+                serial: id.serial.clone(),
+                ips: id.ips.clone(),
+            }),
+        );
         files::write_private(
             &self.path,
             &serde_json::to_vec_pretty(&m).expect("serializes"),
