@@ -71,6 +71,10 @@ pub(crate) struct Args {
     /// Do not run the message hub.
     #[arg(long, env = "TETHER_NO_HUB")]
     no_hub: bool,
+    /// Load and check the configuration (with flags and environment): every
+    /// field's type and range. Prints OK and exits; nothing listens.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -105,6 +109,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     if !a.allow.is_empty() {
         cfg.allow = a.allow;
+    }
+    cfg.check().context(config::source(a.config.as_deref()))?;
+    if a.check_config {
+        println!("OK");
+        return Ok(());
     }
     let node = cfg.node_name()?.to_owned();
     let server_name = cfg.cloud_server_name()?;

@@ -259,3 +259,259 @@ async fn item9_token_without_node_needs_any_node() {
     })
     .await;
 }
+
+/// Entries of `dir` (names), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The front's files (every start needs them), written under `dir`.
+fn front_files(pki: &Pki, dir: &Path) -> anyhow::Result<Vec<String>> {
+    let front = pki.front_ca.issue_server("tether-cloud", &["localhost"])?;
+    let w = |n: &str, pem: &str| process::write(dir, n, pem);
+    Ok(vec![
+        "--front-cert".into(),
+        w("front.crt", &front.cert_pem)?,
+        "--front-key".into(),
+        w("front.key", front.key_pem.expose())?,
+        "--front-client-ca".into(),
+        w("front-ca.crt", pki.front_ca.cert_pem())?,
+    ])
+}
+
+/// Runs `tether cloud` on loopback ports 0 with `extra` arguments; it must
+/// fail. Returns its one stderr line.
+async fn cloud_refuses(extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![
+        BIN,
+        "cloud",
+        "--tunnel-addr",
+        "127.0.0.1:0",
+        "--front-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--bootstrap-addr",
+        "127.0.0.1:0",
+        "--hub-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = run(&args).await?;
+    ensure!(!ok, "started or passed: {out}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(lines.len() == 1, "want one line, got:\n{err}");
+    Ok(lines[0].to_owned())
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_state_dir_with_a_foreign_ca_key_is_refused() {
+    bounded(20, async {
+        let pki = Pki::generate()?;
+        let dir = temp_dir("foreign-key");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state)?;
+        let other = tether_pki::Ca::generate("other")?;
+        std::fs::write(state.join("ca.crt"), pki.edge_ca.cert_pem())?;
+        std::fs::write(state.join("ca.key"), other.key_pem().expose())?;
+        let files = front_files(&pki, &dir)?;
+        let s = state.display().to_string();
+        let mut a = args(&files);
+        a.extend(["--state-dir", &s]);
+        let line = cloud_refuses(&a).await?;
+        ensure!(
+            line.contains("state_dir")
+                && line.contains("ca.key")
+                && line.contains("does not match")
+                && line.contains("remove both"),
+            "{line}"
+        );
+        ensure!(
+            entries(&state) == ["ca.crt", "ca.key"],
+            "{:?}",
+            entries(&state)
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_corrupt_state_files_are_refused() {
+    bounded(30, async {
+        let pki = Pki::generate()?;
+        let dir = temp_dir("corrupt");
+        let files = front_files(&pki, &dir)?;
+        for file in ["tokens.json", "enrolled.json", "revoked.json"] {
+            let state = dir.join(file.replace('.', "-"));
+            std::fs::create_dir_all(&state)?;
+            std::fs::write(state.join("ca.crt"), pki.edge_ca.cert_pem())?;
+            std::fs::write(state.join("ca.key"), pki.edge_ca.key_pem().expose())?;
+            std::fs::write(state.join(file), "{\"tokens\": [ truncated")?;
+            let s = state.display().to_string();
+            let mut a = args(&files);
+            a.extend(["--state-dir", &s]);
+            let line = cloud_refuses(&a).await?;
+            ensure!(
+                line.contains(&state.join(file).display().to_string())
+                    && line.contains("state_dir")
+                    && line.contains("restore"),
+                "{file}: {line}"
+            );
+            ensure!(
+                entries(&state) == ["ca.crt", "ca.key", file],
+                "{file}: {:?}",
+                entries(&state)
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_check_config_refuses_every_unusable_limit() {
+    bounded(60, async {
+        let dir = temp_dir("limits");
+        let cases = [
+            (
+                "front_limits:\n  max_connections: 0\n",
+                "front_limits.max_connections",
+            ),
+            (
+                "front_limits:\n  header_timeout_secs: 0\n",
+                "front_limits.header_timeout_secs",
+            ),
+            (
+                "limits:\n  keepalive_interval: 0\n",
+                "limits.keepalive_interval",
+            ),
+            (
+                "limits:\n  handshake_timeout: 0\n",
+                "limits.handshake_timeout",
+            ),
+            (
+                "hub:\n  keepalive_interval_secs: 10\n  keepalive_timeout_secs: 5\n",
+                "hub.keepalive_timeout_secs",
+            ),
+            ("limits:\n  max_streams: 4e9\n", "limits.max_streams"),
+            ("limits:\n  max_streams: 4000000000\n", "limits.max_streams"),
+            (
+                "hub:\n  keepalive_timeout_secs: 0\n",
+                "hub.keepalive_timeout_secs",
+            ),
+            ("drain_timeout_secs: 100000\n", "drain_timeout_secs"),
+        ];
+        for (i, (yaml, field)) in cases.iter().enumerate() {
+            let path = process::write(&dir, &format!("c{i}.yaml"), yaml)?;
+            let line = cloud_refuses(&["--config", &path, "--check-config"]).await?;
+            ensure!(
+                line.contains(&path) && line.contains(&format!("`{field}`")),
+                "{yaml:?}: {line}"
+            );
+        }
+        // The edge has the same checks.
+        let path = process::write(&dir, "edge.yaml", "limits:\n  max_streams: 0\n")?;
+        let (ok, _, err) = run(&[BIN, "edge", "--config", &path, "--check-config"]).await?;
+        ensure!(
+            !ok && err.trim().lines().count() == 1 && err.contains("`limits.max_streams`"),
+            "edge: {err}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_wrong_type_names_the_field() {
+    bounded(20, async {
+        let dir = temp_dir("wrong-type");
+        let path = process::write(
+            &dir,
+            "c.yaml",
+            "front_addr: 127.0.0.1:9443\nfront_limits:\n  max_connections: lots\n",
+        )?;
+        let line = cloud_refuses(&["--config", &path, "--check-config"]).await?;
+        ensure!(
+            line.contains(&path)
+                && line.contains("`front_limits.max_connections`")
+                && line.contains("line 3"),
+            "{line}"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_encrypted_key_is_named_and_nothing_is_written() {
+    bounded(20, async {
+        let pki = Pki::generate()?;
+        let dir = temp_dir("encrypted");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state)?;
+        let mut files = front_files(&pki, &dir)?;
+        let key = process::write(
+            &dir,
+            "enc.key",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )?;
+        files[3] = key.clone();
+        let s = state.display().to_string();
+        let mut a = args(&files);
+        a.extend(["--state-dir", &s]);
+        let line = cloud_refuses(&a).await?;
+        ensure!(
+            line.contains(&key)
+                && line.contains("front_key")
+                && line.contains("encrypted")
+                && line.contains("decrypt"),
+            "{line}"
+        );
+        ensure!(entries(&state).is_empty(), "state dir written: {:?}", entries(&state));
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item8_invalid_config_writes_nothing_to_the_state_dir() {
+    bounded(20, async {
+        let pki = Pki::generate()?;
+        let dir = temp_dir("nothing-written");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&state)?;
+        let files = front_files(&pki, &dir)?;
+        let s = state.display().to_string();
+        for bad in [
+            "cert_lifetime_hours: 0.001\n",
+            "preauth:\n  max_pending: 0\n",
+            "hub:\n  max_attempts: 0\n",
+        ] {
+            let path = process::write(&dir, "c.yaml", bad)?;
+            let mut a = args(&files);
+            a.extend(["--state-dir", &s, "--config", &path]);
+            let line = cloud_refuses(&a).await?;
+            ensure!(line.contains("config field"), "{bad:?}: {line}");
+            ensure!(
+                entries(&state).is_empty(),
+                "{bad:?}: state dir written: {:?}",
+                entries(&state)
+            );
+        }
+        Ok(())
+    })
+    .await;
+}

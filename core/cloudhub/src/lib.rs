@@ -32,7 +32,9 @@ pub enum StateError {
         cause: std::io::Error,
     },
     /// A file's content is invalid.
-    #[error("{path}: {reason}")]
+    #[error(
+        "{path}: {reason}; restore it from a backup, or move it away to start without what it held"
+    )]
     Invalid {
         /// The file.
         path: String,
@@ -42,6 +44,14 @@ pub enum StateError {
     /// The CA could not be created or loaded.
     #[error(transparent)]
     Pki(#[from] tether_pki::PkiError),
+    /// The CA files could not be used.
+    #[error("{path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 /// The cloud's state directory: `ca.crt`, `ca.key` (0600), `tokens.json`,
@@ -161,11 +171,29 @@ impl Enrolled {
 
 impl CloudState {
     /// Opens the state directory, creating it and the CA on first start.
+    /// Every state file is read and checked before anything is written.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        files::create_dir(dir)?;
         let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
-        let ca = if crt.exists() || key.exists() {
-            Ca::from_pem(&files::read_string(&crt)?, &files::read_string(&key)?)?
+        let existing = if crt.exists() || key.exists() {
+            let ca = Ca::from_pem(&files::read_string(&crt)?, &files::read_string(&key)?)
+                .map_err(|e| StateError::Ca {
+                    path: key.display().to_string(),
+                    reason: match e {
+                        tether_pki::PkiError::KeyMismatch => format!(
+                            "does not match {}; put the key of that certificate there, or remove both files to create a new CA (every edge must then enrol again)",
+                            crt.display()
+                        ),
+                        e => format!("{e} (with {}); fix the pair, or remove both files to create a new CA", crt.display()),
+                    },
+                })?;
+            Some(ca)
+        } else {
+            None
+        };
+        Self::check_files(dir)?;
+        files::create_dir(dir)?;
+        let ca = if let Some(ca) = existing {
+            ca
         } else {
             let ca = Ca::generate("tether-edge-ca")?;
             files::write_private(&key, ca.key_pem().expose().as_bytes())?;
@@ -176,8 +204,21 @@ impl CloudState {
         Self::with_ca(dir, ca)
     }
 
+    /// Reads every state file besides the CA; a corrupt one is an error.
+    fn check_files(dir: &Path) -> Result<(), StateError> {
+        TokenStore::new(dir.join("tokens.json")).list()?;
+        DenyList::open(dir.join("revoked.json"))?;
+        Enrolled {
+            path: dir.join("enrolled.json"),
+            lock: std::sync::Mutex::new(()),
+        }
+        .load()?;
+        Ok(())
+    }
+
     /// Opens the state directory with a CA supplied by the operator.
     pub fn with_ca(dir: &Path, ca: Ca) -> Result<Self, StateError> {
+        Self::check_files(dir)?;
         files::create_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
