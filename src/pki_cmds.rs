@@ -107,19 +107,22 @@ enum CertsCmd {
 }
 
 pub(crate) fn token(a: TokenArgs) -> anyhow::Result<()> {
+    // Checked before the state directory is opened (and, on first use, created).
+    if let TokenCmd::Create { node, any_node, .. } = &a.cmd {
+        anyhow::ensure!(
+            node.is_some() || *any_node,
+            "give --node <name> (only that node may use the token) or --any-node (whoever holds it picks any node name not yet enrolled)"
+        );
+    }
     let state = CloudState::open(&a.state_dir).context("opening the state directory")?;
     match a.cmd {
         TokenCmd::Create {
             ttl_hours,
             single_use,
             node,
-            any_node,
+            any_node: _,
             ips,
         } => {
-            anyhow::ensure!(
-                node.is_some() || any_node,
-                "give --node <name> (only that node may use the token) or --any-node (whoever holds it picks any node name not yet enrolled)"
-            );
             let ttl = Duration::try_from_secs_f64(ttl_hours * 3600.0).context("--ttl-hours")?;
             if let Some(n) = &node {
                 anyhow::ensure!(tether_pki::valid_node_name(n), "invalid node name {n:?}");

@@ -230,6 +230,11 @@ async fn item9_token_without_node_needs_any_node() {
             !ok && !out.contains("tether1.") && err.contains("--any-node"),
             "a token without --node was created: {out} {err}"
         );
+        ensure!(
+            entries(&dir).is_empty(),
+            "state dir written: {:?}",
+            entries(&dir)
+        );
         let (ok, _, err) = run(&[
             BIN,
             "token",
