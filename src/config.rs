@@ -658,10 +658,10 @@ impl EdgeConfig {
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
         let cfg = tether_pki::client_config(
-            &tether_pki::load_certs(need(&self.ca, "ca")?)?,
+            &tether_pki::load_certs(need(&self.ca, "ca")?).context("config field `ca`")?,
             Some((
-                tether_pki::load_certs(need(&self.cert, "cert")?)?,
-                tether_pki::load_key(need(&self.key, "key")?)?,
+                tether_pki::load_certs(need(&self.cert, "cert")?).context("config field `cert`")?,
+                tether_pki::load_key(need(&self.key, "key")?).context("config field `key`")?,
             )),
             &[b"http/1.1"],
         )?;
@@ -675,7 +675,10 @@ impl EdgeConfig {
         }
         let ca = tether_pki::load_certs(need(&self.kubelet_ca, "kubelet_ca")?)?;
         let client = match (&self.kubelet_cert, &self.kubelet_key) {
-            (Some(c), Some(k)) => Some((tether_pki::load_certs(c)?, tether_pki::load_key(k)?)),
+            (Some(c), Some(k)) => Some((
+                tether_pki::load_certs(c).context("config field `kubelet_cert`")?,
+                tether_pki::load_key(k).context("config field `kubelet_key`")?,
+            )),
             (None, None) => None,
             _ => bail!("config fields `kubelet_cert` and `kubelet_key` go together"),
         };
