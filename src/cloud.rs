@@ -24,8 +24,10 @@ pub(crate) struct Args {
     /// YAML config file; flags and environment override its fields.
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
-    /// Load and check the configuration (with flags and environment), print
-    /// OK and exit; nothing is read from disk besides the file, nothing listens.
+    /// Load and check the configuration (with flags and environment): every
+    /// field's type and range. Prints OK and exits; nothing is read from disk
+    /// besides the file, nothing listens. A start also reads every file the
+    /// configuration names and the state directory before writing anything.
     #[arg(long)]
     check_config: bool,
     /// State directory: CA, tokens, deny list; enables the bootstrap server.
@@ -163,17 +165,20 @@ fn apply(a: Args, cfg: &mut CloudConfig) {
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg: CloudConfig = config::load(a.config.as_deref())?;
     let check_only = a.check_config;
+    let source = config::source(a.config.as_deref());
     apply(a, &mut cfg);
+    cfg.check().context(source.clone())?;
     if check_only {
-        cfg.check()?;
         println!("OK");
         return Ok(());
     }
-    cfg.check_cluster()?;
+    // Every named file is read before the state directory is touched: a
+    // configuration that cannot start writes nothing (no CA either).
+    cfg.check_files().context(source)?;
     let state = match &cfg.state_dir {
-        Some(dir) => Some(Arc::new(
-            CloudState::open(dir).context("config field `state_dir`")?,
-        )),
+        Some(dir) => Some(Arc::new(CloudState::open(dir).with_context(|| {
+            format!("config field `state_dir` ({})", dir.display())
+        })?)),
         None => None,
     };
     let (tunnel_cfg, front_cfg) = cfg.tls(state.as_ref().map(|s| s.ca()))?;

@@ -335,7 +335,44 @@ pub(crate) fn load<T: for<'de> Deserialize<'de> + Default>(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    serde_saphyr::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    serde_saphyr::from_str(&text).map_err(|e| {
+        // One line: the parser's message without its source snippet, and the
+        // field's dotted path, which the parser does not give.
+        let at = e.location().map(|l| (l.line() as usize, l.column() as usize));
+        let field = at.and_then(|(line, _)| crate::limits_check::yaml_path(&text, line));
+        let msg = e.without_snippet().to_string().replace('\n', " ");
+        match (field, at) {
+            (Some(field), Some((line, col))) => anyhow::anyhow!(
+                "invalid config {}: field `{field}` (line {line}, column {col}): {msg}; give it a value of the documented type",
+                path.display()
+            ),
+            _ => anyhow::anyhow!("invalid config {}: {msg}", path.display()),
+        }
+    })
+}
+
+/// Names where a configuration came from, for errors.
+pub(crate) fn source(path: Option<&Path>) -> String {
+    match path {
+        Some(p) => format!("config {}", p.display()),
+        None => "configuration from flags and environment".to_owned(),
+    }
+}
+
+/// Reads a certificate file named by config field `field`.
+fn check_certs(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
+    if let Some(p) = p {
+        tether_pki::load_certs(p).with_context(|| format!("config field `{field}`"))?;
+    }
+    Ok(())
+}
+
+/// Reads a key file named by config field `field`.
+fn check_key(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
+    if let Some(p) = p {
+        tether_pki::load_key(p).with_context(|| format!("config field `{field}`"))?;
+    }
+    Ok(())
 }
 
 fn need<'a>(v: &'a Option<PathBuf>, field: &str) -> anyhow::Result<&'a Path> {
@@ -384,9 +421,10 @@ impl CloudConfig {
 
     /// Checks what needs no files: limits, lifetimes and fields that go in pairs.
     pub(crate) fn check(&self) -> anyhow::Result<()> {
-        self.limits
-            .validate()
-            .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
+        crate::limits_check::tunnel(&self.limits)?;
+        crate::limits_check::front(&self.front_limits)?;
+        crate::limits_check::drain(self.drain_timeout_secs)?;
+        crate::limits_check::hub(&self.hub)?;
         self.preauth
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `preauth.{e}`"))?;
@@ -421,10 +459,54 @@ impl CloudConfig {
     }
 
     pub(crate) fn cert_lifetime(&self) -> anyhow::Result<Duration> {
+        // Not past the state CA's own ten years.
         Duration::try_from_secs_f64(self.cert_lifetime_hours * 3600.0)
             .ok()
-            .filter(|d| *d >= Duration::from_secs(60))
-            .context("config field `cert_lifetime_hours` must be at least one minute")
+            .filter(|d| *d >= Duration::from_secs(60) && *d <= Duration::from_secs(87_600 * 3600))
+            .with_context(|| {
+                format!(
+                    "config field `cert_lifetime_hours` must be within 0.017..=87600 hours (got {})",
+                    self.cert_lifetime_hours
+                )
+            })
+    }
+
+    /// Reads every file the configuration names, writing nothing, so a bad
+    /// one is refused before the state directory is touched.
+    pub(crate) fn check_files(&self) -> anyhow::Result<()> {
+        check_certs(&self.tunnel_cert, "tunnel_cert")?;
+        check_key(&self.tunnel_key, "tunnel_key")?;
+        check_certs(&self.edge_ca, "edge_ca")?;
+        check_certs(
+            &Some(need(&self.front_cert, "front_cert")?.to_owned()),
+            "front_cert",
+        )?;
+        check_key(
+            &Some(need(&self.front_key, "front_key")?.to_owned()),
+            "front_key",
+        )?;
+        check_certs(
+            &Some(need(&self.front_client_ca, "front_client_ca")?.to_owned()),
+            "front_client_ca",
+        )?;
+        if self.state_dir.is_none() {
+            need(&self.edge_ca, "edge_ca").context("or `state_dir`")?;
+            need(&self.tunnel_cert, "tunnel_cert").context("or `state_dir`")?;
+        }
+        check_certs(&self.serving_ca_cert, "serving_ca_cert")?;
+        check_key(&self.serving_ca_key, "serving_ca_key")?;
+        if let Some(path) = &self.hub_api_token_file {
+            let token = std::fs::read_to_string(path).with_context(|| {
+                format!("config field `hub_api_token_file` ({})", path.display())
+            })?;
+            if token.trim().len() < 16 {
+                bail!(
+                    "config field `hub_api_token_file`: the token in {} is shorter than 16 characters; write a longer random one",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// SANs for certificates issued from the state CA.
@@ -500,6 +582,41 @@ impl CloudConfig {
 }
 
 impl EdgeConfig {
+    /// Checks what needs no files: limits, timers and fields that go in pairs.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        crate::limits_check::tunnel(&self.limits)?;
+        crate::limits_check::drain(self.drain_timeout_secs)?;
+        crate::limits_check::hub(&self.hub)?;
+        self.kubelet_timeouts()?;
+        if !(1..=60_000).contains(&self.backoff_base_ms) {
+            bail!(
+                "config field `backoff_base_ms` must be within 1..=60000 (got {})",
+                self.backoff_base_ms
+            );
+        }
+        if !(1..=3600).contains(&self.backoff_max_secs)
+            || self.backoff_max_secs * 1000 < self.backoff_base_ms
+        {
+            bail!(
+                "config field `backoff_max_secs` must be within 1..=3600 and not below `backoff_base_ms` (got {})",
+                self.backoff_max_secs
+            );
+        }
+        for (a, b, p) in [
+            (&self.cert, &self.key, "cert` and `key"),
+            (
+                &self.kubelet_cert,
+                &self.kubelet_key,
+                "kubelet_cert` and `kubelet_key",
+            ),
+        ] {
+            if a.is_some() != b.is_some() {
+                bail!("config fields `{p}` go together");
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
@@ -549,10 +666,10 @@ impl EdgeConfig {
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))?;
         let cfg = tether_pki::client_config(
-            &tether_pki::load_certs(need(&self.ca, "ca")?)?,
+            &tether_pki::load_certs(need(&self.ca, "ca")?).context("config field `ca`")?,
             Some((
-                tether_pki::load_certs(need(&self.cert, "cert")?)?,
-                tether_pki::load_key(need(&self.key, "key")?)?,
+                tether_pki::load_certs(need(&self.cert, "cert")?).context("config field `cert`")?,
+                tether_pki::load_key(need(&self.key, "key")?).context("config field `key`")?,
             )),
             &[b"http/1.1"],
         )?;
@@ -564,7 +681,7 @@ impl EdgeConfig {
         let secs = |v: u64, field: &str| {
             anyhow::ensure!(
                 (1..=3600).contains(&v),
-                "config field `{field}`: {v} is out of range; use 1 to 3600 seconds"
+                "config field `{field}` must be within 1..=3600 seconds (got {v})"
             );
             Ok(Duration::from_secs(v))
         };
@@ -587,7 +704,10 @@ impl EdgeConfig {
         }
         let ca = tether_pki::load_certs(need(&self.kubelet_ca, "kubelet_ca")?)?;
         let client = match (&self.kubelet_cert, &self.kubelet_key) {
-            (Some(c), Some(k)) => Some((tether_pki::load_certs(c)?, tether_pki::load_key(k)?)),
+            (Some(c), Some(k)) => Some((
+                tether_pki::load_certs(c).context("config field `kubelet_cert`")?,
+                tether_pki::load_key(k).context("config field `kubelet_key`")?,
+            )),
             (None, None) => None,
             _ => bail!("config fields `kubelet_cert` and `kubelet_key` go together"),
         };

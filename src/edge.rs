@@ -71,6 +71,10 @@ pub(crate) struct Args {
     /// Do not run the message hub.
     #[arg(long, env = "TETHER_NO_HUB")]
     no_hub: bool,
+    /// Load and check the configuration (with flags and environment): every
+    /// field's type and range. Prints OK and exits; nothing listens.
+    #[arg(long)]
+    check_config: bool,
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
@@ -105,6 +109,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     if !a.allow.is_empty() {
         cfg.allow = a.allow;
+    }
+    cfg.check().context(config::source(a.config.as_deref()))?;
+    if a.check_config {
+        println!("OK");
+        return Ok(());
     }
     let node = cfg.node_name()?.to_owned();
     let server_name = cfg.cloud_server_name()?;
@@ -143,6 +152,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     } else {
         let manager = CertManager::new(&cfg.state_dir, &cfg.bootstrap_addr()?, &server_name, &node);
         let creds = manager.ensure(a.token.as_ref()).await?;
+        // With a token, a certificate refused as revoked (the operator
+        // revoked the node and gave it a new token) is replaced by enrolling
+        // with the token, instead of being refused forever.
+        let (manager, refused) = match a.token.clone() {
+            Some(t) => {
+                let (m, signal) = manager.with_token_fallback(t);
+                let hook: tether_tunnel::RefusalHook =
+                    Arc::new(move |status, reason: &str| signal.refused(status, reason));
+                (m, Some(hook))
+            }
+            None => (manager, None),
+        };
         info!(node, serial = %creds.identity.serial, renew_at = ?creds.renew_at(), "credentials ready");
         let (tx, rx) = tokio::sync::watch::channel(creds.client_config()?);
         metrics.certificate_expires(creds.identity.not_after);
@@ -153,16 +174,20 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             move |c| m.certificate_expires(c.identity.not_after),
             shutdown.clone(),
         ));
-        (
-            TunnelDialer::rotating(
-                cfg.cloud_addr()?,
-                &server_name,
-                rx.clone(),
-                &node,
-                cfg.limits.clone(),
-            )?,
-            TunnelDialer::rotating(&hub_addr, &server_name, rx, &node, cfg.limits.clone())?,
-        )
+        let mut tunnel = TunnelDialer::rotating(
+            cfg.cloud_addr()?,
+            &server_name,
+            rx.clone(),
+            &node,
+            cfg.limits.clone(),
+        )?;
+        let mut hub =
+            TunnelDialer::rotating(&hub_addr, &server_name, rx, &node, cfg.limits.clone())?;
+        if let Some(hook) = refused {
+            tunnel.on_refused(hook.clone());
+            hub.on_refused(hook);
+        }
+        (tunnel, hub)
     };
     let backoff = Backoff::new(
         Duration::from_millis(cfg.backoff_base_ms),

@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod edge;
 mod iptables;
+mod limits_check;
 mod pki_cmds;
 
 use std::net::SocketAddr;

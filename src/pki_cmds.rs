@@ -37,6 +37,12 @@ enum TokenCmd {
         /// Only this node may use the token.
         #[arg(long)]
         node: Option<String>,
+        /// Let the token enrol any node name not yet enrolled, instead of
+        /// one `--node`. Whoever holds it picks the name, and with `--ip`
+        /// every node enrolled with it gets the same addresses: keep it
+        /// single-use and short-lived.
+        #[arg(long, conflicts_with = "node")]
+        any_node: bool,
         /// Address the node's certificate carries (repeatable); routing by
         /// node IP trusts only these.
         #[arg(long = "ip", value_delimiter = ',')]
@@ -101,17 +107,41 @@ enum CertsCmd {
 }
 
 pub(crate) fn token(a: TokenArgs) -> anyhow::Result<()> {
+    // Checked before the state directory is opened (and, on first use, created).
+    if let TokenCmd::Create { node, any_node, .. } = &a.cmd {
+        anyhow::ensure!(
+            node.is_some() || *any_node,
+            "give --node <name> (only that node may use the token) or --any-node (whoever holds it picks any node name not yet enrolled)"
+        );
+    }
     let state = CloudState::open(&a.state_dir).context("opening the state directory")?;
     match a.cmd {
         TokenCmd::Create {
             ttl_hours,
             single_use,
             node,
+            any_node: _,
             ips,
         } => {
             let ttl = Duration::try_from_secs_f64(ttl_hours * 3600.0).context("--ttl-hours")?;
             if let Some(n) = &node {
                 anyhow::ensure!(tether_pki::valid_node_name(n), "invalid node name {n:?}");
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs() as i64;
+            for ip in &ips {
+                let holder = state.enrolled.ip_holder(
+                    ip,
+                    node.as_deref().unwrap_or_default(),
+                    &state.deny,
+                    now,
+                )?;
+                if let Some(other) = holder {
+                    anyhow::bail!(
+                        "--ip {ip}: node {other:?} holds a valid certificate with this address; revoke it first (tether certs revoke {other}) or choose another address"
+                    );
+                }
             }
             let t = state
                 .tokens

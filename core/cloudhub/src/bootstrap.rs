@@ -7,13 +7,13 @@
 //!   bootstrap token (`Authorization: Bearer tether1....`), or, for renewal,
 //!   by the node's current certificate over mTLS.
 //!
-//! Bodies are capped at 64 KiB; failed attempts are rate limited per source
-//! address; every issuance and refusal is an audit log line.
+//! Bodies are capped at 64 KiB; failed attempts are bounded per source
+//! address and per token id without ever refusing valid credentials
+//! (`attempts`, ADR 0014); every issuance and refusal is an audit log line.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -29,16 +29,13 @@ use tether_pki::{BootstrapToken, Identity, valid_node_name};
 use tether_tunnel::{PreAuthGate, PreAuthLimits, PreAuthMetrics, Shutdown};
 
 use crate::CloudState;
+use crate::attempts::FailureBudgets;
 
 /// Where the CA is served.
 pub const CA_PATH: &str = "/ca.crt";
 /// Where certificates are requested.
 pub const ENROL_PATH: &str = "/edge.crt";
 const MAX_BODY: usize = 64 << 10;
-/// Failed attempts allowed per source address per window.
-const MAX_FAILURES: u32 = 10;
-const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-const MAX_TRACKED_SOURCES: usize = 16_384;
 /// Whole-connection deadline of a client without a certificate: enough for
 /// `/ca.crt` and one enrolment, never long enough to hold a pre-auth slot by
 /// trickling a request body.
@@ -60,7 +57,7 @@ pub struct BootstrapServer {
     tls: Arc<rustls::ServerConfig>,
     gate: PreAuthGate,
     lifetime: Duration,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    budgets: FailureBudgets,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -83,7 +80,7 @@ impl BootstrapServer {
             tls,
             gate: PreAuthGate::new(PreAuthLimits::default(), PreAuthMetrics::default()),
             lifetime,
-            failures: Mutex::new(HashMap::new()),
+            budgets: FailureBudgets::new(),
         }
     }
 
@@ -165,24 +162,6 @@ impl BootstrapServer {
         }
     }
 
-    fn limited(&self, ip: IpAddr) -> bool {
-        let f = self.failures.lock().expect("limiter lock");
-        f.get(&ip)
-            .is_some_and(|(n, since)| *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW)
-    }
-
-    fn failed(&self, ip: IpAddr) {
-        let mut f = self.failures.lock().expect("limiter lock");
-        if f.len() >= MAX_TRACKED_SOURCES {
-            f.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        }
-        let e = f.entry(ip).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= FAILURE_WINDOW {
-            *e = (0, Instant::now());
-        }
-        e.0 += 1;
-    }
-
     async fn handle(
         &self,
         req: Request<Incoming>,
@@ -197,24 +176,11 @@ impl BootstrapServer {
                 )))
                 .expect("valid response"),
             (&Method::POST, ENROL_PATH) => {
-                if self.limited(peer.ip()) {
-                    warn!(target: "tether::audit", event = "refuse", source = %peer, reason = "rate limited");
-                    return answer(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too many failed attempts; try again later\n",
-                    );
-                }
+                // Credentials are checked before any budget: a renewal or a
+                // valid token from a source that others made fail still works.
+                let renewal = client.is_some_and(|c| c.node_name().is_some());
                 match self.enrol(req, client).await {
-                    Ok((node, pem, via)) => {
-                        let issued = tether_pki::load_certs_pem(pem.as_bytes())
-                            .ok()
-                            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()));
-                        if let Some(id) = &issued
-                            && let Err(e) = self.state.enrolled.record(&node, id.not_after)
-                        {
-                            warn!(error = %e, node, "cannot record the enrolment");
-                        }
-                        let serial = issued.map(|i| i.serial).unwrap_or_default();
+                    Ok((node, pem, via, serial)) => {
                         info!(target: "tether::audit", event = "issue", node, source = %peer, via, serial, "issued a node certificate");
                         Response::builder()
                             .header(header::CONTENT_TYPE, "application/x-pem-file")
@@ -222,14 +188,34 @@ impl BootstrapServer {
                             .expect("valid response")
                     }
                     Err((code, node, reason)) => {
-                        self.failed(peer.ip());
-                        warn!(target: "tether::audit", event = "refuse", node, source = %peer, reason, "refused a certificate request");
+                        let over = !renewal && self.budgets.source_failed(peer.ip());
                         // Token details stay in the audit log.
                         let public = match code {
                             StatusCode::UNAUTHORIZED => "invalid bootstrap token".to_owned(),
-                            _ => reason,
+                            _ => reason.clone(),
                         };
-                        answer(code, format!("{public}\n"))
+                        if !over {
+                            warn!(target: "tether::audit", event = "refuse", node, source = %peer, reason, "refused a certificate request");
+                            return answer(code, format!("{public}\n"));
+                        }
+                        // Past the source's budget: the log line is debug (a
+                        // flood must not flood the audit log), the answer 429,
+                        // and the connection closes so each further guess
+                        // costs a handshake.
+                        debug!(target: "tether::audit", event = "refuse", node, source = %peer, reason, "refused a certificate request (source over its failure budget)");
+                        let mut resp = answer(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "too many failed attempts from this address; try again later ({public})\n"
+                            ),
+                        );
+                        let h = resp.headers_mut();
+                        h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+                        h.insert(
+                            header::CONNECTION,
+                            header::HeaderValue::from_static("close"),
+                        );
+                        resp
                     }
                 }
             }
@@ -237,12 +223,12 @@ impl BootstrapServer {
         }
     }
 
-    /// Returns (node, certificate PEM, how) or (status, node, reason).
+    /// Returns (node, certificate PEM, how, serial) or (status, node, reason).
     async fn enrol(
         &self,
         req: Request<Incoming>,
         client: Option<&Identity>,
-    ) -> Result<(String, String, &'static str), (StatusCode, String, String)> {
+    ) -> Result<(String, String, &'static str, String), (StatusCode, String, String)> {
         let bearer = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -316,21 +302,40 @@ impl BootstrapServer {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
+                let state_failed =
+                    |e: crate::StateError| fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
                 let enrolled = self
                     .state
                     .enrolled
-                    .holds_valid(&node, &self.state.deny, now);
-                let ips =
+                    .holds_valid(&node, &self.state.deny, now)
+                    .map_err(state_failed)?;
+                let holder = |ip: &std::net::IpAddr| {
                     self.state
-                        .tokens
-                        .redeem(&token, &node, enrolled)
-                        .map_err(|e| match e {
-                            // Not secret, and the operator needs to know.
-                            crate::TokenRefusal::Enrolled(_) => {
-                                fail(StatusCode::CONFLICT, e.to_string())
-                            }
-                            _ => fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id)),
-                        })?;
+                        .enrolled
+                        .ip_holder(ip, &node, &self.state.deny, now)
+                };
+                // The bound on guessing a known id's secret (ADR 0014).
+                let redeemed = self
+                    .budgets
+                    .check_secret(&token.id, || {
+                        self.state.tokens.redeem(&token, &node, enrolled, holder)
+                    })
+                    .ok_or_else(|| {
+                        fail(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "token {}: too many wrong secrets in the last minute; try again later",
+                                token.id
+                            ),
+                        )
+                    })?;
+                let ips = redeemed.map_err(|e| match e {
+                    // Not secret, and the operator needs to know.
+                    crate::TokenRefusal::Enrolled(_) | crate::TokenRefusal::AddressHeld { .. } => {
+                        fail(StatusCode::CONFLICT, e.to_string())
+                    }
+                    _ => fail(StatusCode::UNAUTHORIZED, format!("token {}: {e}", token.id)),
+                })?;
                 (ips, "token")
             }
             (None, None) => {
@@ -345,13 +350,14 @@ impl BootstrapServer {
             .ca()
             .sign_node_csr(&r.csr, &node, &ips, self.lifetime)
             .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
-        if let Some(id) = tether_pki::load_certs_pem(pem.as_bytes())
+        let issued = tether_pki::load_certs_pem(pem.as_bytes())
             .ok()
-            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()))
-            && let Err(e) = self.state.enrolled.record(&node, id.not_after)
+            .and_then(|c| c.first().and_then(|d| Identity::from_der(d).ok()));
+        if let Some(id) = &issued
+            && let Err(e) = self.state.enrolled.record(&node, id)
         {
             warn!(error = %e, node, "cannot record the enrolment");
         }
-        Ok((node, pem, via))
+        Ok((node, pem, via, issued.map(|i| i.serial).unwrap_or_default()))
     }
 }

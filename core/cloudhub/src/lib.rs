@@ -3,6 +3,7 @@
 //! edge nodes, and revocation.
 
 pub mod api;
+mod attempts;
 mod bootstrap;
 mod files;
 pub mod hub;
@@ -31,7 +32,9 @@ pub enum StateError {
         cause: std::io::Error,
     },
     /// A file's content is invalid.
-    #[error("{path}: {reason}")]
+    #[error(
+        "{path}: {reason}; restore it from a backup, or move it away to start without what it held"
+    )]
     Invalid {
         /// The file.
         path: String,
@@ -41,6 +44,14 @@ pub enum StateError {
     /// The CA could not be created or loaded.
     #[error(transparent)]
     Pki(#[from] tether_pki::PkiError),
+    /// The CA files could not be used.
+    #[error("{path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 /// The cloud's state directory: `ca.crt`, `ca.key` (0600), `tokens.json`,
@@ -56,35 +67,101 @@ pub struct CloudState {
     pub enrolled: Enrolled,
 }
 
-/// Which nodes hold a certificate from this cloud (`enrolled.json`).
+/// Which nodes hold a certificate from this cloud (`enrolled.json`): each
+/// node's latest certificate, so that neither its name (ADR 0006) nor its
+/// addresses (ADR 0001) can be given to another node while it is valid.
 pub struct Enrolled {
     path: PathBuf,
     lock: std::sync::Mutex<()>,
 }
 
+/// A node's latest certificate in `enrolled.json`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Entry {
+    Cert(IssuedCert),
+    /// Files written before addresses were recorded hold only the expiry.
+    Expiry(i64),
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuedCert {
+    not_after: i64,
+    /// Issuance time (`not_before` plus the backdating).
+    issued_at: i64,
+    serial: String,
+    #[serde(default)]
+    ips: Vec<std::net::IpAddr>,
+}
+
+type EnrolledMap = std::collections::BTreeMap<String, Entry>;
+
 impl Enrolled {
-    fn load(&self) -> std::collections::BTreeMap<String, i64> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    fn load(&self) -> Result<EnrolledMap, StateError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| StateError::Invalid {
+                path: self.path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EnrolledMap::new()),
+            Err(cause) => Err(StateError::Io {
+                path: self.path.display().to_string(),
+                cause,
+            }),
+        }
+    }
+
+    fn valid(node: &str, e: &Entry, deny: &Revoked, now: i64) -> bool {
+        match e {
+            Entry::Cert(c) => {
+                let revoked = deny.serials.contains(&c.serial)
+                    || deny.nodes.get(node).is_some_and(|&at| c.issued_at <= at);
+                c.not_after > now && !revoked
+            }
+            Entry::Expiry(not_after) => *not_after > now && !deny.nodes.contains_key(node),
+        }
     }
 
     /// True when `node` holds an unexpired certificate that is not revoked.
-    pub fn holds_valid(&self, node: &str, deny: &DenyList, now: i64) -> bool {
+    pub fn holds_valid(&self, node: &str, deny: &DenyList, now: i64) -> Result<bool, StateError> {
         let _g = self.lock.lock().expect("enrolled lock");
-        let Some(&not_after) = self.load().get(node) else {
-            return false;
-        };
-        let revoked = deny.subscribe().borrow().nodes.contains_key(node);
-        not_after > now && !revoked
+        let deny = deny.subscribe().borrow().clone();
+        Ok(self
+            .load()?
+            .get(node)
+            .is_some_and(|e| Self::valid(node, e, &deny, now)))
     }
 
-    /// Records a certificate issued to `node`.
-    pub fn record(&self, node: &str, not_after: i64) -> Result<(), StateError> {
+    /// The node other than `node` whose valid certificate carries `ip`.
+    pub fn ip_holder(
+        &self,
+        ip: &std::net::IpAddr,
+        node: &str,
+        deny: &DenyList,
+        now: i64,
+    ) -> Result<Option<String>, StateError> {
         let _g = self.lock.lock().expect("enrolled lock");
-        let mut m = self.load();
-        m.insert(node.to_owned(), not_after);
+        let deny = deny.subscribe().borrow().clone();
+        Ok(self.load()?.into_iter().find_map(|(n, e)| {
+            let holds = matches!(&e, Entry::Cert(c) if c.ips.contains(ip));
+            (n != node && holds && Self::valid(&n, &e, &deny, now)).then_some(n)
+        }))
+    }
+
+    /// Records the certificate `id` issued to `node`.
+    pub fn record(&self, node: &str, id: &tether_pki::Identity) -> Result<(), StateError> {
+        let _g = self.lock.lock().expect("enrolled lock");
+        let mut m = self.load()?;
+        m.insert(
+            node.to_owned(),
+            Entry::Cert(IssuedCert {
+                not_after: id.not_after,
+                issued_at: id.not_before + tether_pki::BACKDATE_SECS,
+                serial: id.serial.clone(),
+                ips: id.ips.clone(),
+            }),
+        );
         files::write_private(
             &self.path,
             &serde_json::to_vec_pretty(&m).expect("serializes"),
@@ -94,11 +171,29 @@ impl Enrolled {
 
 impl CloudState {
     /// Opens the state directory, creating it and the CA on first start.
+    /// Every state file is read and checked before anything is written.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        files::create_dir(dir)?;
         let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
-        let ca = if crt.exists() || key.exists() {
-            Ca::from_pem(&files::read_string(&crt)?, &files::read_string(&key)?)?
+        let existing = if crt.exists() || key.exists() {
+            let ca = Ca::from_pem(&files::read_string(&crt)?, &files::read_string(&key)?)
+                .map_err(|e| StateError::Ca {
+                    path: key.display().to_string(),
+                    reason: match e {
+                        tether_pki::PkiError::KeyMismatch => format!(
+                            "does not match {}; put the key of that certificate there, or remove both files to create a new CA (every edge must then enrol again)",
+                            crt.display()
+                        ),
+                        e => format!("{e} (with {}); fix the pair, or remove both files to create a new CA", crt.display()),
+                    },
+                })?;
+            Some(ca)
+        } else {
+            None
+        };
+        Self::check_files(dir)?;
+        files::create_dir(dir)?;
+        let ca = if let Some(ca) = existing {
+            ca
         } else {
             let ca = Ca::generate("tether-edge-ca")?;
             files::write_private(&key, ca.key_pem().expose().as_bytes())?;
@@ -109,8 +204,21 @@ impl CloudState {
         Self::with_ca(dir, ca)
     }
 
+    /// Reads every state file besides the CA; a corrupt one is an error.
+    fn check_files(dir: &Path) -> Result<(), StateError> {
+        TokenStore::new(dir.join("tokens.json")).list()?;
+        DenyList::open(dir.join("revoked.json"))?;
+        Enrolled {
+            path: dir.join("enrolled.json"),
+            lock: std::sync::Mutex::new(()),
+        }
+        .load()?;
+        Ok(())
+    }
+
     /// Opens the state directory with a CA supplied by the operator.
     pub fn with_ca(dir: &Path, ca: Ca) -> Result<Self, StateError> {
+        Self::check_files(dir)?;
         files::create_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),

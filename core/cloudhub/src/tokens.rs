@@ -43,9 +43,13 @@ struct File {
 /// learns "invalid token".
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenRefusal {
-    /// No such token id, or the secret does not match.
-    #[error("unknown token or wrong secret")]
+    /// No such token id.
+    #[error("unknown token")]
     Unknown,
+    /// The id exists but the secret does not match: a guess at a known id,
+    /// which the bootstrap server bounds per id.
+    #[error("wrong secret")]
+    WrongSecret,
     /// Past its expiry.
     #[error("token expired")]
     Expired,
@@ -60,6 +64,17 @@ pub enum TokenRefusal {
         "node {0:?} is already enrolled; re-enrol it with a token bound to it (tether token create --node)"
     )]
     Enrolled(String),
+    /// An address the token gives is on another node's valid certificate:
+    /// routing by that address would reach the wrong node.
+    #[error(
+        "address {ip} is held by the valid certificate of node {node:?}; revoke that node first (tether certs revoke) or give this token another address"
+    )]
+    AddressHeld {
+        /// The address.
+        ip: IpAddr,
+        /// The node holding it.
+        node: String,
+    },
     /// The store could not be read or written.
     #[error("token store: {0}")]
     Store(String),
@@ -77,6 +92,11 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Equality without an early exit.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl TokenStore {
@@ -157,21 +177,35 @@ impl TokenStore {
     /// `node` already holds a valid certificate: only a token bound to that
     /// node may enrol it again, so an unbound token cannot take over a live
     /// node's name (its session would replace the real node's).
+    /// `holder` names the other node whose valid certificate carries an
+    /// address, if any: such an address is not given again.
     pub fn redeem(
         &self,
         token: &BootstrapToken,
         node: &str,
         enrolled: bool,
+        holder: impl Fn(&IpAddr) -> Result<Option<String>, StateError>,
     ) -> Result<Vec<IpAddr>, TokenRefusal> {
         let _g = self.lock.lock().expect("token lock");
         let store = |e: StateError| TokenRefusal::Store(e.to_string());
         let mut f = self.load().map_err(store)?;
         let t = now();
-        let k = f
-            .tokens
-            .iter_mut()
-            .find(|k| k.id == token.id && token.secret_matches(&k.secret_sha256))
-            .ok_or(TokenRefusal::Unknown)?;
+        // Every entry is compared, in constant time and without stopping at
+        // a match, so the answer's timing says nothing about which ids exist.
+        let (mut found, mut id_known) = (None, false);
+        for (i, k) in f.tokens.iter().enumerate() {
+            let id = ct_eq(k.id.as_bytes(), token.id.as_bytes());
+            let secret = token.secret_matches(&k.secret_sha256);
+            id_known |= id;
+            if id & secret {
+                found = Some(i);
+            }
+        }
+        let k = match found {
+            Some(i) => &mut f.tokens[i],
+            None if id_known => return Err(TokenRefusal::WrongSecret),
+            None => return Err(TokenRefusal::Unknown),
+        };
         if k.expires_at <= t {
             return Err(TokenRefusal::Expired);
         }
@@ -182,6 +216,11 @@ impl TokenStore {
             Some(bound) if bound != node => return Err(TokenRefusal::WrongNode(bound.clone())),
             None if enrolled => return Err(TokenRefusal::Enrolled(node.to_owned())),
             _ => {}
+        }
+        for ip in &k.ips {
+            if let Some(node) = holder(ip).map_err(store)? {
+                return Err(TokenRefusal::AddressHeld { ip: *ip, node });
+            }
         }
         k.used_at = Some(t);
         let ips = k.ips.clone();
@@ -194,6 +233,10 @@ impl TokenStore {
 mod tests {
     use super::*;
 
+    fn none(_: &IpAddr) -> Result<Option<String>, StateError> {
+        Ok(None)
+    }
+
     #[test]
     fn redeem_checks_every_option() {
         let dir = std::env::temp_dir().join(format!("tether-tokens-{}", std::process::id()));
@@ -205,9 +248,9 @@ mod tests {
         let once = store
             .create(ca, Duration::from_secs(60), true, None, vec![ip])
             .unwrap();
-        assert_eq!(store.redeem(&once, "edge-1", false), Ok(vec![ip]));
+        assert_eq!(store.redeem(&once, "edge-1", false, none), Ok(vec![ip]));
         assert_eq!(
-            store.redeem(&once, "edge-1", false),
+            store.redeem(&once, "edge-1", false, none),
             Err(TokenRefusal::Used)
         );
         let bound = store
@@ -220,24 +263,24 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            store.redeem(&bound, "edge-3", false),
+            store.redeem(&bound, "edge-3", false, none),
             Err(TokenRefusal::WrongNode("edge-2".into()))
         );
-        assert!(store.redeem(&bound, "edge-2", true).is_ok());
-        assert!(store.redeem(&bound, "edge-2", true).is_ok());
+        assert!(store.redeem(&bound, "edge-2", true, none).is_ok());
+        assert!(store.redeem(&bound, "edge-2", true, none).is_ok());
         let open = store
             .create(ca, Duration::from_secs(60), false, None, vec![])
             .unwrap();
         assert_eq!(
-            store.redeem(&open, "edge-1", true),
+            store.redeem(&open, "edge-1", true, none),
             Err(TokenRefusal::Enrolled("edge-1".into()))
         );
-        assert!(store.redeem(&open, "edge-9", false).is_ok());
+        assert!(store.redeem(&open, "edge-9", false, none).is_ok());
         let expired = store
             .create(ca, Duration::ZERO, false, None, vec![])
             .unwrap();
         assert_eq!(
-            store.redeem(&expired, "edge-1", false),
+            store.redeem(&expired, "edge-1", false, none),
             Err(TokenRefusal::Expired)
         );
         let forged: BootstrapToken = once
@@ -246,12 +289,12 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            store.redeem(&forged, "edge-1", false),
+            store.redeem(&forged, "edge-1", false, none),
             Err(TokenRefusal::Unknown)
         );
         assert!(store.revoke(&bound.id).unwrap());
         assert_eq!(
-            store.redeem(&bound, "edge-2", true),
+            store.redeem(&bound, "edge-2", true, none),
             Err(TokenRefusal::Unknown)
         );
         let text = std::fs::read_to_string(dir.join("tokens.json")).unwrap();

@@ -133,7 +133,40 @@ pub struct CertManager {
     bootstrap_addr: String,
     server_name: String,
     node: String,
+    fallback: Option<Fallback>,
 }
+
+/// A token to re-enrol with when the cloud refuses the certificate as revoked.
+#[derive(Clone, Debug)]
+struct Fallback {
+    token: BootstrapToken,
+    revoked: watch::Receiver<u64>,
+}
+
+/// Reports the cloud's refusals of the node certificate to the
+/// [`CertManager`] (see [`CertManager::with_token_fallback`]).
+#[derive(Clone, Debug)]
+pub struct RefusalSignal(Arc<watch::Sender<u64>>);
+
+impl RefusalSignal {
+    /// A refusal by the cloud (of a tunnel or hub dial); only one that says
+    /// the certificate is revoked counts.
+    pub fn refused(&self, status: u16, reason: &str) {
+        if is_revocation(status, reason) {
+            self.0.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// True when a refusal says the node certificate is revoked: the cloud
+/// answers 403 naming the revocation (tunnel, hub and bootstrap alike).
+pub fn is_revocation(status: u16, reason: &str) -> bool {
+    status == 403 && reason.contains("revoked")
+}
+
+/// After switching to a certificate from the token, refusals reported in
+/// this long came from dials with the old one.
+const FALLBACK_QUIET: Duration = Duration::from_secs(5);
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -146,7 +179,18 @@ impl CertManager {
             bootstrap_addr: bootstrap_addr.to_owned(),
             server_name: server_name.to_owned(),
             node: node.to_owned(),
+            fallback: None,
         }
+    }
+
+    /// Falls back to `token` when the cloud refuses the current certificate
+    /// as revoked (a node revoked, then given a new token by the operator):
+    /// the rotation task enrols with it and hands the new certificate to the
+    /// dialers. Feed the dialers' refusals to the returned signal.
+    pub fn with_token_fallback(mut self, token: BootstrapToken) -> (Self, RefusalSignal) {
+        let (tx, revoked) = watch::channel(0);
+        self.fallback = Some(Fallback { token, revoked });
+        (self, RefusalSignal(Arc::new(tx)))
     }
 
     fn paths(&self) -> (PathBuf, PathBuf, PathBuf) {
@@ -320,7 +364,9 @@ impl CertManager {
     }
 
     /// Renews before expiry until shutdown, publishing each new TLS
-    /// configuration on `tx`. Failed renewals retry with backoff.
+    /// configuration on `tx`. Failed renewals retry with backoff. With a
+    /// token fallback, a certificate refused as revoked is replaced by one
+    /// enrolled with the token.
     pub async fn run_rotation(
         self,
         mut current: EdgeCredentials,
@@ -330,18 +376,26 @@ impl CertManager {
     ) {
         let mut backoff =
             tether_tunnel::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut revoked = self.fallback.as_ref().map(|f| f.revoked.clone());
+        let mut quiet_until = tokio::time::Instant::now();
         loop {
             let wait = current
                 .renew_at()
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+            let via_token = tokio::select! {
+                _ = tokio::time::sleep(wait) => false,
+                _ = revocation(&mut revoked) => {
+                    if tokio::time::Instant::now() < quiet_until {
+                        continue;
+                    }
+                    true
+                }
                 _ = shutdown.triggered() => return,
-            }
+            };
             loop {
                 match self
-                    .renew(&current)
+                    .refresh(&current, via_token)
                     .await
                     .and_then(|c| c.client_config().map(|cfg| (c, cfg)))
                 {
@@ -350,18 +404,62 @@ impl CertManager {
                         current = c;
                         tx.send_replace(cfg);
                         backoff.reset();
+                        if via_token {
+                            quiet_until = tokio::time::Instant::now() + FALLBACK_QUIET;
+                        }
                         break;
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        warn!(error = %e, retry_in = ?delay, "certificate renewal failed");
+                        warn!(error = %e, retry_in = ?delay, via_token, "certificate renewal failed");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.triggered() => return,
+                        }
+                        // A failed re-enrolment waits for the next refusal
+                        // (the dialers report one per attempt), so a spent
+                        // token is not retried in a loop of its own.
+                        if via_token {
+                            break;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// A new certificate: by renewal over mTLS, or with the fallback token
+    /// when `via_token` or when the renewal is refused as revoked.
+    async fn refresh(
+        &self,
+        current: &EdgeCredentials,
+        via_token: bool,
+    ) -> Result<EdgeCredentials, EnrolError> {
+        let token = self.fallback.as_ref().map(|f| &f.token);
+        if !via_token {
+            match self.renew(current).await {
+                Err(EnrolError::Refused { status, reason }) if is_revocation(status, &reason) => {
+                    if token.is_none() {
+                        return Err(EnrolError::Refused { status, reason });
+                    }
+                }
+                other => return other,
+            }
+        }
+        let token = token.ok_or_else(|| EnrolError::NotEnrolled(self.dir.display().to_string()))?;
+        warn!(node = %self.node, "the cloud refused this node's certificate as revoked; enrolling with the bootstrap token");
+        self.enrol(token).await
+    }
+}
+
+/// Resolves on the next reported revocation; never without a fallback.
+async fn revocation(revoked: &mut Option<watch::Receiver<u64>>) {
+    match revoked {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }

@@ -45,6 +45,18 @@ pub enum PkiError {
     /// A certificate signing request was refused.
     #[error("certificate signing request refused: {0}")]
     Csr(String),
+    /// The CA key is not the key of the CA certificate.
+    #[error("the CA key does not match the CA certificate")]
+    KeyMismatch,
+}
+
+/// Why a PEM private key cannot be read, when the reason is that it is
+/// encrypted: rustls and rcgen read only unencrypted keys.
+pub(crate) fn encrypted_key(pem: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(pem);
+    (text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED")).then(|| {
+        "the key is encrypted (passphrase-protected), which is not supported; decrypt it (openssl pkey -in KEY -out KEY.plain) and point to the decrypted file, mode 0600".to_owned()
+    })
 }
 
 /// A private key in PEM form. Debug never prints the key.
@@ -64,7 +76,7 @@ impl SecretPem {
     pub fn to_der(&self) -> Result<PrivateKeyDer<'static>, PkiError> {
         PrivateKeyDer::from_pem_slice(self.0.as_bytes()).map_err(|e| PkiError::Pem {
             what: "private key",
-            reason: e.to_string(),
+            reason: encrypted_key(self.0.as_bytes()).unwrap_or_else(|| e.to_string()),
         })
     }
 }
@@ -147,6 +159,15 @@ impl Ca {
                 what: "CA certificate",
                 reason: "no certificate".into(),
             })?;
+        // A key of another CA would sign certificates no edge can verify.
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| PkiError::Pem {
+                what: "CA certificate",
+                reason: e.to_string(),
+            })?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::KeyMismatch);
+        }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
         Ok(Self {
             cert_pem: cert_pem.to_owned(),
@@ -363,7 +384,9 @@ fn ca_key(key_pem: &str) -> Result<(KeyPair, String), PkiError> {
         what: "CA key",
         reason,
     };
-    let der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        bad(crate::encrypted_key(key_pem.as_bytes()).unwrap_or_else(|| e.to_string()))
+    })?;
     match der {
         PrivateKeyDer::Pkcs8(_) => {
             let key = KeyPair::from_pem(key_pem)?;

@@ -68,7 +68,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.display().to_string(),
-        reason: e.to_string(),
+        reason: crate::encrypted_key(&pem).unwrap_or_else(|| e.to_string()),
     })
 }
 

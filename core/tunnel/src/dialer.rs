@@ -58,7 +58,11 @@ pub struct TunnelDialer {
     node: String,
     limits: TunnelLimits,
     endpoints: Vec<std::net::SocketAddr>,
+    on_refused: Option<RefusalHook>,
 }
+
+/// Called with the status and reason of each refused upgrade.
+pub type RefusalHook = Arc<dyn Fn(u16, &str) + Send + Sync>;
 
 impl std::fmt::Debug for TunnelDialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -108,6 +112,7 @@ impl TunnelDialer {
             node: node.into(),
             limits,
             endpoints: Vec::new(),
+            on_refused: None,
         })
     }
 
@@ -115,6 +120,12 @@ impl TunnelDialer {
     /// Prometheus service discovery). The edge still enforces the list.
     pub fn advertise_endpoints(&mut self, endpoints: &[std::net::SocketAddr]) {
         self.endpoints = endpoints.to_vec();
+    }
+
+    /// Calls `hook` whenever the cloud refuses the upgrade, so the agent can
+    /// act on it (re-enrol with its token when the certificate is revoked).
+    pub fn on_refused(&mut self, hook: RefusalHook) {
+        self.on_refused = Some(hook);
     }
 
     /// Resolves when a new TLS configuration (a renewed certificate) is
@@ -175,7 +186,7 @@ impl TunnelDialer {
             NODE_HEADER,
             HeaderValue::from_str(&self.node).map_err(|e| DialError::Config(e.to_string()))?,
         );
-        let (ws, _resp) = tokio::time::timeout(
+        let upgraded = tokio::time::timeout(
             timeout,
             tokio_tungstenite::client_async_with_config(req, tls, Some(self.limits.ws_config())),
         )
@@ -191,7 +202,13 @@ impl TunnelDialer {
                     .unwrap_or_default(),
             },
             other => DialError::WebSocket(other),
-        })?;
+        });
+        if let (Err(DialError::Refused { status, reason }), Some(hook)) =
+            (&upgraded, &self.on_refused)
+        {
+            hook(*status, reason);
+        }
+        let (ws, _resp) = upgraded?;
         Ok(WsStream::new(ws, self.limits.ws_message_size))
     }
 }

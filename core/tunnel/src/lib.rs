@@ -25,7 +25,7 @@ mod ws;
 
 pub use backoff::Backoff;
 pub use cidr::Cidr;
-pub use dialer::{DialError, EdgeTransport, TunnelDialer};
+pub use dialer::{DialError, EdgeTransport, RefusalHook, TunnelDialer};
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, TunnelEvent, TunnelListener};
 pub use preauth::{
