@@ -277,6 +277,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             tether_hub::Store::in_memory()
         }
     };
+    hub_store.health().register(&mut registry, "cloud");
+    let store_health = hub_store.health();
     let hub_cfg = tether_cloudhub::hub::CloudHubConfig {
         channel: cfg.hub.channel()?,
         ..Default::default()
@@ -338,7 +340,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         admin_listener,
         tether_metrics_adapter::Admin {
             registry: Arc::new(Mutex::new(registry)),
-            ready: Arc::new(|| true),
+            // Not ready while the hub's store cannot write (disk full, I/O
+            // errors): it recovers by itself within a second of space.
+            ready: Arc::new(move || store_health.is_healthy()),
             tunnelport,
             sd: Some(sd),
             sessions: Some(debug_sessions),

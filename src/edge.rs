@@ -193,11 +193,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Duration::from_millis(cfg.backoff_base_ms),
         Duration::from_secs(cfg.backoff_max_secs),
     );
+    let mut store_health = None;
     if cfg.hub_enabled {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("config field `state_dir` ({})", cfg.state_dir.display()))?;
         let store = tether_hub::Store::open(&cfg.state_dir.join("hub.redb"))
             .context("the message hub's queue in `state_dir`")?;
+        store.health().register(&mut registry, "edge");
+        store_health = Some(store.health());
         let mut channel = cfg.hub.channel()?;
         // Only the cloud limits publish rates (per node).
         channel.rate = None;
@@ -227,9 +230,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
+    // Ready while the tunnel is up and the hub's store can write (a full
+    // disk refuses publishes until it recovers by itself).
     let ready = {
         let m = metrics.clone();
-        Arc::new(move || m.is_connected())
+        Arc::new(move || m.is_connected() && store_health.as_ref().is_none_or(|h| h.is_healthy()))
     };
     let preauth = tether_tunnel::PreAuthMetrics::default();
     preauth.register(&mut registry);

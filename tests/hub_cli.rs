@@ -98,6 +98,8 @@ struct Addrs {
     hub: u16,
     tunnel: u16,
     admin: u16,
+    /// The edge's admin port (0: any).
+    edge_admin: u16,
 }
 
 async fn cloud(prefix: &[&str], f: &Files, a: &Addrs) -> anyhow::Result<Role> {
@@ -151,6 +153,7 @@ async fn edge(prefix: &[&str], f: &Files, a: &Addrs) -> anyhow::Result<Role> {
         format!("{}:{}", a.ip, a.hub),
         format!("{}:{}", a.ip, a.tunnel),
     );
+    let admin = format!("127.0.0.1:{}", a.edge_admin);
     process::spawn(
         prefix,
         &[
@@ -176,7 +179,7 @@ async fn edge(prefix: &[&str], f: &Files, a: &Addrs) -> anyhow::Result<Role> {
             "--kubelet-url",
             "http://127.0.0.1:1",
             "--admin-addr",
-            "127.0.0.1:0",
+            &admin,
         ],
         "message hub started",
     )
@@ -377,6 +380,7 @@ async fn messages_survive_sigkill_of_edge_and_cloud() {
             hub: free_port()?,
             tunnel: free_port()?,
             admin: free_port()?,
+            edge_admin: 0,
         };
         let mut c1 = cloud(&[], &f, &a).await?;
         let mut e1 = edge(&[], &f, &a).await?;
@@ -564,6 +568,7 @@ async fn veth_downed_100_times_loses_and_duplicates_nothing() {
             hub: 10000,
             tunnel: 10004,
             admin: 10005,
+            edge_admin: 0,
         };
         let cx = pair.exec(&pair.cloud);
         let _cloud = cloud(&cx, &f, &a).await?;
@@ -658,6 +663,230 @@ async fn veth_downed_100_times_loses_and_duplicates_nothing() {
             reconnects >= 25,
             "only {reconnects} reconnects: the outages did not cut the channel"
         );
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .expect("test failed");
+}
+
+/// A tmpfs mounted by the test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `path` with a filler file; returns its path.
+fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler)?;
+    let chunk = vec![0u8; 64 << 10];
+    for _ in 0..10_000 {
+        if file
+            .write_all(&chunk)
+            .and_then(|()| file.sync_all())
+            .is_err()
+        {
+            return Ok(filler);
+        }
+    }
+    bail!("{} never filled up", dir.display())
+}
+
+/// NDJSON of `n` messages about `resource`, numbered from `from`, each
+/// with 100 KiB of padding so that a few of them need new store pages.
+fn big_batch(dir: &Path, resource: &str, from: u64, n: u64) -> anyhow::Result<String> {
+    let pad = "x".repeat(100 << 10);
+    let mut s = String::new();
+    for k in from..from + n {
+        s.push_str(&format!(
+            r#"{{"header":{{}},"route":{{"source":"test","group":"app","operation":"update","resource":"{resource}"}},"content":{{"n":{k},"pad":"{pad}"}}}}"#
+        ));
+        s.push('\n');
+    }
+    let path = dir.join(format!("big-{resource}-{from}.ndjson"));
+    std::fs::write(&path, s)?;
+    Ok(path.display().to_string())
+}
+
+/// Publishes through the edge's socket; returns the status, the body and
+/// the Retry-After header.
+async fn publish_up_raw(f: &Files, file: &str) -> anyhow::Result<(u16, String)> {
+    let data = format!("@{file}");
+    curl(
+        &[],
+        &[
+            "--unix-socket",
+            &socket(f),
+            "-D",
+            "-",
+            "-H",
+            "content-type: application/x-ndjson",
+            "--data-binary",
+            &data,
+            "http://edge/v1/messages",
+        ],
+    )
+    .await
+}
+
+async fn edge_admin(a: &Addrs, path: &str) -> anyhow::Result<(u16, String)> {
+    curl(&[], &[&format!("http://127.0.0.1:{}{path}", a.edge_admin)]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item7_hub_store_recovers_after_disk_full() {
+    if !process::is_root() {
+        eprintln!("skipped: this test mounts a tmpfs and needs root");
+        return;
+    }
+    tokio::time::timeout(Duration::from_secs(300), async {
+        let f = files("hub-enospc", "127.0.0.1")?;
+        let state = f.dir.join("edge");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tether-test"])
+            .arg(&state)
+            .status()?
+            .success();
+        ensure!(ok, "mount tmpfs on {}", state.display());
+        let _mount = Tmpfs(state.clone());
+        let a = Addrs {
+            ip: "127.0.0.1".into(),
+            hub: free_port()?,
+            tunnel: free_port()?,
+            admin: free_port()?,
+            edge_admin: free_port()?,
+        };
+        let cloud_role = cloud(&[], &f, &a).await?;
+        let cloud_pid = cloud_role.child.id().context("cloud pid")?.to_string();
+        let mut e = edge(&[], &f, &a).await?;
+        e.wait_line("hub channel up", Duration::from_secs(20))
+            .await?;
+        let mut up = subscribe_cloud(&[], &a).await?;
+        let cycles = if std::env::var_os("TETHER_FAULTS_SOAK").is_some() {
+            20
+        } else {
+            2
+        };
+        let mut accepted = 0u64;
+        for cycle in 0..cycles {
+            // The cloud stops taking messages, so the edge's queue (and its
+            // store file) must grow into the full disk.
+            process::ok(&["kill", "-STOP", &cloud_pid]).await?;
+            let filler = fill(&state)?;
+            // Publish until the store cannot grow: refused with 503 and a
+            // Retry-After, never silently dropped.
+            // Publish until the store cannot grow: refused with 503 and a
+            // Retry-After (never silently dropped), with readiness red. A
+            // refusal can be followed by a quick recovery while the file
+            // still has free pages inside; then publishing goes on.
+            let mut failing = false;
+            let mut refusals = 0;
+            for _ in 0..80 {
+                let batch = big_batch(&f.dir, "r", accepted, 4)?;
+                let (code, out) = publish_up_raw(&f, &batch).await?;
+                match code {
+                    202 => accepted += 4,
+                    503 => {
+                        refusals += 1;
+                        ensure!(
+                            out.contains("\"accepted\":0"),
+                            "cycle {cycle}: a refused batch was partly accepted: {out}"
+                        );
+                        ensure!(
+                            out.to_ascii_lowercase().contains("retry-after: 1"),
+                            "no Retry-After: {out}"
+                        );
+                        let (code, _) = edge_admin(&a, "/readyz").await?;
+                        if code == 503 {
+                            failing = true;
+                            break;
+                        }
+                    }
+                    _ => bail!("cycle {cycle}: publish answered {code}: {out}"),
+                }
+            }
+            ensure!(
+                failing,
+                "cycle {cycle}: the full disk never made the store fail ({refusals} refusals)"
+            );
+            let (_, metrics) = edge_admin(&a, "/metrics").await?;
+            ensure!(
+                metrics.contains("tether_hub_store_healthy{role=\"edge\"} 0"),
+                "cycle {cycle}: store health not 0:\n{metrics}"
+            );
+            ensure!(
+                !metrics.contains("tether_hub_store_errors_total{role=\"edge\",kind=\"enospc\"} 0"),
+                "cycle {cycle}: ENOSPC not counted:\n{metrics}"
+            );
+            // Space returns: the store recovers by itself, without traffic.
+            std::fs::remove_file(&filler)?;
+            let freed = tokio::time::Instant::now();
+            loop {
+                let (code, _) = edge_admin(&a, "/readyz").await?;
+                if code == 200 {
+                    break;
+                }
+                if freed.elapsed() >= Duration::from_secs(5) {
+                    let ls = std::process::Command::new("ls").arg("-la").arg(&state).output()?;
+                    let mut lines = Vec::new();
+                    while let Ok(l) = e.lines.try_recv() {
+                        lines.push(l);
+                    }
+                    bail!(
+                        "cycle {cycle}: not ready 5 s after space returned; {}\nedge log tail: {:?}",
+                        String::from_utf8_lossy(&ls.stdout),
+                        &lines[lines.len().saturating_sub(8)..]
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!(
+                "disk full cycle {cycle}: ready again {:?} after space returned",
+                freed.elapsed()
+            );
+            process::ok(&["kill", "-CONT", &cloud_pid]).await?;
+            let batch = big_batch(&f.dir, "r", accepted, 4)?;
+            let (code, out) = publish_up_raw(&f, &batch).await?;
+            ensure!(
+                code == 202,
+                "cycle {cycle}: publish after recovery answered {code}: {out}"
+            );
+            accepted += 4;
+        }
+        // Everything accepted arrives, once, in order; nothing refused does.
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while (got.len() as u64) < accepted {
+            let line = tokio::time::timeout_at(deadline, up.lines.recv())
+                .await
+                .with_context(|| format!("only {} of {accepted} messages arrived", got.len()))?
+                .context("subscription ended")?;
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if let Some(m) = v.get("message") {
+                got.push(m["content"]["n"].as_u64().context("content.n")?);
+            }
+        }
+        ensure!(
+            got.iter().copied().eq(0..accepted),
+            "not exactly 0..{accepted} in order: {:?}",
+            got.iter().enumerate().find(|(i, n)| *i as u64 != **n)
+        );
+        // And nothing more: no refused message and no resend shows up.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Ok(line) = up.lines.try_recv() {
+            ensure!(
+                !line.contains("\"message\""),
+                "unexpected message after all: {line:.200}"
+            );
+        }
         Ok::<_, anyhow::Error>(())
     })
     .await

@@ -176,10 +176,18 @@ where
             StatusCode::ACCEPTED,
             serde_json::json!({"accepted": accepted, "msg_ids": ids}),
         ),
-        Some((status, e)) => json(
-            status,
-            serde_json::json!({"accepted": accepted, "msg_ids": ids, "error": format!("message {accepted}: {e}")}),
-        ),
+        Some((status, e)) => {
+            let mut resp = json(
+                status,
+                serde_json::json!({"accepted": accepted, "msg_ids": ids, "error": format!("message {accepted}: {e}")}),
+            );
+            // A failing store (full disk) recovers by itself: say when to retry.
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            resp
+        }
     }
 }
 
@@ -273,7 +281,13 @@ pub fn hub_error(e: &HubError) -> Response<Body> {
         }
         HubError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    error(status, &e.to_string())
+    let mut resp = error(status, &e.to_string());
+    // A failing store (full disk) recovers by itself: say when to try again.
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    resp
 }
 
 /// The status of a publish refusal.

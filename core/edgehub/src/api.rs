@@ -109,5 +109,14 @@ async fn route(hub: EdgeHub, req: Request<Incoming>, max_message: usize) -> Resp
 }
 
 fn publish_error(e: &PublishError) -> Response<Body> {
-    error(publish_status(e), &e.to_string())
+    let status = publish_status(e);
+    let mut resp = error(status, &e.to_string());
+    // A failing store (full disk) recovers by itself: say when to try again.
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::header::HeaderValue::from_static("1"),
+        );
+    }
+    resp
 }

@@ -466,6 +466,7 @@ impl Channel {
         let mut st = self.lock();
         st.reserved -= ready.len();
         if let Err(e) = stored {
+            self.inner.metrics.refused("store");
             return (Vec::new(), Some(e.into()));
         }
         let mut ids = Vec::with_capacity(ready.len());
@@ -1014,27 +1015,62 @@ async fn persister(
     mut rx: mpsc::Receiver<Persist>,
 ) {
     let mut batch = Vec::with_capacity(256);
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut seen = Vec::new();
-        let mut acked = Vec::new();
+    // What a failed write could not record is kept and written again (a
+    // full disk recovers by itself), so a message acknowledged before the
+    // failure is not sent again after a restart. Bounded: beyond it the
+    // oldest are given up (the peer's seen set still drops a resend).
+    let (mut seen, mut acked): (Vec<String>, Vec<u64>) = (Vec::new(), Vec::new());
+    loop {
+        let got = if seen.is_empty() && acked.is_empty() {
+            rx.recv_many(&mut batch, 256).await
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => n,
+                () = tokio::time::sleep(PERSIST_RETRY) => usize::MAX,
+            }
+        };
+        if got == 0 {
+            break;
+        }
         for p in batch.drain(..) {
             match p {
                 Persist::Seen(id) => seen.push(id),
                 Persist::Acked(seq) => acked.push(seq),
             }
         }
-        if !acked.is_empty()
-            && let Err(e) = store.remove(&queue, acked).await
-        {
-            warn!(%peer, error = %e, "could not remove acknowledged messages from the store");
+        for (kept, what) in [(seen.len(), "seen ids"), (acked.len(), "acknowledgements")] {
+            if kept > MAX_UNPERSISTED {
+                warn!(%peer, kept, "giving up the oldest unpersisted {what}");
+            }
         }
-        if !seen.is_empty()
-            && let Err(e) = store.mark_seen(&peer, seen, seen_limit).await
-        {
-            warn!(%peer, error = %e, "could not record delivered message ids");
+        if seen.len() > MAX_UNPERSISTED {
+            seen.drain(..seen.len() - MAX_UNPERSISTED);
+        }
+        if acked.len() > MAX_UNPERSISTED {
+            acked.drain(..acked.len() - MAX_UNPERSISTED);
+        }
+        if !acked.is_empty() {
+            match store.remove(&queue, acked.clone()).await {
+                Ok(()) => acked.clear(),
+                Err(e) => {
+                    debug!(%peer, error = %e, "acknowledged messages not removed yet; will retry")
+                }
+            }
+        }
+        if !seen.is_empty() {
+            match store.mark_seen(&peer, seen.clone(), seen_limit).await {
+                Ok(()) => seen.clear(),
+                Err(StoreError::IdTooLong { .. }) => seen.clear(),
+                Err(e) => debug!(%peer, error = %e, "delivered ids not recorded yet; will retry"),
+            }
         }
     }
 }
+
+/// How often the persister writes again what a failed write left.
+const PERSIST_RETRY: Duration = Duration::from_millis(500);
+/// Most acknowledgements (and seen ids) kept for writing again.
+const MAX_UNPERSISTED: usize = 65_536;
 
 enum Frame {
     Data(Vec<u8>),

@@ -13,4 +13,4 @@ pub use channel::{
 };
 pub use message::{BadMessage, Content, Header, Message, Route};
 pub use metrics::HubMetrics;
-pub use store::{Store, StoreError};
+pub use store::{Store, StoreError, StoreHealth};

@@ -95,7 +95,13 @@ impl HubMetrics {
         for reason in DROP_REASONS {
             let _ = m.drops.get_or_create(&ReasonLabel { reason });
         }
-        for reason in ["queue_full", "rate_limited", "too_large", "invalid"] {
+        for reason in [
+            "queue_full",
+            "rate_limited",
+            "too_large",
+            "invalid",
+            "store",
+        ] {
             let _ = m.refused.get_or_create(&ReasonLabel { reason });
         }
         m

@@ -9,9 +9,15 @@
 use std::fs::OpenOptions;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use redb::backends::{FileBackend, InMemoryBackend};
 use redb::{
@@ -25,6 +31,11 @@ const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue")
 /// Seen ids: `(peer, insertion counter)` → message id. The counter orders
 /// ids by insertion and makes pruning a range delete of the oldest keys.
 const SEEN: TableDefinition<(&str, u64), &str> = TableDefinition::new("seen");
+/// One entry written and removed again to prove a reopened store can take
+/// as much as the write that failed.
+const PROBE: TableDefinition<u64, &[u8]> = TableDefinition::new("probe");
+/// Most bytes a probe writes (the failed write's entries, up to this).
+const PROBE_MAX_BYTES: usize = 8 << 20;
 /// Next insertion counter of each peer's seen set.
 const SEEN_NEXT: TableDefinition<&str, u64> = TableDefinition::new("seen_next");
 
@@ -38,6 +49,9 @@ const MAX_BATCH: usize = 1024;
 /// redb's page cache. Its default (1 GiB) is far more than queues of
 /// in-flight messages need, and edge nodes are small.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// While failing, how often the writer reopens the file and tries a write,
+/// with or without callers waiting: recovery follows freed space by itself.
+const RECOVER_EVERY: Duration = Duration::from_millis(500);
 
 /// Failures of the durable store.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +73,13 @@ pub enum StoreError {
     Corrupt {
         /// redb's description of the damage.
         detail: String,
+    },
+    /// The store failed (disk full, I/O error) and is being reopened; the
+    /// write was not made. Retry later.
+    #[error("store unavailable after a failed write ({cause}); retrying in the background")]
+    Unavailable {
+        /// The failure that took the store down.
+        cause: String,
     },
     /// The writer thread is gone (it panicked), so nothing can be written.
     #[error("store writer has stopped")]
@@ -102,9 +123,114 @@ enum Op {
     },
 }
 
+/// The sizes of the values a failed batch wrote, for the recovery probe;
+/// at least one small entry, at most [`PROBE_MAX_BYTES`] in all.
+fn failed_sizes(batch: &[Request]) -> Vec<usize> {
+    let mut sizes = vec![4096];
+    let mut total = 4096;
+    for request in batch {
+        let lens: Vec<usize> = match &request.op {
+            Op::Append { entries, .. } => entries.iter().map(|(_, f)| f.len()).collect(),
+            Op::MarkSeen { ids, .. } => ids.iter().map(String::len).collect(),
+            Op::Remove { .. } => Vec::new(),
+        };
+        for len in lens {
+            if total + len > PROBE_MAX_BYTES {
+                return sizes;
+            }
+            total += len;
+            sizes.push(len);
+        }
+    }
+    sizes
+}
+
 struct Request {
     op: Op,
     reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The open database, or None while the writer reopens it after a failure.
+struct Slot {
+    db: RwLock<Option<Arc<Database>>>,
+    /// The file, for reopening (None: in memory, never reopened).
+    path: Option<PathBuf>,
+    health: StoreHealth,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Whether the store can write, for readiness and metrics. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StoreHealth {
+    healthy: Gauge,
+    errors: Family<KindLabel, Counter>,
+    cause: Arc<std::sync::Mutex<String>>,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        let h = Self {
+            healthy: Gauge::default(),
+            errors: Family::default(),
+            cause: Arc::default(),
+        };
+        h.healthy.set(1);
+        for kind in ["enospc", "eio", "other"] {
+            let _ = h.errors.get_or_create(&KindLabel { kind });
+        }
+        h
+    }
+}
+
+impl StoreHealth {
+    /// True while writes succeed (or none has failed since the last recovery).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.get() == 1
+    }
+
+    /// Why the store is failing, if it is.
+    pub fn cause(&self) -> Option<String> {
+        (!self.is_healthy()).then(|| self.cause.lock().expect("cause lock").clone())
+    }
+
+    /// Registers `tether_hub_store_healthy` and `tether_hub_store_errors_total{kind}`.
+    pub fn register(
+        &self,
+        registry: &mut prometheus_client::registry::Registry,
+        role: &'static str,
+    ) {
+        let r = registry
+            .sub_registry_with_prefix("tether_hub_store")
+            .sub_registry_with_label(("role".into(), role.into()));
+        r.register(
+            "healthy",
+            "1 while the hub store can write; 0 after a failed write until it recovers",
+            self.healthy.clone(),
+        );
+        r.register(
+            "errors",
+            "Failed hub store writes, by kind: enospc, eio, other",
+            self.errors.clone(),
+        );
+    }
+
+    fn failed(&self, error: &StoreError) {
+        let kind = match error {
+            StoreError::Storage(e) | StoreError::Open { source: e, .. } => match &**e {
+                redb::Error::Io(io) if io.raw_os_error() == Some(28) => "enospc",
+                redb::Error::Io(io) if io.raw_os_error() == Some(5) => "eio",
+                _ => "other",
+            },
+            _ => "other",
+        };
+        self.errors.get_or_create(&KindLabel { kind }).inc();
+        *self.cause.lock().expect("cause lock") = error.to_string();
+        self.healthy.set(0);
+    }
 }
 
 /// Handle to the store; clones share one database and one writer thread.
@@ -117,7 +243,7 @@ pub struct Store {
 }
 
 struct Shared {
-    db: Arc<Database>,
+    slot: Arc<Slot>,
     writer: Option<JoinHandle<()>>,
     #[cfg(test)]
     commits: Arc<AtomicU64>,
@@ -150,7 +276,7 @@ impl Store {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let file = options.open(path).map_err(|e| open_error(e.into()))?;
         let backend = FileBackend::new(file).map_err(|e| open_error(e.into()))?;
-        Store::start(backend).map_err(|e| match e {
+        Store::start(backend, Some(path.to_owned())).map_err(|e| match e {
             StoreError::Storage(source) => StoreError::Open {
                 path: path.to_owned(),
                 source,
@@ -163,40 +289,48 @@ impl Store {
     pub fn in_memory() -> Store {
         // Invariant: an empty in-memory database only fails to initialise if
         // memory or threads are exhausted, where std would panic anyway.
-        Store::start(InMemoryBackend::new()).expect("in-memory store starts")
+        Store::start(InMemoryBackend::new(), None).expect("in-memory store starts")
     }
 
-    fn start(backend: impl StorageBackend) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create_with_backend(backend)
-            .map_err(|e| StoreError::Storage(Arc::new(e.into())))?;
-        // Create the tables up front so read transactions can always open them.
-        let txn = db.begin_write().map_err(storage)?;
-        txn.open_table(QUEUE).map_err(storage)?;
-        txn.open_table(SEEN).map_err(storage)?;
-        txn.open_table(SEEN_NEXT).map_err(storage)?;
-        txn.commit().map_err(storage)?;
-
-        let db = Arc::new(db);
+    fn start(backend: impl StorageBackend, path: Option<PathBuf>) -> Result<Store, StoreError> {
+        let db = Arc::new(init(backend)?);
+        let slot = Arc::new(Slot {
+            db: RwLock::new(Some(db)),
+            path,
+            health: StoreHealth::default(),
+        });
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let commits = Arc::new(AtomicU64::new(0));
         let writer = std::thread::Builder::new()
             .name("hub-store-writer".into())
             .spawn({
-                let db = db.clone();
+                let slot = slot.clone();
                 let commits = commits.clone();
-                move || run_writer(&db, rx, &commits)
+                move || run_writer(&slot, rx, &commits)
             })
             .map_err(|e| StoreError::Spawn(Arc::new(e)))?;
         Ok(Store {
             tx,
             shared: Arc::new(Shared {
-                db,
+                slot,
                 writer: Some(writer),
                 #[cfg(test)]
                 commits,
             }),
+        })
+    }
+
+    /// Whether the store can write; for readiness and metrics.
+    pub fn health(&self) -> StoreHealth {
+        self.shared.slot.health.clone()
+    }
+
+    /// The database for a read, unless it is being reopened.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let slot = &self.shared.slot;
+        let db = slot.db.read().expect("store slot lock").clone();
+        db.ok_or_else(|| StoreError::Unavailable {
+            cause: slot.health.cause().unwrap_or_default(),
         })
     }
 
@@ -230,7 +364,7 @@ impl Store {
 
     /// All entries of a queue in seq order (startup).
     pub fn load(&self, queue: &str) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.shared.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(QUEUE).map_err(storage)?;
         let range = table
             .range((queue, 0u64)..=(queue, u64::MAX))
@@ -245,7 +379,7 @@ impl Store {
 
     /// Names of queues that hold entries (startup: which nodes have pending messages).
     pub fn queues(&self) -> Result<Vec<String>, StoreError> {
-        let txn = self.shared.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(QUEUE).map_err(storage)?;
         let mut names: Vec<String> = Vec::new();
         // Seek past each queue's last possible key: one lookup per queue
@@ -300,7 +434,7 @@ impl Store {
 
     /// The seen ids of `peer`, oldest first.
     pub fn load_seen(&self, peer: &str) -> Result<Vec<String>, StoreError> {
-        let txn = self.shared.db.begin_read().map_err(storage)?;
+        let txn = self.db()?.begin_read().map_err(storage)?;
         let table = txn.open_table(SEEN).map_err(storage)?;
         let range = table
             .range((peer, 0u64)..=(peer, u64::MAX))
@@ -329,26 +463,136 @@ impl Store {
     }
 }
 
+/// Opens `backend` as the store and makes sure its tables exist (a write).
+fn init(backend: impl StorageBackend) -> Result<Database, StoreError> {
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create_with_backend(backend)
+        .map_err(|e| StoreError::Storage(Arc::new(e.into())))?;
+    // Create the tables up front so read transactions can always open them.
+    let txn = db.begin_write().map_err(storage)?;
+    txn.open_table(QUEUE).map_err(storage)?;
+    txn.open_table(SEEN).map_err(storage)?;
+    txn.open_table(SEEN_NEXT).map_err(storage)?;
+    txn.commit().map_err(storage)?;
+    Ok(db)
+}
+
+/// After a failed write redb refuses every later one ("previous I/O
+/// error"), so the writer closes the file and opens it again. Committed
+/// data is safe: a failed commit never became the database's state.
+fn reopen(slot: &Slot, probe: &[usize]) -> Result<(), StoreError> {
+    let Some(path) = &slot.path else {
+        // In memory: nothing to reopen; the next write tries again.
+        return Ok(());
+    };
+    let old = slot.db.write().expect("store slot lock").take();
+    if let Some(old) = old {
+        // Readers hold the database only for one read transaction.
+        let mut old = old;
+        for _ in 0..200 {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    break;
+                }
+                Err(shared) => {
+                    old = shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::Storage(Arc::new(e.into())))?;
+    let backend = FileBackend::new(file).map_err(|e| StoreError::Storage(Arc::new(e.into())))?;
+    let db = init(backend)?;
+    // Reopening works on a full disk too; writing entries of the sizes
+    // that failed (then removing them) shows whether they fit again.
+    for insert in [true, false] {
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            let mut table = txn.open_table(PROBE).map_err(storage)?;
+            for (key, len) in (0u64..).zip(probe) {
+                if insert {
+                    table
+                        .insert(key, vec![0u8; *len].as_slice())
+                        .map_err(storage)?;
+                } else {
+                    table.remove(key).map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+    }
+    *slot.db.write().expect("store slot lock") = Some(Arc::new(db));
+    Ok(())
+}
+
 /// The writer thread: waits for one request, folds in whatever else is
 /// queued, commits them in one durable transaction and answers them all.
-/// Ends when every `Store` handle (hence every sender) is gone.
-fn run_writer(db: &Database, mut rx: mpsc::Receiver<Request>, commits: &AtomicU64) {
+/// After a failed commit it reopens the store every [`RECOVER_EVERY`]
+/// (answering writes with [`StoreError::Unavailable`] meanwhile) until a
+/// reopen and its probe write succeed. Ends when every `Store` handle
+/// (hence every sender) is gone.
+fn run_writer(slot: &Slot, mut rx: mpsc::Receiver<Request>, commits: &AtomicU64) {
+    let health = &slot.health;
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
+    let mut next_try = Instant::now();
+    let mut probe: Vec<usize> = Vec::new();
+    loop {
+        if health.is_healthy() {
+            match rx.blocking_recv() {
+                Some(first) => batch.push(first),
+                None => return,
+            }
+        } else {
+            if Instant::now() >= next_try {
+                next_try = Instant::now() + RECOVER_EVERY;
+                match reopen(slot, &probe) {
+                    Ok(()) => {
+                        tracing::info!("hub store writable again");
+                        health.healthy.set(1);
+                        continue;
+                    }
+                    Err(error) => tracing::debug!(%error, "hub store still failing"),
+                }
+            }
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(request) => batch.push(request),
                 Err(_) => break,
             }
         }
-        let result = commit_batch(db, &batch);
+        let db = slot.db.read().expect("store slot lock").clone();
+        let result = match db {
+            Some(db) if health.is_healthy() => commit_batch(&db, &batch),
+            _ => Err(StoreError::Unavailable {
+                cause: health.cause().unwrap_or_default(),
+            }),
+        };
         match &result {
             Ok(()) => {
                 commits.fetch_add(1, Ordering::Relaxed);
             }
+            Err(StoreError::Unavailable { .. }) => {}
             Err(error) => {
-                tracing::warn!(%error, ops = batch.len(), "store commit failed");
+                tracing::warn!(%error, ops = batch.len(), "store commit failed; reopening it");
+                health.failed(error);
+                next_try = Instant::now();
+                probe = failed_sizes(&batch);
             }
         }
         for request in batch.drain(..) {
