@@ -51,6 +51,27 @@ pub struct EnrolRequest {
     pub csr: String,
 }
 
+/// Parses an enrolment body and checks everything in it that needs no
+/// state: the JSON shape, the node name and the CSR's subject. Refusals are
+/// (status, node, reason) as `enrol` reports them. Public for the fuzz target
+/// (`core/cloudhub/fuzz`): this is what anonymous clients reach.
+#[doc(hidden)]
+pub fn check_enrol_body(body: &[u8]) -> Result<EnrolRequest, (StatusCode, String, String)> {
+    let r: EnrolRequest = serde_json::from_slice(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            String::new(),
+            format!("malformed request: {e}"),
+        )
+    })?;
+    let fail = |reason: String| (StatusCode::BAD_REQUEST, r.node_name.clone(), reason);
+    if !valid_node_name(&r.node_name) {
+        return Err(fail(format!("invalid node name {:?}", r.node_name)));
+    }
+    tether_pki::check_node_csr(&r.csr, &r.node_name).map_err(|e| fail(e.to_string()))?;
+    Ok(r)
+}
+
 /// Serves enrolment and renewal.
 pub struct BootstrapServer {
     state: Arc<CloudState>,
@@ -252,24 +273,10 @@ impl BootstrapServer {
                 ));
             }
         };
-        let r: EnrolRequest = serde_json::from_slice(&body).map_err(|e| {
-            (
-                StatusCode::BAD_REQUEST,
-                String::new(),
-                format!("malformed request: {e}"),
-            )
-        })?;
+        // Check the CSR before a single-use token is spent on it.
+        let r = check_enrol_body(&body)?;
         let node = r.node_name.clone();
         let fail = |code, reason: String| (code, node.clone(), reason);
-        if !valid_node_name(&node) {
-            return Err(fail(
-                StatusCode::BAD_REQUEST,
-                format!("invalid node name {node:?}"),
-            ));
-        }
-        // Check the CSR before a single-use token is spent on it.
-        tether_pki::check_node_csr(&r.csr, &node)
-            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
         let (ips, via) = match (client.filter(|c| c.node_name().is_some()), bearer) {
             // Renewal: the current certificate (verified against our CA by
             // TLS) authorizes the same node, with the same addresses.

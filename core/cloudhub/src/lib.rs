@@ -12,6 +12,8 @@ pub use files::write_atomic;
 mod revocation;
 mod tokens;
 
+#[doc(hidden)]
+pub use bootstrap::check_enrol_body;
 pub use bootstrap::{BootstrapServer, CA_PATH, ENROL_PATH, EnrolRequest};
 pub use revocation::{DenyList, Revoked};
 pub use tokens::{TokenInfo, TokenRefusal, TokenStore};
