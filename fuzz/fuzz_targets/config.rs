@@ -21,6 +21,10 @@
 #[allow(dead_code, unreachable_pub)]
 #[path = "../../src/config.rs"]
 mod config;
+// `config` checks its ranges with `crate::limits_check`.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../src/limits_check.rs"]
+mod limits_check;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
