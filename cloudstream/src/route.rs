@@ -41,12 +41,18 @@ pub fn host_key(host: &str) -> Option<NodeKey> {
         return Some(NodeKey::Ip(ip));
     }
     let name = match host.rsplit_once(':') {
-        Some((n, port)) if port.parse::<u16>().is_ok() => n,
+        Some((n, port)) if is_port(port) => n,
         Some(_) => return None,
         None => host,
     };
     let name = name.to_ascii_lowercase();
     valid_node_name(&name).then_some(NodeKey::Name(name))
+}
+
+/// A decimal port. Digits only: `u16::from_str` also takes a leading `+`, and
+/// `10.0.0.5:+1` then read as the node name `10.0.0.5` instead of an address.
+fn is_port(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u16>().is_ok()
 }
 
 /// The node named by an apiserver node-proxy path:
@@ -58,7 +64,7 @@ pub fn forwarded_uri_node(uri: &str) -> Option<String> {
         return None;
     }
     let name = match segment.split_once(':') {
-        Some((n, port)) if port.parse::<u16>().is_ok() || port.is_empty() => n,
+        Some((n, port)) if is_port(port) || port.is_empty() => n,
         Some(_) => return None,
         None => segment,
     };
@@ -127,6 +133,19 @@ pub fn explicit_path(path: &str) -> Option<(String, ExplicitTarget, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `route` fuzz target (issue 11, fault suite): a `+` port
+    /// made an address a node name.
+    #[test]
+    fn fuzz_r1_signed_port_is_not_a_port() {
+        assert_eq!(host_key("3.1.3.1:+2"), None);
+        assert_eq!(host_key("edge-1:+10250"), None);
+        assert_eq!(forwarded_uri_node("/api/v1/nodes/edge-1:+1/proxy"), None);
+        assert_eq!(
+            host_key("edge-1:10250"),
+            Some(NodeKey::Name("edge-1".into()))
+        );
+    }
 
     #[test]
     fn hosts() {

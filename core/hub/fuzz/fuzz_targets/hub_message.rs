@@ -330,7 +330,11 @@ fn peer(inp: &mut Input<'_>) {
             );
             published.push(ch.publish(m).await.expect("publish"));
         }
-        let (mut fuzz, io) = tokio::io::duplex(1 << 20);
+        // Everything is written before the channel reads, so the script
+        // stays within the pipe (a full pipe would block the writer forever).
+        const PIPE: usize = 1 << 20;
+        let (mut fuzz, io) = tokio::io::duplex(PIPE);
+        let mut written = 0;
         let mut protocol = None;
         let mut sent_ids = HashSet::new();
         for _ in 0..inp.byte() % 64 {
@@ -340,6 +344,7 @@ fn peer(inp: &mut Input<'_>) {
             match inp.byte() % 8 {
                 0 => {
                     let raw = inp.string(200);
+                    written += 4 + raw.len();
                     write_raw_frame(&mut fuzz, raw.as_bytes())
                         .await
                         .expect("pipe");
@@ -347,23 +352,29 @@ fn peer(inp: &mut Input<'_>) {
                 1 => {
                     // A length past `max`: skipped up to 16x, else fatal.
                     let len = max as u32 + (inp.u64() % (max as u64 * 20)) as u32;
-                    fuzz.write_all(&len.to_be_bytes()).await.expect("pipe");
                     if len as usize > max * 16 {
+                        fuzz.write_all(&len.to_be_bytes()).await.expect("pipe");
                         protocol = Some(len as usize);
                         break;
                     }
+                    if written + 4 + len as usize > PIPE {
+                        break;
+                    }
+                    written += 4 + len as usize;
+                    fuzz.write_all(&len.to_be_bytes()).await.expect("pipe");
                     fuzz.write_all(&vec![b' '; len as usize])
                         .await
                         .expect("pipe");
                 }
                 _ => {
+                    // At most a few KiB each: 64 of them always fit.
                     let m = message(inp, &published);
+                    let json = m.to_json();
+                    written += 4 + json.len();
                     if !m.is_control() {
                         sent_ids.insert(m.header.msg_id.clone());
                     }
-                    write_raw_frame(&mut fuzz, &m.to_json())
-                        .await
-                        .expect("pipe");
+                    write_raw_frame(&mut fuzz, &json).await.expect("pipe");
                 }
             }
         }
