@@ -10,7 +10,7 @@ use tether_tunnel::TunnelLimits;
 use crate::report::Report;
 use crate::rig::{Rig, Side};
 use crate::stats::{ROLES, mb_per_s, ratio};
-use crate::{Figure, Plan, exec, idle, requests, streams};
+use crate::{Figure, Plan, exec, idle, memory, requests, streams};
 
 /// Bounds a phase: a phase that overruns is a harness failure.
 pub(crate) async fn phase<T>(
@@ -358,5 +358,68 @@ async fn concurrent(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Resu
             println!("  {side}: first failed stream: {e}");
         }
     }
+    Ok(())
+}
+
+/// Figure 7: each role's peak RSS under load and its RSS after the load, in
+/// child processes of their own (issue 11 item 10).
+pub(crate) async fn memory(
+    plan: &Plan,
+    limits: &TunnelLimits,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let (streams, bytes) = (plan.concurrent_streams, plan.concurrent_bytes);
+    let m = phase(
+        "memory",
+        memory::AFTER_LOAD + Duration::from_secs(150),
+        memory::memory_figure(limits, streams, bytes),
+    )
+    .await?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let quotient = |after: u64, idle: u64| after as f64 / idle.max(1) as f64;
+    report.put("memory_streams", m.streams);
+    report.put("memory_streams_ok", m.streams_ok);
+    report.put("memory_stream_bytes", m.stream_bytes);
+    report.put("memory_stalled_streams", m.stalled);
+    report.num("edge_peak_rss_mib_100_streams", mib(m.edge_peak));
+    report.num("cloud_peak_rss_mib_stalled", mib(m.cloud_peak));
+    report.num("rss_idle_mib_edge", mib(m.edge_idle));
+    report.num("rss_idle_mib_cloud", mib(m.cloud_idle));
+    report.num("rss_after_load_mib_edge", mib(m.edge_after));
+    report.num("rss_after_load_mib_cloud", mib(m.cloud_after));
+    let (qe, qc) = (
+        quotient(m.edge_after, m.edge_idle),
+        quotient(m.cloud_after, m.cloud_idle),
+    );
+    report.num("rss_after_load_ratio_edge", qe);
+    report.num("rss_after_load_ratio_cloud", qc);
+    report.num("rss_after_load_ratio", qe.max(qc));
+    // The issue's allowance beside the ratio: after <= 2 x idle + 16 MiB.
+    let within = |after: u64, idle: u64| mib(after) <= 2.0 * mib(idle) + 16.0;
+    report.put(
+        "rss_after_load_within_2x_plus_16mib",
+        within(m.edge_after, m.edge_idle) && within(m.cloud_after, m.cloud_idle),
+    );
+    println!(
+        "{:<22} {} of {} x {} MiB ok; edge idle {:.1} peak {:.1} after {:.1} MiB   {}",
+        "memory (edge)",
+        m.streams_ok,
+        m.streams,
+        m.stream_bytes >> 20,
+        mib(m.edge_idle),
+        mib(m.edge_peak),
+        mib(m.edge_after),
+        report.verdict("edge_peak_rss_mib_100_streams"),
+    );
+    println!(
+        "{:<22} {} stalled; cloud idle {:.1} peak {:.1} after {:.1} MiB; after/idle \
+         edge {qe:.2} cloud {qc:.2}   {}",
+        "memory (after load)",
+        m.stalled,
+        mib(m.cloud_idle),
+        mib(m.cloud_peak),
+        mib(m.cloud_after),
+        report.verdict("rss_after_load_ratio"),
+    );
     Ok(())
 }

@@ -18,6 +18,7 @@ mod hub;
 mod hub_load;
 mod idle;
 mod iptables;
+mod memory;
 mod report;
 mod requests;
 mod rig;
@@ -56,6 +57,9 @@ enum Command {
     /// Child process of the iptables figure: runs inside its network namespace.
     #[command(hide = true)]
     IptablesSync(iptables::SyncArgs),
+    /// Child process of the memory figure: runs the cloud or the edge.
+    #[command(hide = true)]
+    Role(memory::RoleArgs),
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +127,7 @@ enum Figure {
     Idle,
     Iptables,
     Hub,
+    Memory,
 }
 
 /// Sizes, counts and deadlines of one run.
@@ -203,6 +208,7 @@ fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Some(Command::Edges(args)) => runtime.block_on(idle::run_edges(args)),
         Some(Command::IptablesSync(args)) => runtime.block_on(iptables::run_sync(args)),
+        Some(Command::Role(args)) => runtime.block_on(memory::run_role(args)),
         None => runtime.block_on(run(cli.run)),
     };
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -264,6 +270,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let result = figures::on_rig(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
+    }
+
+    if plan.wants(Figure::Memory) {
+        figures::memory(&plan, &limits, &mut report).await?;
     }
 
     if plan.wants(Figure::Hub) {

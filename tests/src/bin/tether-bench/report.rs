@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 9] = [
+pub(crate) const TARGETS: [(&str, Rule); 11] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -42,6 +42,8 @@ pub(crate) const TARGETS: [(&str, Rule); 9] = [
     ("idle_session_kib", Rule::AtMost(64.0)),
     ("iptables_sync_1000_ms", Rule::AtMost(500.0)),
     ("iptables_execs_one_change", Rule::AtMost(1.0)),
+    ("edge_peak_rss_mib_100_streams", Rule::AtMost(64.0)),
+    ("rss_after_load_ratio", Rule::AtMost(2.0)),
 ];
 
 /// Every number measured so far, by key.
