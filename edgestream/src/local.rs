@@ -125,11 +125,18 @@ impl KubeletEndpoint {
 /// A pooled HTTP/1.1 client for local endpoints.
 pub(crate) type LocalClient = hyper_util::client::legacy::Client<LocalConnector, Body>;
 
+/// Largest read buffer, hence body chunk, per local connection.
+const LOCAL_READ_BUF: usize = 64 << 10;
+
 pub(crate) fn client(kubelet: &KubeletEndpoint) -> LocalClient {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(64)
         .pool_timer(hyper_util::rt::TokioTimer::new())
+        // Caps each body chunk read from the kubelet (hyper's default grows
+        // to ~400 KiB). Every stream holds up to two chunks beyond its h2 send
+        // buffer, so this bounds the edge's memory per stream (ADR 0015).
+        .http1_max_buf_size(LOCAL_READ_BUF)
         .build(LocalConnector {
             tls: kubelet.tls.clone(),
             timeout: kubelet.timeouts.connect,

@@ -1,7 +1,10 @@
 //! Bounds and tuning of one tunnel session. Defaults follow the measurements in
 //! `docs/PERFORMANCE.md`: large h2 frames for throughput, ~64 KiB WebSocket
-//! messages, small idle buffers, and a connection window big enough that every
-//! stream may stall at once without starving the others.
+//! messages and small idle buffers. A per-session memory budget (ADR 0015)
+//! bounds the data buffered across all streams of a session: half of it is the
+//! receive side (the h2 connection window), half the send side (per-stream send
+//! buffers), and each stream's share is `budget / 2 / max_streams`, so even
+//! every stream stalled at once cannot take the window another stream needs.
 
 use std::time::Duration;
 
@@ -15,13 +18,20 @@ pub struct TunnelLimits {
     /// Concurrent streams per node session (default 128). Further requests get
     /// a "busy" error instead of queueing.
     pub max_streams: u32,
-    /// Per-stream flow-control window in bytes (default 2 MiB).
+    /// Upper bound of the per-stream flow-control window in bytes (default
+    /// 2 MiB). The window used is the smaller of this and the stream's share of
+    /// `session_budget` (see [`TunnelLimits::effective_stream_window`]).
     pub stream_window: u32,
+    /// Bytes one session may buffer across all its streams, both directions
+    /// together (default 16 MiB). Half bounds what peers may send us ahead of
+    /// our readers (the connection window), half what we queue to send.
+    pub session_budget: u32,
     /// Largest h2 frame a peer may send us (default 256 KiB).
     pub max_frame_size: u32,
     /// Largest decoded header block per request or response (default 64 KiB).
     pub max_header_list_size: u32,
-    /// Per-stream send buffer in bytes (default 1 MiB).
+    /// Upper bound of the per-stream send buffer in bytes (default 1 MiB); the
+    /// buffer used is the smaller of this and the stream's budget share.
     pub max_send_buf: usize,
     /// Payload cap of one outgoing WebSocket message (default 64 KiB).
     pub ws_message_size: usize,
@@ -43,6 +53,7 @@ impl Default for TunnelLimits {
         Self {
             max_streams: 128,
             stream_window: 2 << 20,
+            session_budget: 16 << 20,
             max_frame_size: 256 << 10,
             max_header_list_size: 64 << 10,
             max_send_buf: 1 << 20,
@@ -56,11 +67,26 @@ impl Default for TunnelLimits {
 }
 
 impl TunnelLimits {
-    /// The connection window: every stream may hold a full stream window
-    /// without blocking the rest (see TUNNEL-NOTES on stalled readers).
+    /// The receive half of the session budget: the h2 connection window, the
+    /// most a peer may send us ahead of our readers across all streams.
     pub fn connection_window(&self) -> u32 {
-        let w = u64::from(self.max_streams) * u64::from(self.stream_window) + (4 << 20);
-        w.min(i32::MAX as u64) as u32
+        (self.session_budget / 2).max(65_535)
+    }
+
+    /// One stream's share of the receive half, capped by `stream_window`.
+    /// Every stream stalled at once holds at most the connection window, so a
+    /// stalled reader never takes the window another stream needs
+    /// (TUNNEL-NOTES: stalled readers; ADR 0002 and 0015).
+    pub fn effective_stream_window(&self) -> u32 {
+        let share = self.connection_window() / self.max_streams.max(1);
+        share.min(self.stream_window).max(65_535)
+    }
+
+    /// One stream's share of the send half, capped by `max_send_buf`: what h2
+    /// may queue for one stream beyond the chunk in hand.
+    pub fn effective_send_buf(&self) -> usize {
+        let share = (self.session_budget / 2 / self.max_streams.max(1)) as usize;
+        share.min(self.max_send_buf).max(16 << 10)
     }
 
     /// Refuses values that cannot work, naming the field.
@@ -73,6 +99,17 @@ impl TunnelLimits {
         }
         if self.stream_window < 65_535 {
             return Err("stream_window must be at least 65535".into());
+        }
+        if self.session_budget > i32::MAX as u32 {
+            return Err("session_budget must be at most 2147483647".into());
+        }
+        // Each stream's share of the receive half must be a legal h2 window.
+        if u64::from(self.session_budget) < 2 * 65_535 * u64::from(self.max_streams) {
+            return Err(format!(
+                "session_budget must be at least max_streams * 128 KiB ({} bytes for max_streams {})",
+                2 * 65_535 * u64::from(self.max_streams),
+                self.max_streams
+            ));
         }
         if self.ws_message_size < 1024 || self.ws_message_size > self.ws_max_incoming {
             return Err("ws_message_size must be within 1024..=ws_max_incoming".into());

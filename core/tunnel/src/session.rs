@@ -156,11 +156,11 @@ impl H2Session {
         let kill = io.kill_switch();
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .initial_stream_window_size(limits.stream_window)
+            .initial_stream_window_size(limits.effective_stream_window())
             .initial_connection_window_size(limits.connection_window())
             .max_frame_size(limits.max_frame_size)
             .max_header_list_size(limits.max_header_list_size)
-            .max_send_buf_size(limits.max_send_buf)
+            .max_send_buf_size(limits.effective_send_buf())
             .max_concurrent_streams(limits.max_streams)
             .keep_alive_interval(limits.keepalive_interval)
             .keep_alive_timeout(limits.keepalive_timeout)
@@ -376,11 +376,11 @@ where
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .initial_stream_window_size(limits.stream_window)
+        .initial_stream_window_size(limits.effective_stream_window())
         .initial_connection_window_size(limits.connection_window())
         .max_frame_size(limits.max_frame_size)
         .max_header_list_size(limits.max_header_list_size)
-        .max_send_buf_size(limits.max_send_buf)
+        .max_send_buf_size(limits.effective_send_buf())
         .max_concurrent_streams(limits.max_streams)
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
@@ -396,3 +396,7 @@ where
         _ = shutdown.drained() => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -12,7 +12,10 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    const BUF: usize = 64 << 10;
+    // Allocated per direction for the splice's whole life (exec, attach,
+    // port-forward), idle or not: 32 KiB keeps 128 streams at 8 MiB per role
+    // (ADR 0015) and still fills a WebSocket message in two reads.
+    const BUF: usize = 32 << 10;
     tokio::select! {
         r = copy_bidirectional_with_sizes(a, b, BUF, BUF) => r,
         _ = shutdown.drained() => Err(std::io::Error::new(
