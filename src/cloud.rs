@@ -213,6 +213,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "cloud");
     tether_metrics_adapter::register_process(&mut registry);
+    tether_metrics_adapter::spawn_heap_trimmer();
     let metrics = CloudMetrics::register(&mut registry);
     let sessions = SessionRegistry::new();
     let front_local = front_listener.local_addr()?;

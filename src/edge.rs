@@ -128,6 +128,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     tether_metrics_adapter::register_build_info(&mut registry, "edge");
     tether_metrics_adapter::register_process(&mut registry);
+    tether_metrics_adapter::spawn_heap_trimmer();
     let metrics = EdgeMetrics::register(&mut registry);
     let hub_addr = match &cfg.hub_addr {
         Some(a) => a.clone(),

@@ -41,6 +41,14 @@ pub(crate) fn tunnel(l: &TunnelLimits) -> anyhow::Result<()> {
         "65535..=2147483647",
         l.stream_window,
     )?;
+    // Each stream's share of the budget's receive half must be a whole h2
+    // window (ADR 0015); the library check below says so with numbers.
+    within(
+        (128 << 10..=i32::MAX as u32).contains(&l.session_budget),
+        &f("session_budget"),
+        "131072..=2147483647, and at least limits.max_streams * 131072",
+        l.session_budget,
+    )?;
     within(
         (16_384..=16_777_215).contains(&l.max_frame_size),
         &f("max_frame_size"),

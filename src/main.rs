@@ -2,12 +2,6 @@
 //! the operator commands around them. This file only parses flags and calls
 //! each role's `run`.
 
-/// mimalloc returns freed pages to the OS within about a second; glibc's
-/// per-thread arenas kept 170-290 MiB after load (ADR 0015).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod cloud;
 mod config;
 mod demo;

@@ -103,6 +103,7 @@ const TOP_EDGE: &[&str] = &[
 const LIMITS: &[&str] = &[
     "max_streams",
     "stream_window",
+    "session_budget",
     "max_frame_size",
     "max_header_list_size",
     "max_send_buf",

@@ -6,7 +6,10 @@
 //! pod network with a NetworkPolicy. Each crate registers its own metric
 //! families into the registry handed in here.
 
+mod heap;
 pub mod traces;
+
+pub use heap::{spawn_heap_trimmer, trim_if_worth_it};
 
 use std::sync::{Arc, Mutex};
 

@@ -104,10 +104,10 @@ impl TunnelLimits {
             return Err("session_budget must be at most 2147483647".into());
         }
         // Each stream's share of the receive half must be a legal h2 window.
-        if u64::from(self.session_budget) < 2 * 65_535 * u64::from(self.max_streams) {
+        let least = (128 << 10) * u64::from(self.max_streams);
+        if u64::from(self.session_budget) < least {
             return Err(format!(
-                "session_budget must be at least max_streams * 128 KiB ({} bytes for max_streams {})",
-                2 * 65_535 * u64::from(self.max_streams),
+                "session_budget must be at least max_streams * 128 KiB ({least} bytes for max_streams {})",
                 self.max_streams
             ));
         }

@@ -12,12 +12,6 @@
 //! The exit status is non-zero only when the harness itself fails, never for a
 //! missed target.
 
-/// mimalloc returns freed pages to the OS within about a second; glibc's
-/// per-thread arenas kept 170-290 MiB after load (ADR 0015).
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod exec;
 mod figures;
 mod hub;

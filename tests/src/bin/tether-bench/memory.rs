@@ -362,6 +362,8 @@ pub(crate) async fn run_role(args: RoleArgs) -> anyhow::Result<()> {
     let limits: TunnelLimits =
         serde_json::from_str(&args.limits_json).context("parse --limits-json")?;
     let mut keep: (Option<CloudHandle>, Option<EdgeHandle>) = (None, None);
+    // As `tether cloud` and `tether edge` do (ADR 0015).
+    tether_metrics_adapter::spawn_heap_trimmer();
     match args.role.as_str() {
         "cloud" => {
             let cloud = CloudHandle::start(
