@@ -141,12 +141,21 @@ async fn item10_session_memory_budget_bounds_buffering() {
         let mut got = 0u64;
         let mut body = resp.into_body();
         while let Some(frame) = body.frame().await {
-            got += frame.expect("bulk frame").into_data().map_or(0, |d| d.len() as u64);
+            got += frame
+                .expect("bulk frame")
+                .into_data()
+                .map_or(0, |d| d.len() as u64);
             // The bound holds at every moment, not only at the end.
             let now = pulled.load(Ordering::Relaxed);
-            assert!(now <= bound, "stalled streams buffered {now} bytes; bound {bound}");
+            assert!(
+                now <= bound,
+                "stalled streams buffered {now} bytes; bound {bound}"
+            );
         }
-        assert_eq!(got, bulk, "the unstalled stream must complete (no starvation)");
+        assert_eq!(
+            got, bulk,
+            "the unstalled stream must complete (no starvation)"
+        );
         let buffered = pulled.load(Ordering::Relaxed);
         assert!(
             buffered <= bound,

@@ -203,7 +203,8 @@ pub(crate) async fn memory_figure(
     bytes: u64,
 ) -> anyhow::Result<MemoryReport> {
     let pki = Pki::generate().context("generate pki")?;
-    let dir = TempDir(std::env::temp_dir().join(format!("tether-bench-mem-{}", std::process::id())));
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("tether-bench-mem-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
     write_pem(&dir.0, "edge.pem", pki.edge_ca.cert_pem())?;
     write_pem(&dir.0, "edge-key.pem", pki.edge_ca.key_pem().expose())?;
@@ -255,7 +256,9 @@ struct Client {
 
 impl Client {
     async fn connect(&self) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.front).await.context("connect front")?;
+        let tcp = TcpStream::connect(self.front)
+            .await
+            .context("connect front")?;
         tcp.set_nodelay(true)?;
         let io = TlsConnector::from(self.tls.clone())
             .connect(ServerName::try_from(CLOUD_NAME)?, tcp)
@@ -295,7 +298,10 @@ async fn measure(
         if matches!(client.logs("warm", 4096).await, Ok(true)) {
             break;
         }
-        ensure!(Instant::now() < deadline, "edge child never served a stream");
+        ensure!(
+            Instant::now() < deadline,
+            "edge child never served a stream"
+        );
         tokio::time::sleep(STEP).await;
     }
     // Warm every lazy path once (pools, TLS sessions), then the baseline.
