@@ -85,8 +85,32 @@ impl KubeletProcess {
             .status()?
             .success();
         ensure!(ok, "kill {sig} {pid} failed");
-        Ok(())
+        // kill returns once the signal is sent, not once every thread has
+        // stopped or resumed: wait for the state, or a request sent right
+        // after STOP may still be answered.
+        let want_stopped = sig == "-STOP";
+        for _ in 0..200 {
+            if threads_stopped(pid)? == want_stopped {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("fixture kubelet {pid} did not reach the state of {sig} within 1 s")
     }
+}
+
+/// Whether every thread of `pid` is stopped (state `T` in its stat line).
+fn threads_stopped(pid: u32) -> anyhow::Result<bool> {
+    let mut all = true;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        all &= state == Some('T');
+    }
+    Ok(all)
 }
 
 async fn start(
@@ -134,14 +158,16 @@ fn expect_timeout(status: u16, body: &[u8], setting: &str) -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item4_hung_kubelet_gets_504_and_streams_survive() {
-    bounded(Duration::from_secs(120), async {
+    let n = cycles(3, 50);
+    // A cycle takes about 3 s: two 1 s deadlines and a 1.5 s stop.
+    bounded(Duration::from_secs(60 + 10 * n as u64), async {
         let kubelet = KubeletProcess::start().await?;
         let timeouts = KubeletTimeouts {
             connect: Duration::from_secs(1),
             response_headers: Duration::from_secs(1),
         };
         let (pki, cloud, edge) = start(kubelet.addr, timeouts).await?;
-        for cycle in 0..cycles(3, 50) {
+        for cycle in 0..n {
             // Streams whose headers arrived before the kubelet stops.
             let conn = cloud.front_conn(pki.apiserver_tls()?).await?;
             let mut follow = kubectl::get_streaming(
@@ -177,7 +203,8 @@ async fn item4_hung_kubelet_gets_504_and_streams_survive() {
                     parts.status.as_u16(),
                     &body,
                     "kubelet_response_header_timeout_secs",
-                )?;
+                )
+                .with_context(|| format!("cycle {cycle}, kubelet stopped"))?;
             }
             let counted = edge.metrics.local_timeouts_total() - before;
             ensure!(

@@ -430,10 +430,12 @@ async fn faults_link_down_short_and_past_keepalive() {
         eprintln!("skipped: this test creates network namespaces and a veth pair and needs root");
         return;
     }
-    tokio::time::timeout(Duration::from_secs(900), async {
+    let n = cycles(10, 500);
+    // A cycle takes about 6.5 s (a 4 s outage, then service again).
+    let limit = Duration::from_secs(120 + 20 * n as u64);
+    tokio::time::timeout(limit, async {
         let s = Stack::start().await?;
         let base = s.baseline().await?;
-        let n = cycles(10, 500);
         for cycle in 0..n {
             let long = cycle % 2 == 1;
             // A `follow` stream in flight across the outage, which curl ends
