@@ -104,6 +104,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// The origin-form request target for a path-and-query: `/` when there is
+/// none, and `/?q` for an absolute-form request with a query but an empty
+/// path (`http://node?q`), which `http` reads as the path-and-query `?q` and
+/// which is no valid request target on its own (fuzzing finding W2,
+/// docs/fuzzing.md).
+fn origin_form(path_and_query: Option<&str>) -> std::borrow::Cow<'_, str> {
+    match path_and_query {
+        None => "/".into(),
+        Some(pq) if pq.starts_with('?') => format!("/{pq}").into(),
+        Some(pq) => pq.into(),
+    }
+}
+
 fn tunnel_uri(target: &str, path_and_query: Option<&str>) -> Result<Uri, WireError> {
     // Check the target on its own so a bad one is reported as such, not as a
     // bad path (fuzzing finding W1, docs/fuzzing.md).
@@ -115,7 +128,7 @@ fn tunnel_uri(target: &str, path_and_query: Option<&str>) -> Result<Uri, WireErr
     Uri::builder()
         .scheme("http")
         .authority(authority)
-        .path_and_query(path_and_query.unwrap_or("/"))
+        .path_and_query(origin_form(path_and_query).as_ref())
         .build()
         .map_err(|e| WireError::Path(e.to_string()))
 }
@@ -223,11 +236,7 @@ pub fn local_request<B>(
     inbound: &Inbound,
     host: &str,
 ) -> Result<Request<B>, WireError> {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
+    let pq = origin_form(req.uri().path_and_query().map(|p| p.as_str())).into_owned();
     *req.uri_mut() = pq
         .parse()
         .map_err(|e: http::uri::InvalidUri| WireError::Path(e.to_string()))?;
@@ -347,6 +356,22 @@ mod tests {
                 target: "kubelet".into()
             }
         );
+    }
+
+    /// Fuzzing finding W2: an absolute-form target with a query and no path
+    /// reached the edge as `?q`, which it could not replay.
+    #[test]
+    fn fuzz_w2_query_without_path_is_replayable() {
+        for (uri, want) in [
+            ("http://node?follow=true", "/?follow=true"),
+            ("http://node?", "/?"),
+        ] {
+            let req = Request::get(uri).body(()).unwrap();
+            let tunnel = request_to_tunnel(req, KUBELET_TARGET).unwrap();
+            let inb = inbound(&tunnel).unwrap();
+            let local = local_request(tunnel, &inb, "127.0.0.1:10350").unwrap();
+            assert_eq!(local.uri(), want, "{uri}");
+        }
     }
 
     #[test]
