@@ -142,10 +142,10 @@ mod tests {
         });
         let text = render(&doc);
         assert!(
-            text.contains("Tunnel:        not connected: backing off"),
+            text.contains("Tunnel:       not connected: backing off"),
             "{text}"
         );
-        assert!(text.contains("Last error:    connection refused"), "{text}");
+        assert!(text.contains("Last error:   connection refused"), "{text}");
         assert!(text.contains("not managed here"), "{text}");
     }
 }

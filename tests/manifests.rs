@@ -305,7 +305,10 @@ async fn kustomize_renders_the_cluster_deployment() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["serviceAccountName"], "tether-iptables-manager");
-    assert_eq!(env_value(&pod["containers"][0], "TETHER_LOG_FORMAT"), "json");
+    assert_eq!(
+        env_value(&pod["containers"][0], "TETHER_LOG_FORMAT"),
+        "json"
+    );
     assert!(pod["nodeSelector"]["node-role.kubernetes.io/control-plane"].is_string());
     assert!(
         pod["tolerations"]
