@@ -74,7 +74,7 @@ fn render(doc: &Value) -> String {
             Value::Object(e) => format!(
                 "{} ({})",
                 e.get("message").and_then(Value::as_str).unwrap_or("?"),
-                e.get("at").and_then(|v| at(v)).unwrap_or_default()
+                e.get("at").and_then(&at).unwrap_or_default()
             ),
             _ => "<none>".into(),
         },
