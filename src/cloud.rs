@@ -268,6 +268,24 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             hyper::body::Bytes::from(serde_json::Value::Array(list).to_string())
         }) as tether_metrics_adapter::Json
     };
+    let nodes_doc = {
+        let sessions = sessions.clone();
+        let others = sd_others.clone();
+        let replica = match cfg.cluster {
+            true => Some(cfg.replica_id()?),
+            false => None,
+        };
+        Arc::new(move || {
+            hyper::body::Bytes::from(
+                tether_cloudstream::nodes::document(
+                    &sessions,
+                    others.get().map(|o| &**o),
+                    replica.as_deref(),
+                )
+                .to_string(),
+            )
+        }) as tether_metrics_adapter::Json
+    };
     let drain = cfg.drain();
     let (trigger, shutdown) = Shutdown::new(drain);
     let hub_store = match &cfg.state_dir {
@@ -348,6 +366,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: Some(sd),
             sessions: Some(debug_sessions),
             hub_api,
+            documents: vec![("/nodes", nodes_doc)],
             preauth: preauth.clone(),
         },
         shutdown.clone(),

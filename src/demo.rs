@@ -67,6 +67,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
             sd: None,
             sessions: None,
             hub_api: None,
+            documents: Vec::new(),
             preauth: tether_tunnel::PreAuthGate::new(Default::default(), Default::default()),
         },
         admin_shutdown,

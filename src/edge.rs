@@ -12,7 +12,7 @@ use tracing::info;
 
 use tether_edgehub::CertManager;
 use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
-use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint};
+use tether_edgestream::{EdgeMetrics, EdgeOptions, KubeletEndpoint, TunnelStatus};
 use tether_pki::BootstrapToken;
 use tether_tunnel::{Backoff, Shutdown, TunnelDialer};
 
@@ -20,6 +20,9 @@ use crate::config::{self, EdgeConfig};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
+    /// Without a subcommand, `tether edge` runs the agent.
+    #[command(subcommand)]
+    pub(crate) command: Option<EdgeCmd>,
     /// YAML config file; flags and environment override its fields.
     #[arg(long, env = "TETHER_CONFIG")]
     config: Option<PathBuf>,
@@ -77,7 +80,17 @@ pub(crate) struct Args {
     check_config: bool,
 }
 
+#[derive(clap::Subcommand)]
+pub(crate) enum EdgeCmd {
+    /// Show a running agent's tunnel state, last error, hub queue and
+    /// certificate renewal, read from its admin endpoint.
+    Status(crate::edge_status::Args),
+}
+
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(EdgeCmd::Status(s)) = a.command {
+        return crate::edge_status::run(s).await;
+    }
     let mut cfg: EdgeConfig = config::load(a.config.as_deref())?;
     if let Some(host) = &a.cloud {
         cfg.cloud_addr = Some(format!("{host}:10004"));
@@ -138,7 +151,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             format!("{host}:10000")
         }
     };
+    let cert_source;
     let (dialer, hub_dialer) = if cfg.file_credentials() {
+        cert_source = CertSource::Files(cfg.cert.clone().context("config field `cert`")?);
         let tls = cfg.tunnel_tls()?;
         (
             TunnelDialer::new(
@@ -169,10 +184,18 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(creds.client_config()?);
         metrics.certificate_expires(creds.identity.not_after);
         let m = metrics.clone();
+        let identity = Arc::new(Mutex::new(creds.identity.clone()));
+        cert_source = CertSource::Enrolled {
+            identity: identity.clone(),
+            schedule: manager.renewal_schedule(),
+        };
         tokio::spawn(manager.run_rotation(
             creds,
             tx,
-            move |c| m.certificate_expires(c.identity.not_after),
+            move |c| {
+                m.certificate_expires(c.identity.not_after);
+                *identity.lock().expect("identity lock") = c.identity.clone();
+            },
             shutdown.clone(),
         ));
         let mut tunnel = TunnelDialer::rotating(
@@ -195,6 +218,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         Duration::from_secs(cfg.backoff_max_secs),
     );
     let mut store_health = None;
+    let mut hub_metrics = None;
     if cfg.hub_enabled {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("config field `state_dir` ({})", cfg.state_dir.display()))?;
@@ -211,7 +235,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 ..EdgeHubConfig::default()
             },
             store,
-            tether_hub::HubMetrics::register(&mut registry, "edge"),
+            {
+                let m = tether_hub::HubMetrics::register(&mut registry, "edge");
+                hub_metrics = Some(m.clone());
+                m
+            },
         )?;
         let socket = cfg
             .hub_socket
@@ -239,6 +267,19 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let preauth = tether_tunnel::PreAuthMetrics::default();
     preauth.register(&mut registry);
+    let status = TunnelStatus::default();
+    let status_doc = {
+        let view = StatusView {
+            node: node.clone(),
+            cloud: cfg.cloud_addr()?.to_owned(),
+            tunnel: status.clone(),
+            hub: hub_metrics,
+            hub_addr: cfg.hub_enabled.then(|| hub_addr.clone()),
+            cert: cert_source,
+        };
+        Arc::new(move || hyper::body::Bytes::from(view.document().to_string()))
+            as tether_metrics_adapter::Json
+    };
     tokio::spawn(tether_metrics_adapter::serve(
         admin_listener,
         tether_metrics_adapter::Admin {
@@ -248,6 +289,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: None,
             sessions: None,
             hub_api: None,
+            documents: vec![("/status", status_doc)],
             preauth: tether_tunnel::PreAuthGate::new(Default::default(), preauth),
         },
         shutdown.clone(),
@@ -258,6 +300,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         allow: cfg.allow.clone(),
         backoff,
         metrics,
+        status,
     };
     info!(node, cloud = cfg.cloud_addr()?, kubelet = %cfg.kubelet_url, admin = %admin_addr, "edge started");
     let run = tokio::spawn(tether_edgestream::run(opts, shutdown));
@@ -267,4 +310,108 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     run.await?;
     info!("edge stopped");
     Ok(())
+}
+
+/// Where the node certificate comes from, for `/status`.
+enum CertSource {
+    /// Files named in the config, replaced by whoever manages them; read at
+    /// each request, so a replaced file shows.
+    Files(PathBuf),
+    /// Enrolled with a token and renewed by the rotation task.
+    Enrolled {
+        identity: Arc<Mutex<tether_pki::Identity>>,
+        schedule: tether_edgehub::RenewalSchedule,
+    },
+}
+
+/// What the edge admin endpoint's `/status` reports (see the operator
+/// guide, "tether edge status", for the fields).
+struct StatusView {
+    node: String,
+    cloud: String,
+    tunnel: TunnelStatus,
+    hub: Option<tether_hub::HubMetrics>,
+    hub_addr: Option<String>,
+    cert: CertSource,
+}
+
+/// Version of the edge `/status` document; bumped only if a field changes meaning.
+const STATUS_VERSION: u32 = 1;
+
+fn unix(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl StatusView {
+    fn document(&self) -> serde_json::Value {
+        use serde_json::json;
+        let t = self.tunnel.snapshot();
+        let hub = match (&self.hub, &self.hub_addr) {
+            (Some(m), Some(addr)) => json!({
+                "enabled": true,
+                "cloud": addr,
+                "connected": m.online() > 0,
+                "queue_depth": m.queue_depth(),
+            }),
+            _ => json!({ "enabled": false }),
+        };
+        let certificate = match &self.cert {
+            CertSource::Enrolled { identity, schedule } => {
+                let id = identity.lock().expect("identity lock").clone();
+                json!({
+                    "source": "enrolled",
+                    "serial": id.serial,
+                    "not_after": id.not_after,
+                    "next_renewal": schedule.next().map(unix),
+                    "error": null,
+                })
+            }
+            CertSource::Files(path) => {
+                let id = std::fs::read(path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| {
+                        let certs = tether_pki::load_certs_pem(&pem).map_err(|e| e.to_string())?;
+                        let first = certs.first().ok_or("no certificate in the file")?;
+                        tether_pki::Identity::from_der(first).map_err(|e| e.to_string())
+                    });
+                match id {
+                    Ok(id) => json!({
+                        "source": "files",
+                        "serial": id.serial,
+                        "not_after": id.not_after,
+                        "next_renewal": null,
+                        "error": null,
+                    }),
+                    Err(e) => json!({
+                        "source": "files",
+                        "serial": null,
+                        "not_after": null,
+                        "next_renewal": null,
+                        "error": format!("{}: {e}", path.display()),
+                    }),
+                }
+            }
+        };
+        json!({
+            "version": STATUS_VERSION,
+            "node": self.node,
+            "cloud": self.cloud,
+            "tunnel": {
+                "state": t.state.as_str(),
+                "since": unix(t.since),
+                "connected_since": t.connected_since.map(unix),
+                "retry_at": t.retry_at.map(unix),
+                "connects": t.connects,
+                "last_error": t.last_error.as_ref().map(|(e, at)| json!({
+                    "message": e,
+                    "at": unix(*at),
+                })),
+            },
+            "hub": hub,
+            "certificate": certificate,
+            "generated_at": unix(std::time::SystemTime::now()),
+        })
+    }
 }

@@ -131,6 +131,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             sd: None,
             sessions: None,
             hub_api: None,
+            documents: Vec::new(),
             preauth: tether_tunnel::PreAuthGate::new(Default::default(), preauth),
         },
         shutdown.clone(),

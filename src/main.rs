@@ -2,14 +2,18 @@
 //! the operator commands around them. This file only parses flags and calls
 //! each role's `run`.
 
+mod admin_client;
 mod cloud;
 mod config;
 mod demo;
 mod edge;
+mod edge_status;
 mod iptables;
 mod limits_check;
+mod nodes;
 mod pki_cmds;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -27,6 +31,17 @@ struct Cli {
     /// OTLP/gRPC to this collector, e.g. http://otel-collector:4317. Off when unset.
     #[arg(long, global = true, env = "TETHER_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Log lines on stderr: `text` (colours only when stderr is a terminal)
+    /// or `json` (one JSON object per line, with the fields of the spans it
+    /// happened in, such as node and session).
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -35,8 +50,11 @@ struct Cli {
 enum Cmd {
     /// Run the cloud side: bootstrap server, tunnel listener for edges and the kubelet-API front.
     Cloud(cloud::Args),
-    /// Run the edge agent next to a kubelet.
+    /// Run the edge agent next to a kubelet (`tether edge status`: ask a
+    /// running agent how its tunnel is).
     Edge(edge::Args),
+    /// List the edge nodes a cloud holds, from its admin endpoint.
+    Nodes(nodes::Args),
     /// Start cloud, edge and a sample kubelet on loopback and show the tunnel at work.
     Demo(DemoArgs),
     /// Keep the TUNNEL-PORT DNAT rules in step with the replicas' tunnel ports.
@@ -52,6 +70,14 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -74,7 +100,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let default_log = match cli.cmd {
-        Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) => "warn",
+        Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) | Cmd::Nodes(_) => "warn",
+        Cmd::Edge(ref a) if a.command.is_some() => "warn",
         _ => "info",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,12 +127,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         use tracing_subscriber::util::SubscriberInitExt;
         let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+        // Colours only for a person at a terminal: journald, files and
+        // container logs get plain text (NO_COLOR is honoured as well).
+        let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        let fmt = match cli.log_format {
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(true)
+                .with_writer(std::io::stderr)
+                .boxed(),
+        };
         tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_filter(filter),
-            )
+            .with(fmt.with_filter(filter))
             .with(provider.as_ref().map(tether_metrics_adapter::traces::layer))
             .init();
     }
@@ -125,6 +164,7 @@ fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         match cmd {
             Cmd::Cloud(a) => cloud::run(a).await,
             Cmd::Edge(a) => edge::run(a).await,
+            Cmd::Nodes(a) => nodes::run(a).await,
             Cmd::Demo(a) => {
                 if demo::run(a.self_test).await? {
                     Ok(())

@@ -727,6 +727,25 @@ async fn two_cluster_replicas_forward_and_fail_over() {
             .await?;
         let sd = String::from_utf8_lossy(&sd.stdout);
         ensure!(sd.contains("/tether/v1/nodes/edge-ha/kubelet/metrics"), "b's /sd: {sd}");
+        // `tether nodes` names the holding replica: a for its own session,
+        // and b, from the lease, for the node a holds.
+        for (i, local) in [(0, true), (1, false)] {
+            let admin = format!("http://{}", field(&replicas[i].started, "admin")?);
+            let out = process::ok(&[process::BIN, "nodes", "--admin", &admin, "-o", "json"]).await?;
+            let doc: serde_json::Value = serde_json::from_str(&out)?;
+            let n = &doc["nodes"][0];
+            ensure!(
+                doc["replica"] == ["cloud-a", "cloud-b"][i]
+                    && n["node"] == "edge-ha"
+                    && n["replica"] == "cloud-a"
+                    && n["local"] == local
+                    && n["ips"] == serde_json::json!(["127.0.0.9"]),
+                "replica {i}'s /nodes: {doc:#}"
+            );
+            let wide = process::ok(&[process::BIN, "nodes", "--admin", &admin, "-o", "wide"]).await?;
+            let row: Vec<&str> = wide.lines().nth(1).unwrap_or("").split_whitespace().collect();
+            ensure!(row.first() == Some(&"edge-ha") && row.get(6) == Some(&"cloud-a"), "{wide}");
+        }
         // Named only by address (as the apiserver's CONNECT does), it is
         // forwarded too, found through the lease's addresses.
         let (p, body) = front_get(&front_b, tls.clone(), "127.0.0.9:10250", "/containerLogs/default/web/app?bytes=4096").await?;

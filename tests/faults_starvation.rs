@@ -284,6 +284,7 @@ async fn admin() -> anyhow::Result<(SocketAddr, tether_tunnel::ShutdownTrigger)>
             sd: None,
             sessions: None,
             hub_api: None,
+            documents: Vec::new(),
             preauth,
         },
         shutdown,

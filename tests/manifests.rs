@@ -57,6 +57,14 @@ fn env_field_ref<'a>(container: &'a Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no env {name} from a fieldRef"))
 }
 
+fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
+    container["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == name))
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("no env {name} with a value"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kustomize_renders_the_cluster_deployment() {
     let docs = render("deploy/kustomize").await.unwrap();
@@ -149,6 +157,7 @@ async fn kustomize_renders_the_cluster_deployment() {
     assert_eq!(env_field_ref(c, "TETHER_NAMESPACE"), "metadata.namespace");
     assert_eq!(env_field_ref(c, "TETHER_REPLICA_ID"), "metadata.name");
     assert_eq!(env_field_ref(c, "TETHER_ADVERTISE_ADDRESS"), "status.podIP");
+    assert_eq!(env_value(c, "TETHER_LOG_FORMAT"), "json");
     let ports: BTreeSet<(&str, u64)> = c["ports"]
         .as_array()
         .unwrap()
@@ -296,6 +305,10 @@ async fn kustomize_renders_the_cluster_deployment() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["serviceAccountName"], "tether-iptables-manager");
+    assert_eq!(
+        env_value(&pod["containers"][0], "TETHER_LOG_FORMAT"),
+        "json"
+    );
     assert!(pod["nodeSelector"]["node-role.kubernetes.io/control-plane"].is_string());
     assert!(
         pod["tolerations"]

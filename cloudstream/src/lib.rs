@@ -6,6 +6,7 @@ mod authz;
 pub mod egress;
 mod front;
 mod metrics;
+pub mod nodes;
 pub mod peer;
 pub mod route;
 pub mod sd;

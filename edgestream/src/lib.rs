@@ -5,6 +5,7 @@
 
 mod local;
 mod metrics;
+mod status;
 mod streams;
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use local::{KubeletEndpoint, KubeletTimeouts, LocalError};
 pub use metrics::EdgeMetrics;
+pub use status::{StatusSnapshot, TunnelState, TunnelStatus};
 
 /// Everything the agent needs, already loaded (certificates parsed, etc.).
 pub struct EdgeOptions {
@@ -29,6 +31,8 @@ pub struct EdgeOptions {
     pub backoff: Backoff,
     /// Metric families, registered by the caller.
     pub metrics: EdgeMetrics,
+    /// Where the agent reports its tunnel state (the admin `/status`).
+    pub status: TunnelStatus,
 }
 
 /// A session that lasted this long counts as healthy and resets the backoff.
@@ -50,6 +54,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
         allow,
         mut backoff,
         metrics,
+        status,
     } = opts;
     dialer.advertise_endpoints(&allow);
     let span = info_span!("edge", node = %dialer.node(), cloud = %dialer.addr());
@@ -67,6 +72,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                         Ok(t) => {
                             metrics.connected(true);
                             metrics.set_state("connected");
+                            status.connected();
                             info!("tunnel connected");
                             State::Connected(Box::new(t))
                         }
@@ -74,6 +80,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                             metrics.dial_failed(&e);
                             metrics.set_state("backoff");
                             let delay = backoff.next_delay();
+                            status.backoff(delay, Some(error_chain(&e)));
                             match &e {
                                 DialError::Refused { .. } => {
                                     warn!(error = %e, retry_in = ?delay, "cloud refused tunnel")
@@ -105,6 +112,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                             info!("certificate renewed; opening a session with it");
                             metrics.disconnected("certificate_renewed");
                             metrics.set_state("connecting");
+                            status.connecting();
                             tokio::spawn(async move { let _ = session.await; }.in_current_span());
                             state = State::Connecting;
                             continue;
@@ -126,6 +134,13 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
+                    status.backoff(
+                        delay,
+                        Some(match &result {
+                            Ok(()) => "tunnel closed by the cloud".to_owned(),
+                            Err(e) => format!("tunnel lost: {}", error_chain(e)),
+                        }),
+                    );
                     match result {
                         Ok(()) => info!(retry_in = ?delay, "tunnel closed by cloud"),
                         Err(e) => warn!(error = %e, retry_in = ?delay, "tunnel lost"),
@@ -136,6 +151,7 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {
                             metrics.set_state("connecting");
+                            status.connecting();
                             State::Connecting
                         }
                         _ = shutdown.triggered() => return,
@@ -146,4 +162,20 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
     }
     .instrument(span)
     .await
+}
+
+/// `e` and its sources on one line, for `/status`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Many errors repeat their source in their own message.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }

@@ -2,7 +2,8 @@
 //! `/healthz` (the process runs), `/readyz` (the role can do its job) and, on
 //! the cloud, `/tunnelport` (this replica's tunnel-port record, the input of
 //! iptables-manager), `/sd` (Prometheus HTTP service discovery) and
-//! `/debug/sessions` (connected nodes). Plain HTTP, meant for loopback or a
+//! `/debug/sessions` (connected nodes), plus the JSON documents a role adds
+//! (the cloud's `/nodes`, the edge's `/status`). Plain HTTP, meant for loopback or a
 //! pod network with a NetworkPolicy. Each crate registers its own metric
 //! families into the registry handed in here.
 
@@ -38,6 +39,9 @@ pub struct Admin {
     pub sessions: Option<Json>,
     /// Requests under `/hub/` go here (the cloud hub API), if set.
     pub hub_api: Option<Handler>,
+    /// Further JSON documents by exact path, e.g. the cloud's `/nodes` and
+    /// the edge's `/status` (read by `tether nodes` and `tether edge status`).
+    pub documents: Vec<(&'static str, Json)>,
     /// The process's budget of connections that have not sent a request
     /// head yet (`tether_preauth_*{listener="admin"}`). Admin connections
     /// stay in it until they close.
@@ -98,7 +102,10 @@ impl Admin {
                 Some(s) => (StatusCode::OK, "application/json", s()),
                 None => text(StatusCode::NOT_FOUND, "no sessions on this role\n"),
             },
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            other => match self.documents.iter().find(|(p, _)| *p == other) {
+                Some((_, doc)) => (StatusCode::OK, "application/json", doc()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
         }
     }
 }

@@ -462,6 +462,7 @@ impl EdgeHandle {
             allow: spec.allow.clone(),
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             metrics: metrics.clone(),
+            status: Default::default(),
         };
         let task = tokio::spawn(tether_edgestream::run(opts, shutdown));
         Ok(Self {

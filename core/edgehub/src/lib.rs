@@ -134,6 +134,32 @@ pub struct CertManager {
     server_name: String,
     node: String,
     fallback: Option<Fallback>,
+    next_renewal: RenewalSchedule,
+}
+
+/// When the rotation task will next try to renew the certificate, as it
+/// scheduled it (the time is jittered once per certificate, so it is read
+/// from here rather than recomputed). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct RenewalSchedule(Arc<std::sync::atomic::AtomicI64>);
+
+impl RenewalSchedule {
+    /// The next renewal attempt, once the rotation task runs.
+    pub fn next(&self) -> Option<SystemTime> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            unix => Some(UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64)),
+        }
+    }
+
+    fn set(&self, at: SystemTime) {
+        let unix = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+            .max(1);
+        self.0.store(unix, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A token to re-enrol with when the cloud refuses the certificate as revoked.
@@ -180,7 +206,13 @@ impl CertManager {
             server_name: server_name.to_owned(),
             node: node.to_owned(),
             fallback: None,
+            next_renewal: RenewalSchedule::default(),
         }
+    }
+
+    /// When [`Self::run_rotation`] will next renew (for the admin `/status`).
+    pub fn renewal_schedule(&self) -> RenewalSchedule {
+        self.next_renewal.clone()
     }
 
     /// Falls back to `token` when the cloud refuses the current certificate
@@ -379,8 +411,9 @@ impl CertManager {
         let mut revoked = self.fallback.as_ref().map(|f| f.revoked.clone());
         let mut quiet_until = tokio::time::Instant::now();
         loop {
-            let wait = current
-                .renew_at()
+            let at = current.renew_at();
+            self.next_renewal.set(at);
+            let wait = at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
             let via_token = tokio::select! {
@@ -411,6 +444,7 @@ impl CertManager {
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
+                        self.next_renewal.set(SystemTime::now() + delay);
                         warn!(error = %e, retry_in = ?delay, via_token, "certificate renewal failed");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}

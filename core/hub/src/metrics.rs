@@ -46,6 +46,18 @@ impl Default for HubMetrics {
 }
 
 impl HubMetrics {
+    /// Messages accepted and not yet acknowledged by the peer, right now
+    /// (`tether_hub_queue_depth`).
+    pub fn queue_depth(&self) -> i64 {
+        self.queue_depth.get()
+    }
+
+    /// The `tether_hub_online_peers` gauge: connected peers (on an edge, 1 while
+    /// its hub channel to the cloud is up).
+    pub fn online(&self) -> i64 {
+        self.online.get()
+    }
+
     /// Creates the families and registers them; `role` is `cloud` or `edge`.
     pub fn register(registry: &mut Registry, role: &'static str) -> Self {
         let m = Self::default();
