@@ -75,10 +75,27 @@ pub(crate) struct Args {
     /// field's type and range. Prints OK and exits; nothing listens.
     #[arg(long)]
     check_config: bool,
+    /// Diagnose this edge's connection step by step (config, DNS, TCP, TLS,
+    /// the cloud's certificate, the node certificate and its revocation, the
+    /// kubelet); one plain line per step, exits non-zero at the first
+    /// failure, naming the fix. Writes nothing and opens no session.
+    #[arg(long, conflicts_with = "check_config")]
+    check: bool,
+}
+
+impl Args {
+    /// True for the one-shot checks, which print their own plain report.
+    pub(crate) fn is_check(&self) -> bool {
+        self.check || self.check_config
+    }
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
-    let mut cfg: EdgeConfig = config::load(a.config.as_deref())?;
+    let mut cfg: EdgeConfig = match config::load(a.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) if a.check => return crate::edge_check::config_failed(e),
+        Err(e) => return Err(e),
+    };
     if let Some(host) = &a.cloud {
         cfg.cloud_addr = Some(format!("{host}:10004"));
         cfg.bootstrap_addr = Some(format!("{host}:10002"));
@@ -109,6 +126,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     if !a.allow.is_empty() {
         cfg.allow = a.allow;
+    }
+    if a.check {
+        let source = config::source(a.config.as_deref());
+        let checked = cfg.check().context(source.clone());
+        return crate::edge_check::run(&cfg, &source, checked, a.token.as_ref()).await;
     }
     cfg.check().context(config::source(a.config.as_deref()))?;
     if a.check_config {

@@ -6,6 +6,7 @@ mod cloud;
 mod config;
 mod demo;
 mod edge;
+mod edge_check;
 mod iptables;
 mod limits_check;
 mod pki_cmds;
@@ -73,8 +74,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let default_log = match cli.cmd {
+    let default_log = match &cli.cmd {
         Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) => "warn",
+        // The checks' report is their output; only warnings beside it.
+        Cmd::Edge(a) if a.is_check() => "warn",
         _ => "info",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
