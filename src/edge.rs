@@ -78,6 +78,19 @@ pub(crate) struct Args {
     /// field's type and range. Prints OK and exits; nothing listens.
     #[arg(long)]
     check_config: bool,
+    /// Diagnose this edge's connection step by step (config, DNS, TCP, TLS,
+    /// the cloud's certificate, the node certificate and its revocation, the
+    /// kubelet); one plain line per step, exits non-zero at the first
+    /// failure, naming the fix. Writes nothing and opens no session.
+    #[arg(long, conflicts_with = "check_config")]
+    check: bool,
+}
+
+impl Args {
+    /// True for the one-shot checks, which print their own plain report.
+    pub(crate) fn is_check(&self) -> bool {
+        self.check || self.check_config
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -91,7 +104,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     if let Some(EdgeCmd::Status(s)) = a.command {
         return crate::edge_status::run(s).await;
     }
-    let mut cfg: EdgeConfig = config::load(a.config.as_deref())?;
+    let mut cfg: EdgeConfig = match config::load(a.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) if a.check => return crate::edge_check::config_failed(e),
+        Err(e) => return Err(e),
+    };
     if let Some(host) = &a.cloud {
         cfg.cloud_addr = Some(format!("{host}:10004"));
         cfg.bootstrap_addr = Some(format!("{host}:10002"));
@@ -122,6 +139,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     }
     if !a.allow.is_empty() {
         cfg.allow = a.allow;
+    }
+    if a.check {
+        let source = config::source(a.config.as_deref());
+        let checked = cfg.check().context(source.clone());
+        return crate::edge_check::run(&cfg, &source, checked, a.token.as_ref()).await;
     }
     cfg.check().context(config::source(a.config.as_deref()))?;
     if a.check_config {

@@ -7,6 +7,7 @@ mod cloud;
 mod config;
 mod demo;
 mod edge;
+mod edge_check;
 mod edge_status;
 mod iptables;
 mod limits_check;
@@ -99,9 +100,10 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let default_log = match cli.cmd {
+    let default_log = match &cli.cmd {
         Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) | Cmd::Nodes(_) => "warn",
-        Cmd::Edge(ref a) if a.command.is_some() => "warn",
+        // The checks' report and the status are their output; only warnings beside them.
+        Cmd::Edge(a) if a.command.is_some() || a.is_check() => "warn",
         _ => "info",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -261,6 +261,28 @@ impl CertManager {
 
     /// First enrolment: fetch and pin the CA, send a CSR with the token.
     pub async fn enrol(&self, token: &BootstrapToken) -> Result<EdgeCredentials, EnrolError> {
+        let (ca_pem, ca) = self.pinned_ca(token).await?;
+        let pinned = tether_pki::client_config(&ca, None, &[b"http/1.1"])
+            .map_err(|e| EnrolError::Local(e.to_string()))?;
+        let creds = self.request(Arc::new(pinned), Some(token), &ca_pem).await?;
+        info!(node = %self.node, serial = %creds.identity.serial, "enrolled with a bootstrap token");
+        Ok(creds)
+    }
+
+    /// The cloud's CA from the bootstrap server's `/ca.crt`, trusted only
+    /// because its hash is the one in `token` (what enrolment pins). Writes
+    /// nothing; `tether edge --check` uses it before a node is enrolled.
+    pub async fn fetch_ca(
+        &self,
+        token: &BootstrapToken,
+    ) -> Result<Vec<CertificateDer<'static>>, EnrolError> {
+        Ok(self.pinned_ca(token).await?.1)
+    }
+
+    async fn pinned_ca(
+        &self,
+        token: &BootstrapToken,
+    ) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), EnrolError> {
         let ca_pem = self.get_ca().await?;
         let ca =
             tether_pki::load_certs_pem(&ca_pem).map_err(|e| EnrolError::Local(e.to_string()))?;
@@ -271,11 +293,7 @@ impl CertManager {
                 want: tether_pki::hex(&token.ca_hash),
             });
         }
-        let pinned = tether_pki::client_config(&ca, None, &[b"http/1.1"])
-            .map_err(|e| EnrolError::Local(e.to_string()))?;
-        let creds = self.request(Arc::new(pinned), Some(token), &ca_pem).await?;
-        info!(node = %self.node, serial = %creds.identity.serial, "enrolled with a bootstrap token");
-        Ok(creds)
+        Ok((ca_pem, ca))
     }
 
     /// Renewal over mTLS with the current certificate; no token.

@@ -260,6 +260,9 @@ impl TunnelListener {
         drop(ticket);
         let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
         let node = identity.require_node()?.to_owned();
+        // Admission is answered before the upgrade itself is checked:
+        // `tether edge --check` relies on it to learn whether a certificate
+        // is revoked without opening a session (tests/edge_check.rs).
         let denied = self.admission.as_ref().and_then(|a| a(&identity).err());
         #[allow(clippy::result_large_err)] // tungstenite's callback signature
         let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
