@@ -6,7 +6,7 @@
 
 mod process;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -17,25 +17,11 @@ use tether_pki::BootstrapToken;
 use tether_tests::fixture::FixtureKubelet;
 use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, Pki};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tether-auth-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-async fn bounded(secs: u64, f: impl std::future::Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
-
 async fn cloud(pki: &Pki, name: &str) -> anyhow::Result<CloudHandle> {
     CloudHandle::start(
         pki,
         CloudSpec {
-            state_dir: Some(temp_dir(name)),
+            state_dir: Some(process::temp_dir("auth-cli", name)),
             ..CloudSpec::default()
         },
     )
@@ -77,13 +63,13 @@ fn manager(cloud: &CloudHandle, dir: &Path, node: &str) -> anyhow::Result<CertMa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item9_revoked_edge_falls_back_to_its_new_token() {
-    bounded(40, async {
+    process::bounded(Duration::from_secs(40), async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = cloud(&pki, "fallback-cloud").await?;
         let st = state(&cloud)?;
         // The edge enrolled once; then the operator revoked it.
-        let edge_dir = temp_dir("fallback-edge");
+        let edge_dir = process::temp_dir("auth-cli", "fallback-edge");
         let old = manager(&cloud, &edge_dir, "edge-r")?
             .enrol(&token(st, true, Some("edge-r"), &[])?)
             .await?;
@@ -147,17 +133,17 @@ async fn item9_revoked_edge_falls_back_to_its_new_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item9_address_of_a_live_node_is_not_issued_again() {
-    bounded(30, async {
+    process::bounded(Duration::from_secs(30), async {
         let pki = Pki::generate()?;
         let cloud = cloud(&pki, "ip-cloud").await?;
         let st = state(&cloud)?;
         let ip = "10.9.0.1";
-        manager(&cloud, &temp_dir("ip-a"), "edge-a")?
+        manager(&cloud, &process::temp_dir("auth-cli", "ip-a"), "edge-a")?
             .enrol(&token(st, true, Some("edge-a"), &[ip])?)
             .await?;
         // Another node's token with the same address: 409, token not spent.
         let for_b = token(st, true, Some("edge-b"), &[ip])?;
-        let b = manager(&cloud, &temp_dir("ip-b"), "edge-b")?;
+        let b = manager(&cloud, &process::temp_dir("auth-cli", "ip-b"), "edge-b")?;
         match b.enrol(&for_b).await {
             Err(EnrolError::Refused {
                 status: 409,
@@ -171,7 +157,7 @@ async fn item9_address_of_a_live_node_is_not_issued_again() {
         }
         // An unbound token with that address: 409 as well.
         let any = token(st, false, None, &[ip])?;
-        match manager(&cloud, &temp_dir("ip-c"), "edge-c")?
+        match manager(&cloud, &process::temp_dir("auth-cli", "ip-c"), "edge-c")?
             .enrol(&any)
             .await
         {
@@ -213,8 +199,8 @@ async fn item9_address_of_a_live_node_is_not_issued_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item9_token_without_node_needs_any_node() {
-    bounded(20, async {
-        let dir = temp_dir("any-node");
+    process::bounded(Duration::from_secs(20), async {
+        let dir = process::temp_dir("auth-cli", "any-node");
         let d = dir.display().to_string();
         let (ok, out, err) = run(&[
             BIN,
@@ -323,9 +309,9 @@ fn args(v: &[String]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_state_dir_with_a_foreign_ca_key_is_refused() {
-    bounded(20, async {
+    process::bounded(Duration::from_secs(20), async {
         let pki = Pki::generate()?;
-        let dir = temp_dir("foreign-key");
+        let dir = process::temp_dir("auth-cli", "foreign-key");
         let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let other = tether_pki::Ca::generate("other")?;
@@ -355,9 +341,9 @@ async fn item8_state_dir_with_a_foreign_ca_key_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_corrupt_state_files_are_refused() {
-    bounded(30, async {
+    process::bounded(Duration::from_secs(30), async {
         let pki = Pki::generate()?;
-        let dir = temp_dir("corrupt");
+        let dir = process::temp_dir("auth-cli", "corrupt");
         let files = front_files(&pki, &dir)?;
         for file in ["tokens.json", "enrolled.json", "revoked.json"] {
             let state = dir.join(file.replace('.', "-"));
@@ -388,8 +374,8 @@ async fn item8_corrupt_state_files_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_check_config_refuses_every_unusable_limit() {
-    bounded(60, async {
-        let dir = temp_dir("limits");
+    process::bounded(Duration::from_secs(60), async {
+        let dir = process::temp_dir("auth-cli", "limits");
         let cases = [
             (
                 "front_limits:\n  max_connections: 0\n",
@@ -441,8 +427,8 @@ async fn item8_check_config_refuses_every_unusable_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_wrong_type_names_the_field() {
-    bounded(20, async {
-        let dir = temp_dir("wrong-type");
+    process::bounded(Duration::from_secs(20), async {
+        let dir = process::temp_dir("auth-cli", "wrong-type");
         let path = process::write(
             &dir,
             "c.yaml",
@@ -462,9 +448,9 @@ async fn item8_wrong_type_names_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_encrypted_key_is_named_and_nothing_is_written() {
-    bounded(20, async {
+    process::bounded(Duration::from_secs(20), async {
         let pki = Pki::generate()?;
-        let dir = temp_dir("encrypted");
+        let dir = process::temp_dir("auth-cli", "encrypted");
         let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let mut files = front_files(&pki, &dir)?;
@@ -493,9 +479,9 @@ async fn item8_encrypted_key_is_named_and_nothing_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn item8_invalid_config_writes_nothing_to_the_state_dir() {
-    bounded(20, async {
+    process::bounded(Duration::from_secs(20), async {
         let pki = Pki::generate()?;
-        let dir = temp_dir("nothing-written");
+        let dir = process::temp_dir("auth-cli", "nothing-written");
         let state = dir.join("state");
         std::fs::create_dir_all(&state)?;
         let files = front_files(&pki, &dir)?;

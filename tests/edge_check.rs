@@ -26,20 +26,6 @@ const STEPS: [&str; 7] = [
     "kubelet",
 ];
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tether-edge-check-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-async fn bounded(secs: u64, f: impl std::future::Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
-
 /// A `tether cloud` process with a state directory (its CA signs the tunnel
 /// certificate and enrols edges), everything on loopback port 0.
 struct Cloud {
@@ -168,8 +154,8 @@ fn all_ok(ok: bool, lines: &[String]) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_step_passes_before_and_after_enrolment() {
-    bounded(60, async {
-        let dir = temp_dir("ok");
+    process::bounded(Duration::from_secs(60), async {
+        let dir = process::temp_dir("edge-check", "ok");
         let cloud = cloud(&dir).await?;
         let kubelet = FixtureKubelet::start(None).await?;
         let cfg = edge_config(
@@ -202,8 +188,8 @@ async fn every_step_passes_before_and_after_enrolment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_ca_pin_fails_at_the_server_certificate() {
-    bounded(60, async {
-        let dir = temp_dir("wrong-ca");
+    process::bounded(Duration::from_secs(60), async {
+        let dir = process::temp_dir("edge-check", "wrong-ca");
         let cloud = cloud(&dir).await?;
         let kubelet = FixtureKubelet::start(None).await?;
         let edge = dir.join("edge");
@@ -243,8 +229,8 @@ async fn wrong_ca_pin_fails_at_the_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_certificate_fails_at_the_node_certificate() {
-    bounded(60, async {
-        let dir = temp_dir("revoked");
+    process::bounded(Duration::from_secs(60), async {
+        let dir = process::temp_dir("edge-check", "revoked");
         let cloud = cloud(&dir).await?;
         let kubelet = FixtureKubelet::start(None).await?;
         cloud.enrol("edge-rv", &dir.join("edge")).await?;
@@ -280,8 +266,8 @@ async fn revoked_certificate_fails_at_the_node_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_tunnel_port_fails_at_tcp() {
-    bounded(30, async {
-        let dir = temp_dir("closed");
+    process::bounded(Duration::from_secs(30), async {
+        let dir = process::temp_dir("edge-check", "closed");
         // A port nothing listens on: bound, then closed.
         let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let cfg = edge_config(
@@ -304,8 +290,8 @@ async fn closed_tunnel_port_fails_at_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_down_fails_at_kubelet() {
-    bounded(60, async {
-        let dir = temp_dir("kubelet");
+    process::bounded(Duration::from_secs(60), async {
+        let dir = process::temp_dir("edge-check", "kubelet");
         let cloud = cloud(&dir).await?;
         cloud.enrol("edge-kl", &dir.join("edge")).await?;
         let down = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;

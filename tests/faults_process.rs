@@ -47,13 +47,6 @@ fn cycles(ci: usize, soak: usize) -> usize {
     }
 }
 
-async fn bounded(limit: Duration, f: impl Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(limit, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
-
 /// A free loopback port (bound, then released: the processes bind it again
 /// at each restart, so the port must stay the same).
 fn free_port() -> anyhow::Result<u16> {
@@ -404,7 +397,7 @@ async fn drain_checked(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_edge_kill9_mid_stream() {
-    bounded(Duration::from_secs(600), async {
+    process::bounded(Duration::from_secs(600), async {
         let mut s = Stack::start().await?;
         let base = s.baseline(&[s.cloud_admin]).await?;
         let n = cycles(20, 1000);
@@ -450,7 +443,7 @@ async fn faults_edge_kill9_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_cloud_restart_under_load() {
-    bounded(Duration::from_secs(900), async {
+    process::bounded(Duration::from_secs(900), async {
         let mut s = Stack::start().await?;
         let base = s.baseline(&[s.edge_admin]).await?;
         let n = cycles(5, 100);
@@ -525,7 +518,7 @@ async fn faults_cloud_restart_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_edge_sigstop_past_keepalive() {
-    bounded(Duration::from_secs(600), async {
+    process::bounded(Duration::from_secs(600), async {
         let s = Stack::start().await?;
         let base = s.baseline(&[s.cloud_admin, s.edge_admin]).await?;
         let n = cycles(3, 50);
@@ -562,7 +555,7 @@ async fn faults_edge_sigstop_past_keepalive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_client_hangup_mid_stream() {
-    bounded(Duration::from_secs(900), async {
+    process::bounded(Duration::from_secs(900), async {
         let s = Stack::start().await?;
         let base = s.baseline(&[s.cloud_admin, s.edge_admin]).await?;
         let n = cycles(200, 10_000);

@@ -155,3 +155,19 @@ pub(crate) fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Runs a test body under a deadline: a timeout or an error fails the test.
+pub(crate) async fn bounded(limit: Duration, f: impl Future<Output = anyhow::Result<()>>) {
+    tokio::time::timeout(limit, f)
+        .await
+        .expect("test timed out")
+        .expect("test failed");
+}
+
+/// A fresh directory `<tmp>/tether-<prefix>-<pid>-<name>`.
+pub(crate) fn temp_dir(prefix: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tether-{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
