@@ -111,6 +111,7 @@ impl Forwarder {
     fn session(&self, node: &str, peer: PeerAddr) -> Arc<dyn NodeSession> {
         Arc::new(PeerSession {
             info: SessionInfo {
+                kind: tether_tunnel::SessionKind::default(),
                 node: node.to_owned(),
                 id: 0,
                 peer: peer.addr,

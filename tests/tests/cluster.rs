@@ -1328,6 +1328,7 @@ async fn leases_against_api_double_restart_releases_records_of_an_earlier_run() 
 /// A session of `node` as the tunnel listener reports it.
 fn session(node: &str) -> tether_tunnel::SessionInfo {
     tether_tunnel::SessionInfo {
+        kind: tether_tunnel::SessionKind::Tether,
         node: node.to_owned(),
         id: 1,
         peer: "127.0.0.1:1".parse().expect("address"),

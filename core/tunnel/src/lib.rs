@@ -10,6 +10,7 @@
 mod backoff;
 mod cidr;
 mod dialer;
+pub mod kubeedge;
 mod limits;
 mod listener;
 mod preauth;
@@ -27,7 +28,7 @@ pub use backoff::Backoff;
 pub use cidr::Cidr;
 pub use dialer::{DialError, EdgeTransport, RefusalHook, TunnelDialer};
 pub use limits::TunnelLimits;
-pub use listener::{AcceptError, TunnelEvent, TunnelListener};
+pub use listener::{AcceptError, KubeEdgeAccept, TunnelEvent, TunnelListener};
 pub use preauth::{
     LISTEN_BACKLOG, PreAuthError, PreAuthGate, PreAuthLimits, PreAuthMetrics, PreAuthTicket,
     bind_listener,
@@ -35,8 +36,8 @@ pub use preauth::{
 pub use registry::{IpLookup, SessionRegistry};
 pub use server_tls::ServerTls;
 pub use session::{
-    Body, BoxError, H2Session, NodeSession, SessionInfo, StreamError, StreamPermit, body_empty,
-    body_from, serve_edge_session,
+    Body, BoxError, H2Session, NodeSession, SessionInfo, SessionKind, StreamError, StreamPermit,
+    body_empty, body_from, serve_edge_session,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use splice::splice;

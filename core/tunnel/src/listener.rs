@@ -1,6 +1,8 @@
 //! The cloud's tunnel listener: accepts edges over mTLS, reads the node name
 //! from the client certificate, checks the WebSocket upgrade (path, protocol
-//! version, claimed node), starts an [`H2Session`] and registers it.
+//! version, claimed node), starts an [`H2Session`] and registers it. With a
+//! KubeEdge CA configured, the same port also accepts unmodified KubeEdge
+//! edges on `/v1/kubeedge/connect` ([`crate::kubeedge`], ADR 0017).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,12 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use tether_pki::{Identity, IdentityError};
 
+use crate::kubeedge::{
+    HOSTNAME_HEADER, INTERNAL_IP_HEADER, KUBEEDGE_PATH, KubeEdgeOptions, KubeEdgeSession,
+    KubeEdgeTrust, Refusal,
+};
 use crate::{
     H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, PreAuthError, PreAuthGate,
     PreAuthLimits, PreAuthMetrics, ServerTls, SessionInfo, SessionRegistry, Shutdown, TUNNEL_PATH,
@@ -39,6 +46,12 @@ pub enum AcceptError {
     /// The h2 session could not start.
     #[error("session handshake failed: {0}")]
     Session(#[source] hyper::Error),
+    /// The upgrade request could not be read.
+    #[error("upgrade request: {0}")]
+    Request(String),
+    /// A KubeEdge edge was refused after the upgrade (CLOSE_CONNECT sent).
+    #[error("kubeedge edge refused: {0}")]
+    KubeEdge(Refusal),
 }
 
 impl AcceptError {
@@ -50,6 +63,8 @@ impl AcceptError {
             Self::Identity(_) => "identity",
             Self::WebSocket(_) => "websocket",
             Self::Session(_) => "session",
+            Self::Request(_) => "websocket",
+            Self::KubeEdge(_) => "kubeedge",
         }
     }
 }
@@ -65,6 +80,35 @@ pub struct TunnelListener {
     next_id: Arc<AtomicU64>,
     on_event: Option<EventHook>,
     admission: Option<Admission>,
+    kubeedge: Option<KubeEdgeAccept>,
+    refusal_log: RefusalLog,
+}
+
+/// What the listener needs to accept KubeEdge edges.
+#[derive(Clone, Debug)]
+pub struct KubeEdgeAccept {
+    /// Which certificates are admitted, as which node.
+    pub trust: KubeEdgeTrust,
+    /// How their sessions behave.
+    pub options: Arc<KubeEdgeOptions>,
+}
+
+/// KubeEdge edges redial every 2 s forever: one log line per reason a minute.
+#[derive(Default)]
+struct RefusalLog(std::sync::Mutex<std::collections::HashMap<&'static str, std::time::Instant>>);
+
+impl RefusalLog {
+    fn should_log(&self, reason: &'static str) -> bool {
+        let mut seen = self.0.lock().expect("refusal log lock");
+        let now = std::time::Instant::now();
+        match seen.get(reason) {
+            Some(t) if now.duration_since(*t) < Duration::from_secs(60) => false,
+            _ => {
+                seen.insert(reason, now);
+                true
+            }
+        }
+    }
 }
 
 type EventHook = Arc<dyn Fn(TunnelEvent<'_>) + Send + Sync>;
@@ -91,6 +135,44 @@ pub enum TunnelEvent<'a> {
     },
     /// A connection was refused.
     Refused(&'a AcceptError),
+    /// A stream of a KubeEdge session ended abnormally, and why
+    /// (`client_stalled`, `session_budget`, `response_timeout`, `bad_input`,
+    /// `unknown_connection`, `unsupported`).
+    StreamEnded {
+        /// The node.
+        node: &'a str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// A session the listener accepted, of either kind.
+enum Accepted {
+    H2(Arc<H2Session>),
+    KubeEdge(Arc<KubeEdgeSession>),
+}
+
+impl Accepted {
+    fn node_session(&self) -> Arc<dyn NodeSession> {
+        match self {
+            Self::H2(s) => s.clone(),
+            Self::KubeEdge(s) => s.clone(),
+        }
+    }
+
+    async fn closed(&self) {
+        match self {
+            Self::H2(s) => s.closed().await,
+            Self::KubeEdge(s) => s.closed().await,
+        }
+    }
+
+    fn end_reason(&self) -> &'static str {
+        match self {
+            Self::H2(s) => s.end_reason(),
+            Self::KubeEdge(s) => s.end_reason(),
+        }
+    }
 }
 
 impl TunnelListener {
@@ -112,7 +194,16 @@ impl TunnelListener {
             next_id: Arc::new(AtomicU64::new(1)),
             on_event: None,
             admission: None,
+            kubeedge: None,
+            refusal_log: RefusalLog::default(),
         }
+    }
+
+    /// Also accepts KubeEdge edges on `/v1/kubeedge/connect`. The TLS
+    /// configuration must accept client certificates of the KubeEdge CA too.
+    pub fn kubeedge(mut self, accept: KubeEdgeAccept) -> Self {
+        self.kubeedge = Some(accept);
+        self
     }
 
     /// Checks every authenticated edge with `f` (e.g. the deny list); an
@@ -215,14 +306,20 @@ impl TunnelListener {
         let session = match session {
             Ok(s) => s,
             Err(e) => {
-                debug!(error = %e, "edge refused");
+                match &e {
+                    AcceptError::KubeEdge(r) if self.refusal_log.should_log(r.label()) => {
+                        warn!(reason = r.label(), error = %r, "kubeedge edge refused (logged once a minute per reason)")
+                    }
+                    _ => debug!(error = %e, "edge refused"),
+                }
                 self.emit(TunnelEvent::Refused(&e));
                 return;
             }
         };
-        let info = session.info().clone();
-        let replaced = self.registry.insert(session.clone()).is_some();
-        info!(node = %info.node, session.id = info.id, replaced, "edge connected");
+        let node_session = session.node_session();
+        let info = node_session.info().clone();
+        let replaced = self.registry.insert(node_session).is_some();
+        info!(node = %info.node, session.id = info.id, kind = info.kind.label(), replaced, "edge connected");
         self.emit(TunnelEvent::Connected {
             info: &info,
             replaced,
@@ -252,18 +349,40 @@ impl TunnelListener {
         tcp: TcpStream,
         peer: SocketAddr,
         ticket: crate::PreAuthTicket,
-    ) -> Result<Arc<H2Session>, AcceptError> {
+    ) -> Result<Accepted, AcceptError> {
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
-        let tls = ticket.accept_tls(tcp, |_| self.tls.current()).await?;
+        let mut tls = ticket.accept_tls(tcp, |_| self.tls.current()).await?;
         // Authenticated from here on: the edge leaves the pre-auth budget.
         drop(ticket);
-        let identity = Identity::from_peer(tls.get_ref().1.peer_certificates())?;
+        // With KubeEdge edges on the port, the path decides before anything
+        // tether.v1-specific is checked; the bytes read are replayed.
+        let mut replay = Vec::new();
+        let mut denied = None;
+        if let Some(ke) = &self.kubeedge {
+            let head = tokio::time::timeout(timeout, read_head(&mut tls))
+                .await
+                .map_err(|_| AcceptError::Timeout("upgrade request"))??;
+            if is_kubeedge_path(&head) {
+                return self.kubeedge_handshake(tls, head, ke, peer).await;
+            }
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            if !ke.trust.is_tether(chain) {
+                denied = Some(
+                    "the client certificate is not issued by the Tether edge CA; \
+                     KubeEdge certificates are accepted on /v1/kubeedge/connect only"
+                        .to_owned(),
+                );
+            }
+            replay = head;
+        }
+        let tls = Replay::new(tls, replay);
+        let identity = Identity::from_peer(tls.inner.get_ref().1.peer_certificates())?;
         let node = identity.require_node()?.to_owned();
         // Admission is answered before the upgrade itself is checked:
         // `tether edge --check` relies on it to learn whether a certificate
         // is revoked without opening a session (tests/edge_check.rs).
-        let denied = self.admission.as_ref().and_then(|a| a(&identity).err());
+        let denied = denied.or_else(|| self.admission.as_ref().and_then(|a| a(&identity).err()));
         #[allow(clippy::result_large_err)] // tungstenite's callback signature
         let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
         let check = {
@@ -289,6 +408,7 @@ impl TunnelListener {
         .map_err(|_| AcceptError::Timeout("websocket"))?
         .map_err(AcceptError::WebSocket)?;
         let info = SessionInfo {
+            kind: crate::SessionKind::Tether,
             node,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -302,6 +422,268 @@ impl TunnelListener {
             .await
             .map_err(|_| AcceptError::Timeout("session"))?
             .map_err(AcceptError::Session)
+            .map(Accepted::H2)
+    }
+
+    /// A KubeEdge edge: admit by certificate (ADR 0017), answer the upgrade,
+    /// and either start the session or send CLOSE_CONNECT with the reason.
+    /// Refusals happen after the upgrade because an edge only logs "bad
+    /// handshake" for any non-101, and never shows a response body.
+    async fn kubeedge_handshake(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+        head: Vec<u8>,
+        ke: &KubeEdgeAccept,
+        peer: SocketAddr,
+    ) -> Result<Accepted, AcceptError> {
+        let timeout = self.limits.handshake_timeout;
+        let req = parse_head(&head)?;
+        let Some(key) = req.ws_key.filter(|_| req.websocket) else {
+            let _ = tokio::time::timeout(
+                timeout,
+                tls.write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                ),
+            )
+            .await;
+            return Err(AcceptError::KubeEdge(Refusal::BadUpgrade(
+                "not a WebSocket upgrade (want Upgrade: websocket, Sec-WebSocket-Key, version 13)",
+            )));
+        };
+        let chain: Vec<_> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        let admitted = ke
+            .trust
+            .admit(&chain, req.hostname.as_deref(), req.internal_ip.as_deref())
+            .and_then(|a| match self.admission.as_ref().map(|f| f(&a.identity)) {
+                Some(Err(reason)) => Err(Refusal::Revoked(reason)),
+                _ => Ok(a),
+            });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        let mut out = response.into_bytes();
+        if let Err(refusal) = &admitted {
+            let msg = crate::kubeedge::codec::encode_message(
+                0,
+                crate::kubeedge::codec::MessageType::CloseConnect,
+                refusal.to_string().as_bytes(),
+            );
+            let mut frames = bytes::BytesMut::new();
+            crate::kubeedge::codec::encode_frame(
+                &mut frames,
+                crate::kubeedge::codec::opcode::TEXT,
+                &msg,
+            );
+            crate::kubeedge::codec::encode_frame(
+                &mut frames,
+                crate::kubeedge::codec::opcode::CLOSE,
+                &1008u16.to_be_bytes(),
+            );
+            out.extend_from_slice(&frames);
+        }
+        let written = async {
+            tls.write_all(&out).await?;
+            tls.flush().await
+        };
+        tokio::time::timeout(timeout, written)
+            .await
+            .map_err(|_| AcceptError::Timeout("websocket"))?
+            .map_err(|e| AcceptError::Request(e.to_string()))?;
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+                return Err(AcceptError::KubeEdge(refusal));
+            }
+        };
+        let info = SessionInfo {
+            kind: crate::SessionKind::KubeEdge,
+            node: admitted.node.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            peer,
+            ips: admitted.ips,
+            connected_at: SystemTime::now(),
+            identity: admitted.identity,
+            endpoints: Vec::new(),
+        };
+        let hook = self.on_event.clone().map(|f| {
+            let node = admitted.node;
+            Arc::new(move |reason: &'static str| {
+                f(TunnelEvent::StreamEnded {
+                    node: &node,
+                    reason,
+                })
+            }) as crate::kubeedge::StreamEndHook
+        });
+        let session = KubeEdgeSession::start(
+            tls,
+            bytes::Bytes::from(req.rest),
+            info,
+            &self.limits,
+            ke.options.clone(),
+            hook,
+        );
+        Ok(Accepted::KubeEdge(session))
+    }
+}
+
+/// Largest upgrade request head read before dispatching on the path.
+const MAX_HEAD: usize = 16 << 10;
+
+/// Reads until the end of the request head (`\r\n\r\n`), bounded; the
+/// result may hold bytes past it.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, AcceptError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = s
+            .read(&mut chunk)
+            .await
+            .map_err(|e| AcceptError::Request(e.to_string()))?;
+        if n == 0 {
+            return Err(AcceptError::Request(
+                "connection closed before the request head".into(),
+            ));
+        }
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(buf);
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(AcceptError::Request(format!(
+                "request head over {MAX_HEAD} bytes"
+            )));
+        }
+    }
+}
+
+fn is_kubeedge_path(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    // Too few header slots is fine: the request line is parsed first.
+    let _ = req.parse(head);
+    req.path.is_some_and(|p| {
+        let path = p.split('?').next().unwrap_or_default();
+        path.trim_end_matches('/') == KUBEEDGE_PATH
+    })
+}
+
+/// What the KubeEdge upgrade request says.
+struct UpgradeHead {
+    websocket: bool,
+    ws_key: Option<String>,
+    hostname: Option<String>,
+    internal_ip: Option<String>,
+    /// Bytes after the head (the first frames, if the edge was quick).
+    rest: Vec<u8>,
+}
+
+fn parse_head(head: &[u8]) -> Result<UpgradeHead, AcceptError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(head) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return Err(AcceptError::Request("incomplete request head".into()));
+        }
+        Err(e) => return Err(AcceptError::Request(e.to_string())),
+    };
+    let get = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::to_owned)
+    };
+    let has_token = |name: &str, token: &str| {
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    let websocket = req.method == Some("GET")
+        && has_token("upgrade", "websocket")
+        && has_token("connection", "upgrade")
+        && get("sec-websocket-version").as_deref().map(str::trim) == Some("13");
+    Ok(UpgradeHead {
+        websocket,
+        ws_key: get("sec-websocket-key").map(|k| k.trim().to_owned()),
+        hostname: get(HOSTNAME_HEADER),
+        internal_ip: get(INTERNAL_IP_HEADER),
+        rest: head[len..].to_vec(),
+    })
+}
+
+/// A stream that first replays bytes already read from it.
+struct Replay<S> {
+    inner: S,
+    replay: Vec<u8>,
+    at: usize,
+}
+
+impl<S> Replay<S> {
+    fn new(inner: S, replay: Vec<u8>) -> Self {
+        Self {
+            inner,
+            replay,
+            at: 0,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.replay.len() {
+            let n = (self.replay.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.replay[at..at + n]);
+            self.at += n;
+            if self.at == self.replay.len() {
+                self.replay = Vec::new();
+                self.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -332,6 +714,12 @@ fn refuse(status: StatusCode, reason: String) -> ErrorResponse {
 /// Validates the upgrade request; the reason text reaches the edge's log.
 #[allow(clippy::result_large_err)] // the signature is tungstenite's callback
 fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Response, ErrorResponse> {
+    if req.uri().path().trim_end_matches('/') == KUBEEDGE_PATH {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "KubeEdge edges are not enabled on this cloud (config kubeedge.ca_file)".into(),
+        ));
+    }
     if req.uri().path() != TUNNEL_PATH {
         return Err(refuse(
             StatusCode::NOT_FOUND,

@@ -67,9 +67,31 @@ pub enum StreamError {
     Tunnel(#[source] hyper::Error),
 }
 
+/// Which protocol a session speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SessionKind {
+    /// Tether's own `tether.v1` (HTTP/2 over WebSocket).
+    #[default]
+    Tether,
+    /// KubeEdge's EdgeStream (an unmodified `edgecore`).
+    KubeEdge,
+}
+
+impl SessionKind {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tether => "tether",
+            Self::KubeEdge => "kubeedge",
+        }
+    }
+}
+
 /// Facts about a live session.
 #[derive(Clone, Debug)]
 pub struct SessionInfo {
+    /// The protocol of the session.
+    pub kind: SessionKind,
     /// Node name, from the certificate.
     pub node: String,
     /// Unique id of this session within the process.
@@ -92,7 +114,8 @@ pub struct SessionInfo {
 #[derive(Debug, Clone)]
 pub struct StreamPermit(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
-type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, StreamError>> + Send>>;
+pub(crate) type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Body>, StreamError>> + Send>>;
 
 /// What the kubelet-API front needs from a node session, and nothing more.
 pub trait NodeSession: Send + Sync + 'static {

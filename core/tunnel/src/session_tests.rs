@@ -38,6 +38,7 @@ impl hyper::body::Body for Counted {
 
 fn info() -> SessionInfo {
     SessionInfo {
+        kind: crate::SessionKind::Tether,
         node: "budget-node".into(),
         id: 1,
         peer: "127.0.0.1:1".parse().unwrap(),
