@@ -191,6 +191,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         _ => anyhow::bail!("config fields `serving_ca_cert` and `serving_ca_key` go together"),
     };
     let (tunnel_tls, front_tls) = (ServerTls::new(tunnel_cfg), ServerTls::new(front_cfg));
+    let kubeedge = match cfg.kubeedge_trust(state.as_ref().map(|s| s.ca()))? {
+        Some(trust) => Some(tether_tunnel::KubeEdgeAccept {
+            trust: tether_tunnel::kubeedge::KubeEdgeTrust::new(trust)
+                .context("config field `kubeedge.ca_file`")?,
+            options: Arc::new(cfg.kubeedge.options(&cfg.limits)),
+        }),
+        None => None,
+    };
     let tunnel_listener = crate::bind(cfg.tunnel_addr, "the edge tunnel").await?;
     let front_listener = crate::bind(cfg.front_addr, "the kubelet-API front").await?;
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
@@ -397,6 +405,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         cfg_reloader(&cfg, state.clone()),
         tunnel_tls.clone(),
         front_tls.clone(),
+        kubeedge.as_ref().map(|k| k.trust.clone()),
         shutdown.clone(),
     ));
     let (pod_locator, session_hook) = match &cluster {
@@ -434,6 +443,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         session_hook,
         peers,
         egress_passthrough: cfg.egress_passthrough.clone(),
+        kubeedge,
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,
@@ -605,6 +615,7 @@ fn cfg_reloader(cfg: &CloudConfig, state: Option<Arc<CloudState>>) -> Reloader {
         server_names: cfg.server_names.clone(),
         advertise_address: cfg.advertise_address,
         limits: cfg.limits.clone(),
+        kubeedge: cfg.kubeedge.clone(),
         ..CloudConfig::default()
     };
     Reloader { cfg: copy, state }
@@ -619,7 +630,13 @@ fn mtimes(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
 
 /// Re-reads certificates and CA bundles when their files change; new
 /// connections use the new ones, live ones keep theirs.
-async fn reload_tls(r: Reloader, tunnel: ServerTls, front: ServerTls, shutdown: Shutdown) {
+async fn reload_tls(
+    r: Reloader,
+    tunnel: ServerTls,
+    front: ServerTls,
+    kubeedge: Option<tether_tunnel::kubeedge::KubeEdgeTrust>,
+    shutdown: Shutdown,
+) {
     let files = r.cfg.watched_files();
     let mut seen = mtimes(&files);
     loop {
@@ -631,7 +648,13 @@ async fn reload_tls(r: Reloader, tunnel: ServerTls, front: ServerTls, shutdown: 
         if now == seen {
             continue;
         }
-        match r.cfg.tls(r.state.as_ref().map(|s| s.ca())) {
+        let state_ca = r.state.as_ref().map(|s| s.ca());
+        let trust = match (&kubeedge, r.cfg.kubeedge_trust(state_ca)) {
+            (Some(k), Ok(Some(cfg))) => k.reload(cfg).map_err(anyhow::Error::from),
+            (_, Err(e)) => Err(e),
+            _ => Ok(()),
+        };
+        match trust.and_then(|()| r.cfg.tls(state_ca)) {
             Ok((t, f)) => {
                 tunnel.replace(t);
                 front.replace(f);

@@ -107,6 +107,124 @@ pub(crate) struct CloudConfig {
     pub(crate) hub_api_token_file: Option<PathBuf>,
     /// Message hub bounds and timers (per node).
     pub(crate) hub: HubConfig,
+    /// Unmodified KubeEdge edges on the tunnel port (ADR 0017); off unless
+    /// `kubeedge.ca_file` is set.
+    pub(crate) kubeedge: KubeEdgeConfig,
+}
+
+/// The cloud's `kubeedge:` section: KubeEdge EdgeStream edges dial
+/// `wss://<cloud>:<tunnel port>/v1/kubeedge/connect` with their own
+/// certificates (docs/kubeedge-compat.md, ADR 0017).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct KubeEdgeConfig {
+    /// The KubeEdge CA (PEM), cloudhub's `rootCA.crt`. Setting it enables
+    /// KubeEdge edges; its certificates are trusted on the KubeEdge path
+    /// only. Default: none (off).
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Admit `CN=kubeedge.io` certificates (KubeEdge before v1.16) as the
+    /// node their `SessionHostNameOverride` header names (default false).
+    /// Any holder of any certificate of the KubeEdge CA may then claim any
+    /// node: re-issue old edge certificates instead where you can.
+    pub(crate) trust_legacy_certs: bool,
+    /// Use the `SessionInternalIP` header as the node's address when its
+    /// certificate has no IP SANs (KubeEdge certificates have none)
+    /// (default false). An edge may then claim any address, and requests
+    /// routed by that address (DNAT, Host) reach it.
+    pub(crate) trust_internal_ip_header: bool,
+    /// `host:port` the edge sends every request to (default
+    /// `127.0.0.1:10350`, edged's read-only port).
+    pub(crate) kubelet_addr: String,
+    /// Seconds the kubelet may take to send its response head before the
+    /// front answers 504 (default 60).
+    pub(crate) response_header_timeout_secs: u64,
+    /// Bytes queued for one stream whose client does not read before that
+    /// stream is ended (default 4 MiB); within 64 KiB..=limits.session_budget/2.
+    pub(crate) stream_buffer_bytes: usize,
+    /// Seconds a write to the edge may take before the session is ended
+    /// (default 10).
+    pub(crate) write_timeout_secs: u64,
+    /// Seconds without any frame from the edge before the session is
+    /// declared dead (default 15; the edge pings every 5 s).
+    pub(crate) idle_timeout_secs: u64,
+}
+
+impl Default for KubeEdgeConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            trust_legacy_certs: false,
+            trust_internal_ip_header: false,
+            kubelet_addr: "127.0.0.1:10350".into(),
+            response_header_timeout_secs: 60,
+            stream_buffer_bytes: 4 << 20,
+            write_timeout_secs: 10,
+            idle_timeout_secs: 15,
+        }
+    }
+}
+
+impl KubeEdgeConfig {
+    /// Checks what needs no files, naming the field.
+    pub(crate) fn check(&self, limits: &TunnelLimits) -> anyhow::Result<()> {
+        let addr_ok = self
+            .kubelet_addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-[]:".contains(&b))
+            });
+        if !addr_ok {
+            bail!(
+                "config field `kubeedge.kubelet_addr` must be host:port (got {:?})",
+                self.kubelet_addr
+            );
+        }
+        for (v, field, lo, hi) in [
+            (
+                self.response_header_timeout_secs,
+                "response_header_timeout_secs",
+                1,
+                3600,
+            ),
+            (self.write_timeout_secs, "write_timeout_secs", 1, 600),
+            (self.idle_timeout_secs, "idle_timeout_secs", 6, 3600),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                bail!("config field `kubeedge.{field}` must be within {lo}..={hi} (got {v})");
+            }
+        }
+        let max = (limits.session_budget / 2) as usize;
+        if !(64 << 10..=max).contains(&self.stream_buffer_bytes) {
+            bail!(
+                "config field `kubeedge.stream_buffer_bytes` must be within 65536..={max} (limits.session_budget/2; got {})",
+                self.stream_buffer_bytes
+            );
+        }
+        if self.ca_file.is_none() && (self.trust_legacy_certs || self.trust_internal_ip_header) {
+            bail!(
+                "config fields `kubeedge.trust_*` need `kubeedge.ca_file` (KubeEdge edges are off without it)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The session options.
+    pub(crate) fn options(
+        &self,
+        limits: &TunnelLimits,
+    ) -> tether_tunnel::kubeedge::KubeEdgeOptions {
+        let mut o = tether_tunnel::kubeedge::KubeEdgeOptions::new(limits);
+        o.kubelet_addr = self.kubelet_addr.clone();
+        o.response_header_timeout = Duration::from_secs(self.response_header_timeout_secs);
+        o.stream_buffer = self.stream_buffer_bytes;
+        o.write_timeout = Duration::from_secs(self.write_timeout_secs);
+        o.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
+        o
+    }
 }
 
 impl Default for CloudConfig {
@@ -146,6 +264,7 @@ impl Default for CloudConfig {
             egress_passthrough: Vec::new(),
             hub_api_token_file: None,
             hub: HubConfig::cloud(),
+            kubeedge: KubeEdgeConfig::default(),
         }
     }
 }
@@ -429,6 +548,7 @@ impl CloudConfig {
             .validate()
             .map_err(|e| anyhow::anyhow!("config field `preauth.{e}`"))?;
         self.cert_lifetime()?;
+        self.kubeedge.check(&self.limits)?;
         for (cert, key, p) in [
             (&self.tunnel_cert, &self.tunnel_key, "tunnel"),
             (&self.front_cert, &self.front_key, "front"),
@@ -477,6 +597,7 @@ impl CloudConfig {
         check_certs(&self.tunnel_cert, "tunnel_cert")?;
         check_key(&self.tunnel_key, "tunnel_key")?;
         check_certs(&self.edge_ca, "edge_ca")?;
+        check_certs(&self.kubeedge.ca_file, "kubeedge.ca_file")?;
         check_certs(
             &Some(need(&self.front_cert, "front_cert")?.to_owned()),
             "front_cert",
@@ -533,11 +654,44 @@ impl CloudConfig {
             &self.front_cert,
             &self.front_key,
             &self.front_client_ca,
+            &self.kubeedge.ca_file,
         ]
         .into_iter()
         .flatten()
         .cloned()
         .collect()
+    }
+
+    /// The KubeEdge CA certificates, when KubeEdge edges are on.
+    pub(crate) fn kubeedge_cas(
+        &self,
+    ) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        match &self.kubeedge.ca_file {
+            Some(path) => tether_pki::load_certs(path).context("config field `kubeedge.ca_file`"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Who may connect on the KubeEdge path, or `None` when it is off.
+    /// Tether's edge CA is named so each CA is trusted on its own path only.
+    pub(crate) fn kubeedge_trust(
+        &self,
+        state_ca: Option<&tether_pki::Ca>,
+    ) -> anyhow::Result<Option<tether_tunnel::kubeedge::TrustConfig>> {
+        if self.kubeedge.ca_file.is_none() {
+            return Ok(None);
+        }
+        let tether_cas = match (state_ca, &self.edge_ca) {
+            (_, Some(path)) => tether_pki::load_certs(path)?,
+            (Some(ca), None) => vec![ca.cert_der().clone()],
+            (None, None) => Vec::new(),
+        };
+        Ok(Some(tether_tunnel::kubeedge::TrustConfig {
+            kubeedge_cas: self.kubeedge_cas()?,
+            tether_cas,
+            trust_legacy_certs: self.kubeedge.trust_legacy_certs,
+            trust_internal_ip_header: self.kubeedge.trust_internal_ip_header,
+        }))
     }
 
     /// TLS for the tunnel listener and the front; `state_ca` (from the state
@@ -568,7 +722,11 @@ impl CloudConfig {
             }
             (None, None) => bail!("config field `tunnel_cert` (or `state_dir`) is required"),
         };
-        let tunnel = tether_pki::server_config_client_auth(chain, key, &edge_cas, &[b"http/1.1"])
+        // KubeEdge edges send a client certificate only when its issuer is
+        // among the CA names the server offers: both roots go in the hints.
+        let mut roots = edge_cas;
+        roots.extend(self.kubeedge_cas()?);
+        let tunnel = tether_pki::server_config_client_auth(chain, key, &roots, &[b"http/1.1"])
             .context("tunnel TLS")?;
         let front = tether_pki::server_config_client_auth(
             tether_pki::load_certs(need(&self.front_cert, "front_cert")?)?,

@@ -75,6 +75,9 @@ pub struct CloudOptions {
     /// Networks a CONNECT that names no node may reach directly from the
     /// cloud (the apiserver's egress to webhooks and aggregated APIs).
     pub egress_passthrough: Vec<egress::Cidr>,
+    /// Also accept KubeEdge edges on the tunnel port (ADR 0017); the
+    /// tunnel TLS must then accept the KubeEdge CA's client certificates.
+    pub kubeedge: Option<tether_tunnel::KubeEdgeAccept>,
 }
 
 /// Runs the tunnel listener and the front until shutdown, then drains both.
@@ -111,6 +114,9 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
             hook(&ev);
         }
     });
+    if let Some(ke) = opts.kubeedge.clone() {
+        tunnel = tunnel.kubeedge(ke);
+    }
     if let Some(deny) = opts.deny.clone() {
         tokio::spawn(terminate_revoked(
             deny.clone(),

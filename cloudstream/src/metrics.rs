@@ -107,6 +107,14 @@ pub struct CloudMetrics {
     rtt: Histogram,
     stalls: Family<KindLabel, Counter>,
     stall_seconds: Family<KindLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    sessions_by_kind: Family<SessionKindLabel, Gauge>,
+    kubeedge_refusals: Family<ReasonLabel, Counter>,
+    kubeedge_streams_ended: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionKindLabel {
+    kind: &'static str,
 }
 
 impl Default for CloudMetrics {
@@ -123,6 +131,9 @@ impl Default for CloudMetrics {
             rtt: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
             stalls: Family::default(),
             stall_seconds: Family::default(),
+            sessions_by_kind: Family::default(),
+            kubeedge_refusals: Family::default(),
+            kubeedge_streams_ended: Family::default(),
         }
     }
 }
@@ -180,6 +191,24 @@ impl CloudMetrics {
             "Time response bodies spent waiting for slow clients, by kind",
             m.stall_seconds.clone(),
         );
+        r.register(
+            "sessions_by_kind",
+            "Registered edge sessions by protocol: tether (tether.v1) or kubeedge (EdgeStream)",
+            m.sessions_by_kind.clone(),
+        );
+        for kind in ["tether", "kubeedge"] {
+            let _ = m.sessions_by_kind.get_or_create(&SessionKindLabel { kind });
+        }
+        r.register(
+            "kubeedge_refusals",
+            "KubeEdge edges refused after the upgrade, by reason: node_mismatch, legacy_cert, not_a_node, untrusted_ca, revoked, bad_node_name, bad_upgrade",
+            m.kubeedge_refusals.clone(),
+        );
+        r.register(
+            "kubeedge_streams_ended",
+            "KubeEdge streams the cloud ended or refused, by reason: client_stalled, session_budget, response_timeout, bad_input, unknown_connection, unsupported",
+            m.kubeedge_streams_ended.clone(),
+        );
         m
     }
 
@@ -202,7 +231,12 @@ impl CloudMetrics {
 
     pub(crate) fn tunnel_event(&self, ev: &TunnelEvent<'_>) {
         let event = match ev {
-            TunnelEvent::Connected { replaced, .. } => {
+            TunnelEvent::Connected { replaced, info } => {
+                self.sessions_by_kind
+                    .get_or_create(&SessionKindLabel {
+                        kind: info.kind.label(),
+                    })
+                    .inc();
                 self.session_state("active").inc();
                 if *replaced {
                     // The old session drains; it emits its own Disconnected
@@ -214,7 +248,12 @@ impl CloudMetrics {
                     "connected"
                 }
             }
-            TunnelEvent::Disconnected { reason, .. } => {
+            TunnelEvent::Disconnected { reason, info } => {
+                self.sessions_by_kind
+                    .get_or_create(&SessionKindLabel {
+                        kind: info.kind.label(),
+                    })
+                    .dec();
                 let state = if *reason == "replaced" {
                     "draining"
                 } else {
@@ -228,6 +267,18 @@ impl CloudMetrics {
                     "shutdown" => "disconnected_shutdown",
                     _ => "disconnected_error",
                 }
+            }
+            TunnelEvent::StreamEnded { reason, .. } => {
+                self.kubeedge_streams_ended
+                    .get_or_create(&ReasonLabel { reason })
+                    .inc();
+                return;
+            }
+            TunnelEvent::Refused(tether_tunnel::AcceptError::KubeEdge(r)) => {
+                self.kubeedge_refusals
+                    .get_or_create(&ReasonLabel { reason: r.label() })
+                    .inc();
+                "refused_kubeedge"
             }
             TunnelEvent::Refused(e) => match e.label() {
                 "timeout" => "refused_timeout",

@@ -201,6 +201,21 @@ pub struct CloudSpec {
     pub egress_passthrough: Vec<tether_cloudstream::egress::Cidr>,
     /// Bounds of connections still handshaking; defaults if None.
     pub preauth: Option<tether_tunnel::PreAuthLimits>,
+    /// Accept KubeEdge edges on the tunnel port too (ADR 0017).
+    pub kubeedge: Option<KubeEdgeSpec>,
+}
+
+/// How a cloud accepts KubeEdge edges in tests.
+#[derive(Clone)]
+pub struct KubeEdgeSpec {
+    /// The KubeEdge CA's certificate (trusted on `/v1/kubeedge/connect` only).
+    pub ca: rustls_pki_types::CertificateDer<'static>,
+    /// `kubeedge.trust_legacy_certs`.
+    pub trust_legacy_certs: bool,
+    /// `kubeedge.trust_internal_ip_header`.
+    pub trust_internal_ip_header: bool,
+    /// Session options; defaults from the tunnel limits if None.
+    pub options: Option<tether_tunnel::kubeedge::KubeEdgeOptions>,
 }
 
 impl CloudHandle {
@@ -244,7 +259,39 @@ impl CloudHandle {
             }
             None => (None, None),
         };
-        let tunnel_tls = ServerTls::new(pki.tunnel_server_tls()?);
+        let limits = spec.limits.unwrap_or_default();
+        let (tunnel_tls, kubeedge) = match &spec.kubeedge {
+            None => (ServerTls::new(pki.tunnel_server_tls()?), None),
+            Some(ke) => {
+                let leaf = Pki::serving(&pki.edge_ca)?;
+                let roots = [pki.edge_ca.cert_der().clone(), ke.ca.clone()];
+                let tls = tether_pki::server_config_client_auth(
+                    leaf.cert_chain()?,
+                    leaf.key_pem.to_der()?,
+                    &roots,
+                    &[b"http/1.1"],
+                )?;
+                let trust = tether_tunnel::kubeedge::KubeEdgeTrust::new(
+                    tether_tunnel::kubeedge::TrustConfig {
+                        kubeedge_cas: vec![ke.ca.clone()],
+                        tether_cas: vec![pki.edge_ca.cert_der().clone()],
+                        trust_legacy_certs: ke.trust_legacy_certs,
+                        trust_internal_ip_header: ke.trust_internal_ip_header,
+                    },
+                )?;
+                let options = ke
+                    .options
+                    .clone()
+                    .unwrap_or_else(|| tether_tunnel::kubeedge::KubeEdgeOptions::new(&limits));
+                (
+                    ServerTls::new(Arc::new(tls)),
+                    Some(tether_tunnel::KubeEdgeAccept {
+                        trust,
+                        options: Arc::new(options),
+                    }),
+                )
+            }
+        };
         let front_tls = ServerTls::new(pki.front_server_tls()?);
         let serving_ca = if spec.node_serving_certs {
             Some(Arc::new(Ca::from_pem(
@@ -280,7 +327,7 @@ impl CloudHandle {
             serving_ca,
             deny: state.as_ref().map(|s| s.deny.clone()),
             authz: Authorizer::default(),
-            limits: spec.limits.unwrap_or_default(),
+            limits,
             front_limits: FrontLimits::default(),
             preauth,
             registry: registry.clone(),
@@ -289,6 +336,7 @@ impl CloudHandle {
             session_hook: spec.session_hook,
             peers,
             egress_passthrough: spec.egress_passthrough,
+            kubeedge,
         };
         let task = tokio::spawn(tether_cloudstream::run(opts, shutdown));
         Ok(Self {

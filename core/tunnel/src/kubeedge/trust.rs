@@ -107,22 +107,39 @@ pub struct Admitted {
 }
 
 /// Decides over KubeEdge and Tether certificates on the shared port.
+/// Cheap to clone; [`KubeEdgeTrust::reload`] replaces the CAs for every
+/// clone (the tunnel TLS reload does it with the same files).
 #[derive(Clone)]
-pub struct KubeEdgeTrust {
+pub struct KubeEdgeTrust(Arc<std::sync::RwLock<Arc<Verifiers>>>);
+
+struct Verifiers {
     kubeedge: Arc<dyn ClientCertVerifier>,
     tether: Option<Arc<dyn ClientCertVerifier>>,
-    cfg: Arc<TrustConfig>,
+    cfg: TrustConfig,
 }
 
 impl std::fmt::Debug for KubeEdgeTrust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.current();
         f.debug_struct("KubeEdgeTrust")
-            .field("trust_legacy_certs", &self.cfg.trust_legacy_certs)
-            .field(
-                "trust_internal_ip_header",
-                &self.cfg.trust_internal_ip_header,
-            )
+            .field("trust_legacy_certs", &v.cfg.trust_legacy_certs)
+            .field("trust_internal_ip_header", &v.cfg.trust_internal_ip_header)
             .finish()
+    }
+}
+
+impl Verifiers {
+    fn new(cfg: TrustConfig) -> Result<Self, tether_pki::TlsError> {
+        let kubeedge = verifier(&cfg.kubeedge_cas)?;
+        let tether = match cfg.tether_cas.is_empty() {
+            true => None,
+            false => Some(verifier(&cfg.tether_cas)?),
+        };
+        Ok(Self {
+            kubeedge,
+            tether,
+            cfg,
+        })
     }
 }
 
@@ -142,22 +159,26 @@ fn verifier(
 impl KubeEdgeTrust {
     /// Builds the two verifiers; fails on an empty or unusable CA.
     pub fn new(cfg: TrustConfig) -> Result<Self, tether_pki::TlsError> {
-        let kubeedge = verifier(&cfg.kubeedge_cas)?;
-        let tether = match cfg.tether_cas.is_empty() {
-            true => None,
-            false => Some(verifier(&cfg.tether_cas)?),
-        };
-        Ok(Self {
-            kubeedge,
-            tether,
-            cfg: Arc::new(cfg),
-        })
+        Ok(Self(Arc::new(std::sync::RwLock::new(Arc::new(
+            Verifiers::new(cfg)?,
+        )))))
+    }
+
+    /// Replaces the configuration for connections accepted from now on.
+    pub fn reload(&self, cfg: TrustConfig) -> Result<(), tether_pki::TlsError> {
+        let v = Arc::new(Verifiers::new(cfg)?);
+        *self.0.write().expect("trust lock") = v;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Verifiers> {
+        self.0.read().expect("trust lock").clone()
     }
 
     /// True when the chain verifies against Tether's edge CA (or no
     /// Tether CA was given to tell them apart).
     pub fn is_tether(&self, chain: &[CertificateDer<'_>]) -> bool {
-        match &self.tether {
+        match &self.current().tether {
             Some(v) => chains(v.as_ref(), chain),
             None => true,
         }
@@ -171,7 +192,8 @@ impl KubeEdgeTrust {
         claimed: Option<&str>,
         claimed_ip: Option<&str>,
     ) -> Result<Admitted, Refusal> {
-        if !chains(self.kubeedge.as_ref(), chain) {
+        let v = self.current();
+        if !chains(v.kubeedge.as_ref(), chain) {
             return Err(Refusal::UntrustedCa);
         }
         let leaf = chain.first().ok_or(Refusal::UntrustedCa)?;
@@ -190,7 +212,7 @@ impl KubeEdgeTrust {
                 (node.to_owned(), false)
             }
             None if identity.common_name == LEGACY_CN => {
-                if !self.cfg.trust_legacy_certs {
+                if !v.cfg.trust_legacy_certs {
                     return Err(Refusal::Legacy);
                 }
                 let c = claimed.unwrap_or_default();
@@ -203,7 +225,7 @@ impl KubeEdgeTrust {
         };
         let mut ips = identity.ips.clone();
         if ips.is_empty()
-            && self.cfg.trust_internal_ip_header
+            && v.cfg.trust_internal_ip_header
             && let Some(ip) = claimed_ip.and_then(|v| v.trim().parse::<IpAddr>().ok())
         {
             ips.push(ip);
