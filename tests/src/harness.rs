@@ -202,12 +202,12 @@ pub struct CloudSpec {
     /// Bounds of connections still handshaking; defaults if None.
     pub preauth: Option<tether_tunnel::PreAuthLimits>,
     /// Accept KubeEdge edges on the tunnel port too (ADR 0017).
-    pub kubeedge: Option<KubeEdgeSpec>,
+    pub kubeedge: Option<KubeEdgeCloud>,
 }
 
 /// How a cloud accepts KubeEdge edges in tests.
 #[derive(Clone)]
-pub struct KubeEdgeSpec {
+pub struct KubeEdgeCloud {
     /// The KubeEdge CA's certificate (trusted on `/v1/kubeedge/connect` only).
     pub ca: rustls_pki_types::CertificateDer<'static>,
     /// `kubeedge.trust_legacy_certs`.
