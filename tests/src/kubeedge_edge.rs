@@ -107,6 +107,8 @@ mod serve;
 pub mod wire;
 
 #[cfg(test)]
+mod loopback;
+#[cfg(test)]
 mod tests;
 
 pub use pki::{CloudTrust, KubeEdgeCa, edge_client_tls};
