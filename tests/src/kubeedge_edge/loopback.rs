@@ -196,7 +196,7 @@ async fn setup() -> (FixtureKubelet, Cloud, KubeEdgeSpec) {
 
 #[tokio::test]
 async fn serves_logs_metrics_and_exec_then_obeys_close() {
-    let (_kubelet, cloud, mut spec) = setup().await;
+    let (kubelet, cloud, mut spec) = setup().await;
     spec.reconnect = false;
     spec.ping_every = Duration::from_millis(50);
     let edge = KubeEdgeEdge::start(spec);
@@ -229,6 +229,28 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
     );
     let expected: Vec<u8> = fixture::log_bytes(1000).flatten().collect();
     assert_eq!(chunks.concat(), expected);
+
+    // A following log runs until the cloud's REMOVE, which the edge echoes
+    // after closing the kubelet request.
+    let follow = connect_json(
+        9,
+        "/containerLogs/default/web-0/nginx",
+        "bytes=100\\u0026follow=true",
+        "",
+        "{}",
+    );
+    conn.send(&wire::encode(9, MessageType::LogsConnect, &follow))
+        .await;
+    let mut seen = 0;
+    while seen < 100 {
+        let m = conn.recv_message().await;
+        assert_eq!((m.id, m.kind), (9, MessageType::Data as u64));
+        seen += m.data.len();
+    }
+    conn.send(&wire::encode(9, MessageType::RemoveConnect, &[]))
+        .await;
+    let _late_data = conn.collect(9).await;
+    assert!(kubelet.wait_follow_disconnect(0, STEP).await);
 
     // Metrics: one DATA per line, each ending in `\n`.
     let metrics = connect_json(6, "/metrics/resource", "bytes=3000", "", "{}");
@@ -324,12 +346,13 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
         kinds,
         vec![
             (5, MessageType::LogsConnect),
+            (9, MessageType::LogsConnect),
             (6, MessageType::MetricConnect),
             (7, MessageType::MetricConnect),
             (8, MessageType::ExecConnect),
         ]
     );
-    assert_eq!(edge.connects()[3].method, "POST");
+    assert_eq!(edge.connects()[4].method, "POST");
     assert_eq!(edge.late_messages(), 0);
     assert_eq!(edge.sessions(), 1);
 }

@@ -19,8 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::Outgoing;
+use super::session::SessionCtx;
 use super::wire::{self, Message, MessageType};
-use super::{Outgoing, SessionCtx};
 
 /// The kubelet address KubeEdge's cloud writes into every CONNECT
 /// (`apiserverconnection.go`, `defaultServerHost`); the double sends these
@@ -146,17 +147,33 @@ impl ConnectRecord {
             self.request_uri(),
             self.host
         );
-        let agent = match self.headers.get("User-Agent") {
-            Some(values) => values.first().cloned().unwrap_or_default(),
-            None => GO_USER_AGENT.to_owned(),
-        };
-        let agent = clean(&agent);
+        let agent = self.user_agent();
         if !agent.is_empty() {
             head.push_str(&format!("User-Agent: {agent}\r\n"));
         }
         if matches!(method, "POST" | "PUT" | "PATCH") {
             head.push_str("Content-Length: 0\r\n");
         }
+        for (name, value) in self.other_headers() {
+            head.push_str(&format!("{name}: {}\r\n", clean(value)));
+        }
+        head.push_str("\r\n");
+        head.into_bytes()
+    }
+
+    /// Go's `User-Agent`: the header's first value (empty means none), else
+    /// `Go-http-client/1.1`.
+    fn user_agent(&self) -> String {
+        match self.headers.get("User-Agent") {
+            Some(values) => clean(values.first().map_or("", String::as_str)),
+            None => GO_USER_AGENT.to_owned(),
+        }
+    }
+
+    /// The JSON headers Go writes after its own, in key order: all but
+    /// `Host`, `User-Agent`, `Content-Length`, `Transfer-Encoding` and
+    /// `Trailer` (matched on the exact key, as Go's map lookup does).
+    fn other_headers(&self) -> impl Iterator<Item = (&str, &str)> {
         const GO_WRITES_ITSELF: [&str; 5] = [
             "Host",
             "User-Agent",
@@ -164,16 +181,10 @@ impl ConnectRecord {
             "Transfer-Encoding",
             "Trailer",
         ];
-        for (name, values) in &self.headers {
-            if GO_WRITES_ITSELF.contains(&name.as_str()) {
-                continue;
-            }
-            for value in values {
-                head.push_str(&format!("{name}: {}\r\n", clean(value)));
-            }
-        }
-        head.push_str("\r\n");
-        head.into_bytes()
+        self.headers
+            .iter()
+            .filter(|(name, _)| !GO_WRITES_ITSELF.contains(&name.as_str()))
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_str(), v.as_str())))
     }
 
     /// Where the edge would connect, mapped for the double: KubeEdge's fixed
@@ -446,16 +457,15 @@ async fn get(kubelet: SocketAddr, record: &ConnectRecord, metrics: bool) -> Resu
         .method(http::Method::GET)
         .uri(record.request_uri())
         .header(http::header::HOST, &record.host);
-    if !record.headers.contains_key("User-Agent") {
-        req = req.header(http::header::USER_AGENT, GO_USER_AGENT);
+    let agent = record.user_agent();
+    if !agent.is_empty() {
+        req = req.header(http::header::USER_AGENT, agent);
     }
-    for (name, values) in &record.headers {
+    for (name, value) in record.other_headers() {
         if metrics && name.eq_ignore_ascii_case("accept-encoding") {
             continue;
         }
-        for value in values {
-            req = req.header(name.as_str(), value.as_str());
-        }
+        req = req.header(name, value);
     }
     if metrics {
         req = req.header(http::header::ACCEPT_ENCODING, "identity");

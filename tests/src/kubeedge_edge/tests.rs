@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
+use super::session::{check_upgrade_response, upgrade_request};
 use super::wire::{self, FrameReader, Incoming, MessageType, WireError, opcode};
 use super::*;
 
