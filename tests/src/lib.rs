@@ -6,5 +6,6 @@ pub mod api_double;
 pub mod fixture;
 pub mod harness;
 pub mod kubectl;
+pub mod kubeedge_edge;
 pub mod ownership;
 pub mod slowloris;
