@@ -778,6 +778,13 @@ impl AsyncRead for PipeIo {
         let Some(c) = st.conns.get_mut(&self.id) else {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
         };
+        // hyper reads an idle connection to notice it closing; the edge may
+        // answer before hyper has even written the request, and hyper
+        // refuses a response it did not ask for yet.
+        if !self.head_done() {
+            c.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         if let Some(reason) = c.failed {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -831,6 +838,11 @@ impl AsyncWrite for PipeIo {
                 }
             }
             self.head_seen += used;
+            if self.head_done()
+                && let Some(c) = self.shared.lock().conns.get_mut(&self.id)
+            {
+                c.wake();
+            }
             if self.head_seen > self.shared.opts.max_header_bytes + (64 << 10) {
                 return Poll::Ready(Err(io::Error::other("request head too large")));
             }
