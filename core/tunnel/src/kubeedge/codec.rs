@@ -104,6 +104,11 @@ impl FrameReader {
         }
     }
 
+    /// Appends bytes read elsewhere (tests, fuzzing).
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// The next event; `None` at a clean EOF between frames.
     pub async fn next<R: AsyncRead + Unpin>(
         &mut self,
