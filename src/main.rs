@@ -10,6 +10,7 @@ mod edge;
 mod edge_check;
 mod edge_status;
 mod iptables;
+mod kubeedge_check;
 mod limits_check;
 mod nodes;
 mod pki_cmds;
@@ -64,6 +65,9 @@ enum Cmd {
     Token(pki_cmds::TokenArgs),
     /// Inspect, revoke and issue certificates.
     Certs(pki_cmds::CertsArgs),
+    /// KubeEdge edges: `tether kubeedge check --ca <file> --cert <edge.crt>`
+    /// says whether the cloud would admit a certificate, and why not.
+    Kubeedge(kubeedge_check::Args),
     /// Serve the sample kubelet alone (used by tests inside network namespaces).
     #[command(hide = true)]
     FixtureKubelet {
@@ -101,7 +105,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let default_log = match &cli.cmd {
-        Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) | Cmd::Nodes(_) => "warn",
+        Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) | Cmd::Nodes(_) | Cmd::Kubeedge(_) => "warn",
         // The checks' report and the status are their output; only warnings beside them.
         Cmd::Edge(a) if a.command.is_some() || a.is_check() => "warn",
         _ => "info",
@@ -177,6 +181,10 @@ fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
             Cmd::IptablesManager(a) => iptables::run(a).await,
             Cmd::Token(a) => pki_cmds::token(a),
             Cmd::Certs(a) => pki_cmds::certs(a),
+            Cmd::Kubeedge(a) => match kubeedge_check::run(a)? {
+                true => Ok(()),
+                false => anyhow::bail!("the cloud would refuse this certificate"),
+            },
             Cmd::FixtureKubelet { listen } => {
                 let k = tether_tests::fixture::FixtureKubelet::start_on(listen, None).await?;
                 println!("listening on {}", k.addr);

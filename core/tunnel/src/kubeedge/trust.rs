@@ -42,11 +42,12 @@ pub struct TrustConfig {
 /// `CLOSE_CONNECT`; the label is a metric value.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {
-    /// The leaf does not chain to the KubeEdge CA.
+    /// The leaf does not verify against the KubeEdge CA (other issuer,
+    /// expired, wrong key usage), with the verifier's reason.
     #[error(
-        "403 Forbidden: the client certificate is not issued by the KubeEdge CA this cloud trusts"
+        "403 Forbidden: the client certificate is not accepted by the KubeEdge CA this cloud trusts: {0}"
     )]
-    UntrustedCa,
+    UntrustedCa(String),
     /// The leaf names no node (and is not a legacy certificate).
     #[error(
         "403 Forbidden: certificate subject {0:?} is not a node identity (want CN=system:node:<name>, O=system:nodes)"
@@ -82,7 +83,7 @@ impl Refusal {
     /// A short stable label for metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::UntrustedCa => "untrusted_ca",
+            Self::UntrustedCa(_) => "untrusted_ca",
             Self::NotANode(_) => "not_a_node",
             Self::Legacy => "legacy_cert",
             Self::NodeMismatch { .. } => "node_mismatch",
@@ -193,10 +194,10 @@ impl KubeEdgeTrust {
         claimed_ip: Option<&str>,
     ) -> Result<Admitted, Refusal> {
         let v = self.current();
-        if !chains(v.kubeedge.as_ref(), chain) {
-            return Err(Refusal::UntrustedCa);
-        }
-        let leaf = chain.first().ok_or(Refusal::UntrustedCa)?;
+        verify(v.kubeedge.as_ref(), chain).map_err(Refusal::UntrustedCa)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Refusal::UntrustedCa("no certificate".into()))?;
         let identity = Identity::from_der(leaf).map_err(|e| Refusal::NotANode(e.to_string()))?;
         let claimed = claimed.map(str::trim).filter(|c| !c.is_empty());
         let (node, legacy) = match identity.node_name() {
@@ -240,10 +241,16 @@ impl KubeEdgeTrust {
 }
 
 fn chains(v: &dyn ClientCertVerifier, chain: &[CertificateDer<'_>]) -> bool {
+    verify(v, chain).is_ok()
+}
+
+fn verify(v: &dyn ClientCertVerifier, chain: &[CertificateDer<'_>]) -> Result<(), String> {
     let Some((leaf, rest)) = chain.split_first() else {
-        return false;
+        return Err("no certificate".into());
     };
-    v.verify_client_cert(leaf, rest, UnixTime::now()).is_ok()
+    v.verify_client_cert(leaf, rest, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
