@@ -659,3 +659,82 @@ async fn mixed_fleet_tether_and_kubeedge_edges_on_one_cloud() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_forwards_to_the_replica_holding_the_kubeedge_session() {
+    bounded(async {
+        use tether_tests::ownership::OwnershipBoard;
+        let pki = Pki::generate()?;
+        let ke_ca = KubeEdgeCa::generate()?;
+        let fixture = FixtureKubelet::start(None).await?;
+        let board = OwnershipBoard::default();
+        let mut replicas = Vec::new();
+        for id in ["cloud-a", "cloud-b"] {
+            let cloud = CloudHandle::start(
+                &pki,
+                CloudSpec {
+                    replica: Some((id.to_owned(), board.view(id))),
+                    kubeedge: Some(KubeEdgeCloud {
+                        ca: ke_ca.cert_der().clone(),
+                        trust_legacy_certs: false,
+                        trust_internal_ip_header: false,
+                        options: None,
+                    }),
+                    ..CloudSpec::default()
+                },
+            )
+            .await?;
+            board.register(id, cloud.peer_addr.context("peer listener")?);
+            replicas.push(cloud);
+        }
+        let (a, b) = (&replicas[0], &replicas[1]);
+        let cert = ke_ca.issue_edge(NODE, &[])?;
+        let tls = edge_client_tls(
+            &cert,
+            CloudTrust::Verify(vec![pki.edge_ca.cert_der().clone()]),
+        )?;
+        let _edge = KubeEdgeEdge::start(KubeEdgeSpec::new(NODE, a.tunnel_addr, tls, fixture.addr));
+        a.registry
+            .wait_for_node(NODE, None, STEP)
+            .await
+            .context("kubeedge edge never reached replica a")?;
+        let deadline = Instant::now() + STEP;
+        while board.holder(NODE).as_deref() != Some("cloud-a") {
+            ensure!(
+                Instant::now() < deadline,
+                "cloud-a never recorded as holder"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(b.registry.get(NODE).is_none());
+        // Through replica b: logs byte-exact, and an exec over WebSocket.
+        const N: u64 = 8 << 20;
+        let resp = kubectl::get_streaming(
+            b.front_conn(pki.apiserver_tls()?).await?,
+            NODE,
+            &format!("/containerLogs/default/web/app?bytes={N}"),
+        )
+        .await?;
+        ensure!(resp.status() == 200, "status {}", resp.status());
+        let mut body = resp.into_body();
+        let mut v = LogVerifier::new(0);
+        read_log(&mut body, &mut v, u64::MAX).await?;
+        ensure!(v.offset() == N, "got {} bytes", v.offset());
+        let out = kubectl::exec_ws(
+            b.front_conn(pki.apiserver_tls()?).await?,
+            NODE,
+            &kubectl::exec_path(
+                "default",
+                "web",
+                "app",
+                &["sh", "-c", "read x; echo $x"],
+                true,
+            ),
+            b"via-b\n",
+        )
+        .await?;
+        ensure!(out.stdout == b"via-b\n", "stdout {:?}", out.stdout);
+        Ok(())
+    })
+    .await;
+}
