@@ -104,6 +104,19 @@ impl Env {
     fn metric(&self, needle: &str) -> f64 {
         metric_value(&self.cloud.metrics_text(), needle)
     }
+
+    /// Waits (bounded) until the sample `needle` reaches `at_least`: the
+    /// cloud counts a refusal just after the edge has read it.
+    async fn wait_metric(&self, needle: &str, at_least: f64) -> bool {
+        let deadline = Instant::now() + STEP;
+        while self.metric(needle) < at_least {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
 }
 
 /// Upgrades on Tether's `/v1/tunnel` with `cert`; the refusal's status
@@ -350,7 +363,11 @@ async fn header_naming_another_node_and_legacy_certs_are_refused() {
         ensure!(env.cloud.registry.get(NODE).is_none());
         ensure!(env.cloud.registry.get("someone-else").is_none());
         ensure!(
-            env.metric("tether_cloud_kubeedge_refusals_total{reason=\"node_mismatch\"}") == 1.0
+            env.wait_metric(
+                "tether_cloud_kubeedge_refusals_total{reason=\"node_mismatch\"}",
+                1.0
+            )
+            .await
         );
         // Legacy CN=kubeedge.io: refused by default.
         let legacy = env.ke_ca.issue_legacy()?;
@@ -359,7 +376,13 @@ async fn header_naming_another_node_and_legacy_certs_are_refused() {
             matches!(&end, Some(SessionEnd::Closed(r)) if r.contains("legacy")),
             "{end:?}"
         );
-        ensure!(env.metric("tether_cloud_kubeedge_refusals_total{reason=\"legacy_cert\"}") == 1.0);
+        ensure!(
+            env.wait_metric(
+                "tether_cloud_kubeedge_refusals_total{reason=\"legacy_cert\"}",
+                1.0
+            )
+            .await
+        );
         // A Tether edge certificate on the KubeEdge path: not trusted there.
         let tether_cert = env.pki.edge_ca.issue_node_client(NODE, &[])?;
         let end = KubeEdgeEdge::connect_once(env.edge_spec(NODE, &tether_cert)?, STEP).await;
@@ -487,7 +510,13 @@ async fn revoked_certificate_is_refused_and_its_live_session_cut() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         ensure!(env.cloud.registry.get(NODE).is_none());
-        ensure!(env.metric("tether_cloud_kubeedge_refusals_total{reason=\"revoked\"}") >= 1.0);
+        ensure!(
+            env.wait_metric(
+                "tether_cloud_kubeedge_refusals_total{reason=\"revoked\"}",
+                1.0
+            )
+            .await
+        );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })
@@ -588,8 +617,11 @@ async fn bad_input_ends_only_the_bad_stream_or_session() {
         ensure!(parts.status == 200);
         ensure!(edge.sessions() == 1, "session was replaced");
         ensure!(
-            env.metric("tether_cloud_kubeedge_streams_ended_total{reason=\"unknown_connection\"}")
-                >= 1.0
+            env.wait_metric(
+                "tether_cloud_kubeedge_streams_ended_total{reason=\"unknown_connection\"}",
+                1.0
+            )
+            .await
         );
         // Framing errors end the session (the edge redials).
         for (i, fault) in [

@@ -118,16 +118,25 @@ impl FrameReader {
             if let Some(ev) = self.decode()? {
                 return Ok(Some(ev));
             }
-            // Read in bounded steps; a frame's size was checked by decode.
-            self.buf.reserve(16 << 10);
-            if r.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() && self.partial.is_none() {
-                    Ok(None)
-                } else {
-                    Err(CodecError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-                };
+            if !self.fill(r).await? {
+                return Ok(None);
             }
         }
+    }
+
+    /// Reads more bytes from `r`; false at a clean EOF between frames.
+    /// Call it when [`FrameReader::decode`] says it needs more.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<bool, CodecError> {
+        // Read in bounded steps; a frame's size was checked by decode.
+        self.buf.reserve(16 << 10);
+        if r.read_buf(&mut self.buf).await? == 0 {
+            return if self.buf.is_empty() && self.partial.is_none() {
+                Ok(false)
+            } else {
+                Err(CodecError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+            };
+        }
+        Ok(true)
     }
 
     /// Takes one event out of the buffered bytes, or `None` if more bytes

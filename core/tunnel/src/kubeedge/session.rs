@@ -151,6 +151,8 @@ struct State {
     /// a REMOVE racing its end can crash it (compat doc, section 8).
     deferred: VecDeque<(u64, Instant)>,
     probes: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Readers to wake when the read loop next waits for the socket.
+    wakes: Vec<Waker>,
     /// `close()` was called: no new streams; CLOSE_CONNECT once idle.
     closing: bool,
     /// The session is over: every connection fails.
@@ -219,9 +221,13 @@ impl Shared {
                 let c = st.conns.get_mut(&msg.id).expect("known");
                 c.queue.push_back(msg.data);
                 c.queued += n;
-                c.wake();
+                // Woken once the socket's buffered frames are all queued
+                // (`wake_readers`): the client then takes many 256-byte
+                // pieces in one read instead of one at a time.
+                let waker = c.reader.take();
                 let over_stream = c.queued > self.opts.stream_buffer;
                 st.queued_total += n;
+                st.wakes.extend(waker);
                 if over_stream {
                     debug!(stream.id = msg.id, "client stalled past the stream bound");
                     self.fail(&mut st, msg.id, "client_stalled");
@@ -261,6 +267,14 @@ impl Shared {
                 self.fail(&mut st, msg.id, "bad_input");
             }
             _ => self.count("bad_input"),
+        }
+    }
+
+    /// Wakes the readers that got data since the last call.
+    fn wake_readers(&self) {
+        let wakes = std::mem::take(&mut self.lock().wakes);
+        for w in wakes {
+            w.wake();
         }
     }
 
@@ -972,9 +986,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut frames = FrameReader::new(&initial, MAX_MESSAGE);
     let idle = shared.opts.idle_timeout;
     loop {
-        let ev = tokio::time::timeout(idle, frames.next(&mut rd))
-            .await
-            .map_err(|_| ReadEnd::Idle(idle))??;
+        let ev = match frames.decode()? {
+            Some(ev) => Some(ev),
+            None => {
+                shared.wake_readers();
+                let more = tokio::time::timeout(idle, frames.fill(&mut rd))
+                    .await
+                    .map_err(|_| ReadEnd::Idle(idle))??;
+                if more {
+                    continue;
+                }
+                None
+            }
+        };
         match ev {
             None | Some(WsEvent::Close) => return Ok(()),
             // Dropped when the writer is full: the edge ignores pongs.
