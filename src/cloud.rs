@@ -260,6 +260,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     let i = s.info();
                     serde_json::json!({
                         "node": i.node,
+                        "kind": i.kind.label(),
                         "session": i.id,
                         "peer": i.peer.to_string(),
                         "ips": i.ips,

@@ -195,8 +195,16 @@ async fn logs_64mib_arrive_byte_exact_with_the_kubelets_head() {
         );
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, u64::MAX).await?;
+        let mut chunks = 0u64;
+        while let Some(chunk) = kubectl::next_chunk(&mut body).await? {
+            v.update(&chunk)?;
+            chunks += 1;
+        }
         ensure!(v.offset() == N, "got {} bytes", v.offset());
+        // The edge sends 256-byte pieces; the client gets them coalesced.
+        let average = N / chunks.max(1);
+        eprintln!("{chunks} body chunks, {average} bytes on average");
+        ensure!(average >= 1024, "chunks of {average} bytes on average");
         // What the edge was asked: EXEC_CONNECT to edged's port, every query
         // parameter kept, ConnectID = MessID.
         let c = env.edge.as_ref().context("edge")?.connects();
@@ -623,6 +631,39 @@ async fn bad_input_ends_only_the_bad_stream_or_session() {
             )
             .await
         );
+        // An unknown type for a live connection ends that connection only.
+        let follow = kubectl::get_streaming(
+            env.conn().await?,
+            NODE,
+            "/containerLogs/default/web/app?follow=true&bytes=64",
+        )
+        .await?;
+        ensure!(follow.status() == 200);
+        let id = edge.connects().last().context("connect")?.id;
+        inject(edge, Fault::unknown_type(id, 3 + 0x80)).await?;
+        let mut body = follow.into_body();
+        let cut = async {
+            loop {
+                match kubectl::next_chunk(&mut body).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return false,
+                    Err(_) => return true,
+                }
+            }
+        };
+        ensure!(
+            tokio::time::timeout(STEP, cut).await.unwrap_or(false),
+            "the bad stream was not ended with an error"
+        );
+        ensure!(
+            env.wait_metric(
+                "tether_cloud_kubeedge_streams_ended_total{reason=\"bad_input\"}",
+                1.0
+            )
+            .await
+        );
+        let (parts, _) = env.get("/healthz").await?;
+        ensure!(parts.status == 200 && edge.sessions() == 1);
         // Framing errors end the session (the edge redials).
         for (i, fault) in [
             Fault::truncated_uvarint(),
