@@ -727,6 +727,28 @@ async fn mixed_fleet_tether_and_kubeedge_edges_on_one_cloud() {
             .map(|i| (i.node, i.kind))
             .collect();
         ensure!(kinds.len() == 2, "{kinds:?}");
+        // Service discovery lists both, and the scrape path it names works
+        // through the KubeEdge session too.
+        let sd = tether_cloudstream::sd::targets(&env.cloud.registry, None, "front:10003");
+        let paths: Vec<String> = sd
+            .as_array()
+            .context("sd array")?
+            .iter()
+            .filter_map(|g| g["labels"]["__metrics_path__"].as_str().map(str::to_owned))
+            .collect();
+        let ke_path = paths
+            .iter()
+            .find(|p| p.contains(&format!("/{NODE}/kubelet/metrics/cadvisor")))
+            .context("no /sd target for the KubeEdge node")?;
+        ensure!(paths.iter().any(|p| p.contains("/tether-1/kubelet/")));
+        let (parts, body) = env.get(ke_path).await?;
+        ensure!(
+            parts.status == 200
+                && body
+                    == metrics_body(MetricsKind::Cadvisor, MetricsKind::Cadvisor.default_bytes()),
+            "scrape through /sd path: {}",
+            parts.status
+        );
         drop(tether_edge);
         Ok(())
     })
