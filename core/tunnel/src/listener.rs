@@ -318,7 +318,19 @@ impl TunnelListener {
         };
         let node_session = session.node_session();
         let info = node_session.info().clone();
-        let replaced = self.registry.insert(node_session).is_some();
+        let old = self.registry.insert(node_session);
+        let replaced = old.is_some();
+        // KubeEdge edges redial every 2 s: two edges configured with one node
+        // name replace each other forever. Say so (once a minute).
+        if let Some(old) = old
+            && let Ok(age) = SystemTime::now().duration_since(old.info().connected_at)
+            && age < FLAP_WINDOW
+            && self.refusal_log.should_log("flapping")
+        {
+            warn!(node = %info.node, kind = info.kind.label(), age_ms = age.as_millis() as u64,
+                old.peer = %old.info().peer, new.peer = %info.peer,
+                "a new session replaced one that had just connected; two edges may share this node name (logged once a minute)");
+        }
         info!(node = %info.node, session.id = info.id, kind = info.kind.label(), replaced, "edge connected");
         self.emit(TunnelEvent::Connected {
             info: &info,
@@ -534,6 +546,9 @@ impl TunnelListener {
         Ok(Accepted::KubeEdge(session))
     }
 }
+
+/// A session replaced younger than this counts as flapping.
+const FLAP_WINDOW: Duration = Duration::from_secs(10);
 
 /// Largest upgrade request head read before dispatching on the path.
 const MAX_HEAD: usize = 16 << 10;

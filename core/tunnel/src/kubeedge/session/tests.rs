@@ -486,3 +486,40 @@ fn request_json_details() {
     assert_eq!(canonical_key("sec-websocket-key"), "Sec-Websocket-Key");
     let _ = codec::MAX_MESSAGE;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_bound_ends_the_stream_with_the_most_queued() {
+    let mut o = opts();
+    o.stream_buffer = 256 << 10;
+    o.session_buffer = 300 << 10;
+    let (s, mut edge, ends) = session(o);
+    let mut ids = Vec::new();
+    let mut bodies = Vec::new();
+    for path in [
+        "/containerLogs/a/a/a?follow=true",
+        "/containerLogs/b/b/b?follow=true",
+    ] {
+        let pending = tokio::spawn(s.send(get(path), "kubelet"));
+        let (id, _) = edge.connect().await;
+        let head = chunked(b"x");
+        edge.send_data(id, &head[..head.len() - 5]).await;
+        let resp = tokio::time::timeout(T, pending)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        bodies.push(resp.into_body());
+        ids.push(id);
+    }
+    // Nobody reads: 200 KiB for the first, then 120 KiB for the second
+    // passes the session bound (each stays under its own).
+    edge.send(ids[0], MessageType::Data, &vec![b'a'; 200 << 10])
+        .await;
+    edge.send(ids[1], MessageType::Data, &vec![b'b'; 120 << 10])
+        .await;
+    let m = edge.message().await;
+    assert_eq!((m.id, m.kind), (ids[0], MessageType::RemoveConnect as u64));
+    assert_eq!(*ends.lock().unwrap(), vec!["session_budget"]);
+    assert_eq!(s.open_streams(), 1);
+    assert!(!s.is_closed());
+}
