@@ -15,7 +15,7 @@ use tether_tests::kubeedge_edge::{
 };
 
 const NODE: &str = "ke-1";
-const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+const TEST_TIMEOUT: Duration = Duration::from_secs(150);
 const STEP: Duration = Duration::from_secs(10);
 
 struct Env {
@@ -531,9 +531,11 @@ async fn revoked_certificate_is_refused_and_its_live_session_cut() {
     .await;
 }
 
-/// Bytes per second of one 32 MiB log through the front.
+/// Bytes per second of one 64 MiB log through the front. Long enough that
+/// the bytes a stalled stream takes before it reaches its bound (its queue,
+/// plus the front's socket buffer) are a small part of the measurement.
 async fn log_rate(env: &Env, pod: &str) -> anyhow::Result<f64> {
-    const N: u64 = 32 << 20;
+    const N: u64 = 64 << 20;
     let started = Instant::now();
     let resp = kubectl::get_streaming(
         env.conn().await?,
@@ -548,50 +550,93 @@ async fn log_rate(env: &Env, pod: &str) -> anyhow::Result<f64> {
     Ok(N as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A front connection whose socket takes little before its reader stalls,
+/// so a stalled stream reaches the cloud's bound quickly.
+async fn small_window_conn(
+    env: &Env,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_recv_buffer_size(32 << 10)?;
+    let tcp = sock.connect(env.cloud.front_addr).await?;
+    let name = rustls_pki_types::ServerName::try_from(tether_tests::harness::CLOUD_NAME)?;
+    Ok(tokio_rustls::TlsConnector::from(env.pki.apiserver_tls()?)
+        .connect(name, tcp)
+        .await?)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_closed_at_its_bound_and_spares_the_other_stream() {
     bounded(async {
-        let env = Env::start().await?;
-        // Unstalled baseline, best of two (the machine is shared).
-        let alone = log_rate(&env, "b0").await?.max(log_rate(&env, "b1").await?);
-        // Stream A: a huge log nobody reads.
-        let stalled = kubectl::get_streaming(
-            env.conn().await?,
-            NODE,
-            "/containerLogs/default/a/app?bytes=1073741824",
+        let env = Env::start_with(
+            |mut s| {
+                if let Some(k) = s.kubeedge.as_mut() {
+                    let mut o = tether_tunnel::kubeedge::KubeEdgeOptions::new(&Default::default());
+                    o.stream_buffer = 1 << 20;
+                    k.options = Some(o);
+                }
+                s
+            },
+            true,
         )
         .await?;
-        ensure!(stalled.status() == 200);
-        let with_stall = log_rate(&env, "b2").await?.max(log_rate(&env, "b3").await?);
-        let ratio = with_stall / alone;
-        eprintln!(
-            "unstalled {:.1} MiB/s, beside a stalled reader {:.1} MiB/s, ratio {ratio:.2}",
-            alone / 1048576.0,
-            with_stall / 1048576.0
-        );
-        ensure!(
-            ratio >= 0.9,
-            "throughput beside a stalled reader fell to {ratio:.2}x"
-        );
-        // A was closed at its bound, counted, and the session lives on.
-        ensure!(
-            env.metric("tether_cloud_kubeedge_streams_ended_total{reason=\"client_stalled\"}")
-                >= 1.0
-        );
-        let mut body = stalled.into_body();
-        let ended = async {
-            loop {
-                match kubectl::next_chunk(&mut body).await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return false,
-                    Err(_) => return true,
-                }
+        // Rounds of B alone then B beside a fresh stalled stream A, each
+        // pair back to back; the best pair's ratio counts. The machine is
+        // shared, so one pair can be off by 20% either way; a stalled reader
+        // that held the session (KubeEdge's own cloud) would give ~0 in
+        // every pair.
+        let mut best = 0f64;
+        let mut stalled_bodies = Vec::new();
+        for round in 0..3 {
+            let alone = log_rate(&env, &format!("alone{round}")).await?;
+            // Stream A: a huge log nobody reads.
+            let stalled = kubectl::get_streaming(
+                small_window_conn(&env).await?,
+                NODE,
+                "/containerLogs/default/a/app?bytes=1073741824",
+            )
+            .await?;
+            ensure!(stalled.status() == 200);
+            let beside = log_rate(&env, &format!("beside{round}")).await?;
+            stalled_bodies.push(stalled.into_body());
+            let ratio = beside / alone;
+            eprintln!(
+                "round {round}: unstalled {:.1} MiB/s, beside a stalled reader {:.1} MiB/s, ratio {ratio:.2}",
+                alone / 1048576.0,
+                beside / 1048576.0
+            );
+            best = best.max(ratio);
+            if best >= 0.9 {
+                break;
             }
-        };
+        }
         ensure!(
-            tokio::time::timeout(STEP, ended).await.unwrap_or(false),
-            "the stalled stream's body did not end in an error"
+            best >= 0.9,
+            "throughput beside a stalled reader fell to {best:.2}x"
         );
+        let rounds = stalled_bodies.len() as f64;
+        // Each A was closed at its bound, counted, and the session lives on.
+        ensure!(
+            env.wait_metric(
+                "tether_cloud_kubeedge_streams_ended_total{reason=\"client_stalled\"}",
+                rounds
+            )
+            .await
+        );
+        for mut body in stalled_bodies {
+            let ended = async {
+                loop {
+                    match kubectl::next_chunk(&mut body).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return false,
+                        Err(_) => return true,
+                    }
+                }
+            };
+            ensure!(
+                tokio::time::timeout(STEP, ended).await.unwrap_or(false),
+                "a stalled stream's body did not end in an error"
+            );
+        }
         ensure!(env.cloud.registry.get(NODE).is_some(), "session lost");
         Ok(())
     })
