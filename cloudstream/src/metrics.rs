@@ -153,7 +153,7 @@ impl CloudMetrics {
         }
         r.register(
             "session_events",
-            "Tunnel session events: connected, replaced, disconnected_<reason> (closed, error, replaced, revoked, shutdown), refused_<reason>",
+            "Tunnel session events: connected, replaced, disconnected_<reason> (closed, error, replaced, revoked, shutdown), refused_<reason> (refused_kubeedge: see kubeedge_refusals)",
             m.session_events.clone(),
         );
         r.register(
