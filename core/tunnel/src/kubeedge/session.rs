@@ -1067,13 +1067,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             let removes = std::mem::take(&mut st.removes);
             for id in removes {
+                // The edge may have ended it since the REMOVE was queued:
+                // then nothing more may be sent for it.
+                let Some(c) = st.conns.get_mut(&id).filter(|c| !c.edge_removed) else {
+                    continue;
+                };
+                c.remove_written = true;
+                let drop_entry = c.pipe_dropped;
                 let frame = encode_message(id, MessageType::RemoveConnect, b"");
                 encode_frame(&mut buf, opcode::TEXT, &frame);
-                if let Some(c) = st.conns.get_mut(&id) {
-                    c.remove_written = true;
-                    if c.pipe_dropped {
-                        st.conns.remove(&id);
-                    }
+                if drop_entry {
+                    st.conns.remove(&id);
                 }
             }
             if st.closing && st.conns.values().all(|c| c.pipe_dropped) && rx.is_empty() {
