@@ -247,6 +247,8 @@ async fn follow_streams_and_client_disconnect_reaches_the_kubelet() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         ensure!(ke.open_streams() == 0, "stream slot not given back");
+        let late = env.edge.as_ref().context("edge")?.late_messages();
+        ensure!(late == 0, "{late} messages after the edge's REMOVE");
         Ok(())
     })
     .await;
@@ -347,6 +349,11 @@ async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
         ensure!(
             env.metric("tether_cloud_kubeedge_streams_ended_total{reason=\"unsupported\"}") >= 1.0
         );
+        // Give the last stream's REMOVEs time to cross, then check that the
+        // cloud never wrote to a connection the edge had ended.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let late = env.edge.as_ref().context("edge")?.late_messages();
+        ensure!(late == 0, "{late} messages after the edge's REMOVE");
         Ok(())
     })
     .await;
