@@ -316,6 +316,25 @@ async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
         )
         .await?;
         ensure!(ok.exit_code == 0 && ok.status["status"] == "Success");
+        // Attach (the fixture attaches to `cat`) goes the same way.
+        let att = kubectl::exec_ws(
+            env.conn().await?,
+            NODE,
+            "/attach/default/web/app?stdin=true&stdout=true",
+            b"attached\n",
+        )
+        .await?;
+        ensure!(
+            att.stdout == b"attached\n",
+            "attach stdout {:?}",
+            att.stdout
+        );
+        let c = env.edge.as_ref().context("edge")?.connects();
+        ensure!(
+            c.iter().any(|c| c.path.starts_with("/attach/")
+                && c.kind == tether_tests::kubeedge_edge::MessageType::ExecConnect),
+            "attach not sent as EXEC_CONNECT"
+        );
 
         // SPDY: the fixture echoes the upgraded bytes; 1 MiB both ways.
         let (parts, io) = kubectl::raw_upgrade(
