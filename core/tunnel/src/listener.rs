@@ -777,3 +777,56 @@ fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Respon
     );
     Ok(resp)
 }
+
+#[cfg(test)]
+mod kubeedge_dispatch_tests {
+    use super::*;
+
+    #[test]
+    fn path_dispatch_tolerates_a_trailing_slash_and_a_query() {
+        for (head, want) in [
+            (
+                &b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                true,
+            ),
+            (b"GET /v1/kubeedge/connect/ HTTP/1.1\r\n\r\n", true),
+            (b"GET /v1/kubeedge/connect?x=1 HTTP/1.1\r\n\r\n", true),
+            (b"GET /v1/tunnel HTTP/1.1\r\n\r\n", false),
+            (b"GET /v1/kubeedge/connectx HTTP/1.1\r\n\r\n", false),
+            (b"garbage\r\n\r\n", false),
+        ] {
+            assert_eq!(
+                is_kubeedge_path(head),
+                want,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[test]
+    fn upgrade_head_reads_the_edge_headers_case_insensitively() {
+        let head = b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: c:10004\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: abc==\r\nSec-WebSocket-Version: 13\r\n\
+            Sessionhostnameoverride: edge-1\r\nSessioninternalip: 10.0.0.5\r\n\r\n\x81\x80";
+        let h = parse_head(head).unwrap();
+        assert!(h.websocket);
+        assert_eq!(h.ws_key.as_deref(), Some("abc=="));
+        assert_eq!(h.hostname.as_deref(), Some("edge-1"));
+        assert_eq!(h.internal_ip.as_deref(), Some("10.0.0.5"));
+        assert_eq!(h.rest, b"\x81\x80");
+        let plain = parse_head(b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: c\r\n\r\n").unwrap();
+        assert!(!plain.websocket);
+    }
+
+    #[tokio::test]
+    async fn replay_hands_out_the_bytes_already_read_first() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Replay::new(b, b"hello".to_vec());
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
