@@ -10,17 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use tether_pki::{Identity, IdentityError};
 
-use crate::kubeedge::{
-    HOSTNAME_HEADER, INTERNAL_IP_HEADER, KUBEEDGE_PATH, KubeEdgeOptions, KubeEdgeSession,
-    KubeEdgeTrust, Refusal,
-};
+use crate::kubeedge::upgrade::{Replay, is_kubeedge_path, parse_head, read_head};
+use crate::kubeedge::{KUBEEDGE_PATH, KubeEdgeOptions, KubeEdgeSession, KubeEdgeTrust, Refusal};
 use crate::{
     H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, PreAuthError, PreAuthGate,
     PreAuthLimits, PreAuthMetrics, ServerTls, SessionInfo, SessionRegistry, Shutdown, TUNNEL_PATH,
@@ -550,158 +548,6 @@ impl TunnelListener {
 /// A session replaced younger than this counts as flapping.
 const FLAP_WINDOW: Duration = Duration::from_secs(10);
 
-/// Largest upgrade request head read before dispatching on the path.
-const MAX_HEAD: usize = 16 << 10;
-
-/// Reads until the end of the request head (`\r\n\r\n`), bounded; the
-/// result may hold bytes past it.
-async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, AcceptError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = s
-            .read(&mut chunk)
-            .await
-            .map_err(|e| AcceptError::Request(e.to_string()))?;
-        if n == 0 {
-            return Err(AcceptError::Request(
-                "connection closed before the request head".into(),
-            ));
-        }
-        let from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
-        if buf[from..].windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(buf);
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(AcceptError::Request(format!(
-                "request head over {MAX_HEAD} bytes"
-            )));
-        }
-    }
-}
-
-fn is_kubeedge_path(head: &[u8]) -> bool {
-    let mut headers = [httparse::EMPTY_HEADER; 0];
-    let mut req = httparse::Request::new(&mut headers);
-    // Too few header slots is fine: the request line is parsed first.
-    let _ = req.parse(head);
-    req.path.is_some_and(|p| {
-        let path = p.split('?').next().unwrap_or_default();
-        path.trim_end_matches('/') == KUBEEDGE_PATH
-    })
-}
-
-/// What the KubeEdge upgrade request says.
-struct UpgradeHead {
-    websocket: bool,
-    ws_key: Option<String>,
-    hostname: Option<String>,
-    internal_ip: Option<String>,
-    /// Bytes after the head (the first frames, if the edge was quick).
-    rest: Vec<u8>,
-}
-
-fn parse_head(head: &[u8]) -> Result<UpgradeHead, AcceptError> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(head) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            return Err(AcceptError::Request("incomplete request head".into()));
-        }
-        Err(e) => return Err(AcceptError::Request(e.to_string())),
-    };
-    let get = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(str::to_owned)
-    };
-    let has_token = |name: &str, token: &str| {
-        req.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    let websocket = req.method == Some("GET")
-        && has_token("upgrade", "websocket")
-        && has_token("connection", "upgrade")
-        && get("sec-websocket-version").as_deref().map(str::trim) == Some("13");
-    Ok(UpgradeHead {
-        websocket,
-        ws_key: get("sec-websocket-key").map(|k| k.trim().to_owned()),
-        hostname: get(HOSTNAME_HEADER),
-        internal_ip: get(INTERNAL_IP_HEADER),
-        rest: head[len..].to_vec(),
-    })
-}
-
-/// A stream that first replays bytes already read from it.
-struct Replay<S> {
-    inner: S,
-    replay: Vec<u8>,
-    at: usize,
-}
-
-impl<S> Replay<S> {
-    fn new(inner: S, replay: Vec<u8>) -> Self {
-        Self {
-            inner,
-            replay,
-            at: 0,
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.at < self.replay.len() {
-            let n = (self.replay.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.replay[at..at + n]);
-            self.at += n;
-            if self.at == self.replay.len() {
-                self.replay = Vec::new();
-                self.at = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// The endpoints an edge announced; malformed entries are ignored.
 fn endpoints(req: &Request) -> Vec<SocketAddr> {
     req.headers()
@@ -776,57 +622,4 @@ fn check_upgrade(req: &Request, mut resp: Response, node: &str) -> Result<Respon
         http::HeaderValue::from_static(PROTOCOL_VERSION),
     );
     Ok(resp)
-}
-
-#[cfg(test)]
-mod kubeedge_dispatch_tests {
-    use super::*;
-
-    #[test]
-    fn path_dispatch_tolerates_a_trailing_slash_and_a_query() {
-        for (head, want) in [
-            (
-                &b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-                true,
-            ),
-            (b"GET /v1/kubeedge/connect/ HTTP/1.1\r\n\r\n", true),
-            (b"GET /v1/kubeedge/connect?x=1 HTTP/1.1\r\n\r\n", true),
-            (b"GET /v1/tunnel HTTP/1.1\r\n\r\n", false),
-            (b"GET /v1/kubeedge/connectx HTTP/1.1\r\n\r\n", false),
-            (b"garbage\r\n\r\n", false),
-        ] {
-            assert_eq!(
-                is_kubeedge_path(head),
-                want,
-                "{}",
-                String::from_utf8_lossy(head)
-            );
-        }
-    }
-
-    #[test]
-    fn upgrade_head_reads_the_edge_headers_case_insensitively() {
-        let head = b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: c:10004\r\nUpgrade: websocket\r\n\
-            Connection: Upgrade\r\nSec-WebSocket-Key: abc==\r\nSec-WebSocket-Version: 13\r\n\
-            Sessionhostnameoverride: edge-1\r\nSessioninternalip: 10.0.0.5\r\n\r\n\x81\x80";
-        let h = parse_head(head).unwrap();
-        assert!(h.websocket);
-        assert_eq!(h.ws_key.as_deref(), Some("abc=="));
-        assert_eq!(h.hostname.as_deref(), Some("edge-1"));
-        assert_eq!(h.internal_ip.as_deref(), Some("10.0.0.5"));
-        assert_eq!(h.rest, b"\x81\x80");
-        let plain = parse_head(b"GET /v1/kubeedge/connect HTTP/1.1\r\nHost: c\r\n\r\n").unwrap();
-        assert!(!plain.websocket);
-    }
-
-    #[tokio::test]
-    async fn replay_hands_out_the_bytes_already_read_first() {
-        let (mut a, b) = tokio::io::duplex(64);
-        a.write_all(b" world").await.unwrap();
-        drop(a);
-        let mut r = Replay::new(b, b"hello".to_vec());
-        let mut all = String::new();
-        r.read_to_string(&mut all).await.unwrap();
-        assert_eq!(all, "hello world");
-    }
 }

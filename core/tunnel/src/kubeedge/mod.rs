@@ -6,8 +6,13 @@
 //! node. See `docs/kubeedge-compat.md` and ADR 0017.
 
 pub mod codec;
+mod driver;
+mod pipe;
+mod request;
 mod session;
+mod state;
 mod trust;
+pub(crate) mod upgrade;
 
 pub use session::{KubeEdgeOptions, KubeEdgeSession, StreamEndHook};
 pub use trust::{Admitted, KubeEdgeTrust, LEGACY_CN, Refusal, TrustConfig};

@@ -3,13 +3,16 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
-use crate::kubeedge::codec::{self, encode_message, put_uvarint};
+use crate::kubeedge::codec::{
+    self, MessageType, TunnelMessage, encode_message, opcode, put_uvarint,
+};
+use crate::kubeedge::request::{canonical_key, connect_json};
 
 const T: Duration = Duration::from_secs(10);
 
