@@ -35,6 +35,7 @@ pub fn document(
             let i = s.info();
             json!({
                 "node": i.node,
+                "kind": i.kind.label(),
                 "local": true,
                 "replica": replica,
                 "peer": i.peer.to_string(),
