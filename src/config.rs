@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+#[cfg(feature = "cloud")]
 use tether_cloudstream::{Authorizer, FrontLimits};
 use tether_tunnel::TunnelLimits;
 
 /// `tether cloud` configuration.
+#[cfg(feature = "cloud")]
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct CloudConfig {
@@ -109,6 +111,7 @@ pub(crate) struct CloudConfig {
     pub(crate) hub: HubConfig,
 }
 
+#[cfg(feature = "cloud")]
 impl Default for CloudConfig {
     fn default() -> Self {
         Self {
@@ -359,6 +362,7 @@ pub(crate) fn source(path: Option<&Path>) -> String {
     }
 }
 
+#[cfg(feature = "cloud")]
 /// Reads a certificate file named by config field `field`.
 fn check_certs(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     if let Some(p) = p {
@@ -367,6 +371,7 @@ fn check_certs(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cloud")]
 /// Reads a key file named by config field `field`.
 fn check_key(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     if let Some(p) = p {
@@ -380,6 +385,7 @@ fn need<'a>(v: &'a Option<PathBuf>, field: &str) -> anyhow::Result<&'a Path> {
         .with_context(|| format!("config field `{field}` (or its flag) is required"))
 }
 
+#[cfg(feature = "cloud")]
 /// Parses `MIN-MAX` port ranges.
 pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("want MIN-MAX, e.g. 10350-10999")?;
@@ -393,6 +399,7 @@ pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+#[cfg(feature = "cloud")]
 impl CloudConfig {
     /// The tunnel-port range, checked.
     pub(crate) fn port_range(&self) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
@@ -729,6 +736,7 @@ mod tests {
         assert!(err.to_string().contains("node_nmae"), "{err}");
     }
 
+    #[cfg(feature = "cloud")]
     #[test]
     fn files_parse_with_defaults() {
         let c: CloudConfig =
@@ -745,6 +753,7 @@ mod tests {
         assert_eq!(e.kubelet_url, "http://127.0.0.1:10350");
     }
 
+    #[cfg(feature = "cloud")]
     #[test]
     fn cluster_fields_parse_and_are_checked() {
         let c: CloudConfig = serde_saphyr::from_str(
