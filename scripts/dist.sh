@@ -12,7 +12,10 @@ target=$(rustc -vV | sed -n 's/^host: //p')
 # A target dir of its own: crt-static changes every crate's flags, and the
 # explicit --target keeps build scripts and proc-macros dynamic.
 export CARGO_TARGET_DIR=target/static
-export RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static"
+# getrandom's default finds glibc's getrandom() with dlsym, which a static
+# binary cannot, and falls back to /dev/urandom; the image has no /dev of its
+# own, so call the system call directly (Linux >= 3.17).
+export RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\""
 out="$CARGO_TARGET_DIR/$target/dist/tether"
 mkdir -p target/dist
 

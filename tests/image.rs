@@ -103,7 +103,11 @@ fn image_is_static_small_labelled_and_runs_with_no_libraries() {
     let layout = dir.join("oci");
     std::fs::create_dir_all(&layout).unwrap();
     ok(
-        Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&layout),
+        Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(&layout),
         Duration::from_secs(60),
     );
 
@@ -122,12 +126,7 @@ fn image_is_static_small_labelled_and_runs_with_no_libraries() {
     assert_eq!(c["User"], "65532:65532", "{c}");
     assert_eq!(c["Entrypoint"][0], "/usr/local/bin/tether");
     for l in [
-        "title",
-        "version",
-        "revision",
-        "created",
-        "licenses",
-        "source",
+        "title", "version", "revision", "created", "licenses", "source",
     ] {
         let key = format!("org.opencontainers.image.{l}");
         assert!(c["Labels"][&key].is_string(), "label {key} missing: {c}");
@@ -178,7 +177,7 @@ fn image_is_static_small_labelled_and_runs_with_no_libraries() {
         let script = format!(
             "set -e; r={r}; mount -t tmpfs -o ro,size=1k empty $r/lib; \
              mount -t tmpfs -o ro,size=1k empty $r/lib64; mount -t proc proc $r/proc; \
-             test -z \"$(ls -A $r/lib $r/lib64)\"; \
+             for d in lib lib64; do test -z \"$(ls -A $r/$d)\" || {{ echo $d not empty >&2; exit 1; }}; done; \
              exec chroot --userspec=65532:65532 $r /usr/local/bin/tether {args}",
             r = rootfs.display()
         );
@@ -244,24 +243,25 @@ fn edge_binary_is_small_static_and_links_no_cloud_code() {
         Command::new(&edge).args(["cloud", "--help"]),
         Duration::from_secs(10),
     );
-    assert!(!cloud.status.success(), "tether-edge must not run the cloud");
+    assert!(
+        !cloud.status.success(),
+        "tether-edge must not run the cloud"
+    );
 
     // And the cloud's crates are not even in its tree.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let tree = ok(
-        Command::new(cargo)
-            .current_dir(root())
-            .args([
-                "tree",
-                "--locked",
-                "-p",
-                "tether",
-                "--no-default-features",
-                "-e",
-                "normal",
-                "--prefix",
-                "none",
-            ]),
+        Command::new(cargo).current_dir(root()).args([
+            "tree",
+            "--locked",
+            "-p",
+            "tether",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ]),
         Duration::from_secs(120),
     );
     for banned in [
@@ -279,4 +279,161 @@ fn edge_binary_is_small_static_and_links_no_cloud_code() {
             "tether-edge links {banned}:\n{tree}"
         );
     }
+}
+
+/// The README's "Quick start on a cluster", every step that needs no
+/// cluster, with the shipped binaries: `tether token create`, `tether cloud`
+/// (the image's binary) and the one command on the edge (`tether-edge edge
+/// --token`), then a kubelet request through the tunnel as the apiserver
+/// sends it.
+#[test]
+fn quick_start_with_the_shipped_binaries() {
+    built();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(process::bounded(Duration::from_secs(120), quick_start()));
+}
+
+async fn quick_start() -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use tether_tests::harness::Pki;
+
+    let tether = root().join("target/dist/tether");
+    let tether_edge = root().join("target/dist/tether-edge");
+    let dir = process::temp_dir("image", "quick-start");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let state = state.display().to_string();
+
+    // The edge CA, then a token bound to the node and its address.
+    let out = tokio::process::Command::new(&tether)
+        .args(["token", "list", "--state-dir", &state])
+        .output()
+        .await?;
+    ensure!(out.status.success() && std::path::Path::new(&state).join("ca.crt").exists());
+    let out = tokio::process::Command::new(&tether)
+        .args(["token", "create", "--state-dir", &state, "--single-use"])
+        .args(["--node", "edge-1", "--ip", "127.0.0.1"])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)?
+        .lines()
+        .next()
+        .context("no token printed")?
+        .to_owned();
+
+    // The front's serving certificate and the apiserver's client CA.
+    let pki = Pki::generate()?;
+    let front = pki
+        .front_ca
+        .issue_server("tether-front", &["localhost", "127.0.0.1"])?;
+    let fc = process::write(&dir, "front.crt", &front.cert_pem)?;
+    let fk = process::write(&dir, "front.key", front.key_pem.expose())?;
+    let fca = process::write(&dir, "client-ca.crt", pki.front_ca.cert_pem())?;
+
+    let any = "127.0.0.1:0";
+    let cloud = process::spawn_program(
+        &tether,
+        &[
+            "cloud",
+            "--state-dir",
+            &state,
+            "--server-name",
+            "localhost",
+            "--tunnel-addr",
+            any,
+            "--front-addr",
+            any,
+            "--bootstrap-addr",
+            any,
+            "--admin-addr",
+            any,
+            "--hub-addr",
+            any,
+            "--front-cert",
+            &fc,
+            "--front-key",
+            &fk,
+            "--front-client-ca",
+            &fca,
+        ],
+        "cloud started",
+    )
+    .await?;
+    let f = |k| process::field(&cloud.started, k);
+    let (tunnel, front_addr, bootstrap, hub) =
+        (f("tunnel")?, f("front")?, f("bootstrap")?, f("hub")?);
+
+    let kubelet = tether_tests::fixture::FixtureKubelet::start(None).await?;
+    let edge_state = dir.join("edge").display().to_string();
+    let _edge = process::spawn_program(
+        &tether_edge,
+        &[
+            "edge",
+            "--node-name",
+            "edge-1",
+            "--token",
+            &token,
+            "--cloud-addr",
+            &tunnel,
+            "--bootstrap-addr",
+            &bootstrap,
+            "--hub-addr",
+            &hub,
+            "--cloud-server-name",
+            "localhost",
+            "--state-dir",
+            &edge_state,
+            "--kubelet-url",
+            &format!("http://{}", kubelet.addr),
+            "--admin-addr",
+            any,
+        ],
+        "started",
+    )
+    .await?;
+
+    let tls = pki.apiserver_tls()?;
+    let mut last = String::new();
+    for _ in 0..100 {
+        match front_get(
+            &front_addr,
+            tls.clone(),
+            "edge-1",
+            "/containerLogs/default/web-0/app",
+        )
+        .await
+        {
+            Ok((p, body)) if p.status == 200 => {
+                ensure!(!body.is_empty(), "empty logs through the tunnel");
+                let _ = std::fs::remove_dir_all(&dir);
+                return Ok(());
+            }
+            Ok((p, _)) => last = p.status.to_string(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no logs through tether-edge within 10 s: {last}")
+}
+
+async fn front_get(
+    front: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    path: &str,
+) -> anyhow::Result<(http::response::Parts, bytes::Bytes)> {
+    let tcp = tokio::net::TcpStream::connect(front).await?;
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    tether_tests::kubectl::get(tls, host, path).await
 }
