@@ -79,6 +79,10 @@ enum Cmd {
     /// Inspect, revoke and issue certificates.
     Certs(pki_cmds::CertsArgs),
     #[cfg(feature = "cloud")]
+    /// The command the demo's exec runs (no shell needed).
+    #[command(hide = true)]
+    DemoGreeter,
+    #[cfg(feature = "cloud")]
     /// Serve the sample kubelet alone (used by tests inside network namespaces).
     #[command(hide = true)]
     FixtureKubelet {
@@ -105,7 +109,12 @@ struct DemoArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    #[cfg(feature = "cloud")]
+    if let Cmd::DemoGreeter = cli.cmd {
+        return demo::greeter();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain on one line; no backtrace for operators.
@@ -203,6 +212,8 @@ fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
             Cmd::Token(a) => pki_cmds::token(a),
             #[cfg(feature = "cloud")]
             Cmd::Certs(a) => pki_cmds::certs(a),
+            #[cfg(feature = "cloud")]
+            Cmd::DemoGreeter => Ok(()),
             #[cfg(feature = "cloud")]
             Cmd::FixtureKubelet { listen } => {
                 let k = tether_tests::fixture::FixtureKubelet::start_on(listen, None).await?;
