@@ -8,10 +8,12 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run, with a binary each provides (to tell whether
 # it is installed). Add to both when a test starts using a new tool.
 # kubernetes-client provides kubectl (with kustomize built in) for the
-# manifests test; any kubectl already on PATH will do.
-PKGS=(curl procps iproute2 iptables nftables prometheus prometheus-node-exporter kubernetes-client)
+# manifests test; any kubectl already on PATH will do. umoci builds the OCI
+# image (scripts/image.sh) and file tells the image test a binary is static.
+PKGS=(curl procps iproute2 iptables nftables prometheus prometheus-node-exporter kubernetes-client umoci file)
 declare -A BIN=([curl]=curl [procps]=kill [iproute2]=ip [iptables]=iptables-legacy-restore [nftables]=nft
-  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter [kubernetes-client]=kubectl)
+  [prometheus]=prometheus [prometheus-node-exporter]=prometheus-node-exporter [kubernetes-client]=kubectl
+  [umoci]=umoci [file]=file)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -100,6 +100,7 @@ pub(crate) fn human(secs: u64) -> String {
     }
 }
 
+#[cfg(feature = "cloud")]
 /// Rows as aligned columns, three spaces apart, like `kubectl get`.
 pub(crate) fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -157,6 +158,7 @@ mod tests {
         assert!(authority("http://h:1/metrics").is_err());
     }
 
+    #[cfg(feature = "cloud")]
     #[test]
     fn columns_align() {
         let t = table(&[

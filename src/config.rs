@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+#[cfg(feature = "cloud")]
 use tether_cloudstream::{Authorizer, FrontLimits};
 use tether_tunnel::TunnelLimits;
 
 /// `tether cloud` configuration.
+#[cfg(feature = "cloud")]
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct CloudConfig {
@@ -112,6 +114,7 @@ pub(crate) struct CloudConfig {
     pub(crate) kubeedge: KubeEdgeConfig,
 }
 
+#[cfg(feature = "cloud")]
 /// The cloud's `kubeedge:` section: KubeEdge EdgeStream edges dial
 /// `wss://<cloud>:<tunnel port>/v1/kubeedge/connect` with their own
 /// certificates (docs/kubeedge-compat.md, ADR 0017).
@@ -149,6 +152,7 @@ pub(crate) struct KubeEdgeConfig {
     pub(crate) idle_timeout_secs: u64,
 }
 
+#[cfg(feature = "cloud")]
 impl Default for KubeEdgeConfig {
     fn default() -> Self {
         Self {
@@ -164,6 +168,7 @@ impl Default for KubeEdgeConfig {
     }
 }
 
+#[cfg(feature = "cloud")]
 impl KubeEdgeConfig {
     /// Checks what needs no files, naming the field.
     pub(crate) fn check(&self, limits: &TunnelLimits) -> anyhow::Result<()> {
@@ -227,6 +232,7 @@ impl KubeEdgeConfig {
     }
 }
 
+#[cfg(feature = "cloud")]
 impl Default for CloudConfig {
     fn default() -> Self {
         Self {
@@ -478,6 +484,7 @@ pub(crate) fn source(path: Option<&Path>) -> String {
     }
 }
 
+#[cfg(feature = "cloud")]
 /// Reads a certificate file named by config field `field`.
 fn check_certs(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     if let Some(p) = p {
@@ -486,6 +493,7 @@ fn check_certs(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cloud")]
 /// Reads a key file named by config field `field`.
 fn check_key(p: &Option<PathBuf>, field: &str) -> anyhow::Result<()> {
     if let Some(p) = p {
@@ -499,6 +507,7 @@ fn need<'a>(v: &'a Option<PathBuf>, field: &str) -> anyhow::Result<&'a Path> {
         .with_context(|| format!("config field `{field}` (or its flag) is required"))
 }
 
+#[cfg(feature = "cloud")]
 /// Parses `MIN-MAX` port ranges.
 pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s.split_once('-').ok_or("want MIN-MAX, e.g. 10350-10999")?;
@@ -512,6 +521,7 @@ pub(crate) fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+#[cfg(feature = "cloud")]
 impl CloudConfig {
     /// The tunnel-port range, checked.
     pub(crate) fn port_range(&self) -> anyhow::Result<std::ops::RangeInclusive<u16>> {
@@ -887,6 +897,7 @@ mod tests {
         assert!(err.to_string().contains("node_nmae"), "{err}");
     }
 
+    #[cfg(feature = "cloud")]
     #[test]
     fn files_parse_with_defaults() {
         let c: CloudConfig =
@@ -903,6 +914,7 @@ mod tests {
         assert_eq!(e.kubelet_url, "http://127.0.0.1:10350");
     }
 
+    #[cfg(feature = "cloud")]
     #[test]
     fn cluster_fields_parse_and_are_checked() {
         let c: CloudConfig = serde_saphyr::from_str(

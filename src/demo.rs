@@ -237,17 +237,11 @@ async fn check_follow(
 
 async fn check_exec(cloud: &CloudHandle, pki: &Pki) -> anyhow::Result<String> {
     let conn = cloud.front_conn(pki.apiserver_tls()?).await?;
-    let path = kubectl::exec_path(
-        "default",
-        "demo",
-        "app",
-        &[
-            "sh",
-            "-c",
-            "read name; echo \"hello $name from $(uname -s)\"; echo warning >&2; exit 7",
-        ],
-        true,
-    );
+    // The command is this binary's hidden `demo-greeter`, not `sh`, so the
+    // demo also runs where there is no shell, e.g. inside the image.
+    let exe = std::env::current_exe().context("path of this binary")?;
+    let exe = exe.to_str().context("path of this binary is not UTF-8")?;
+    let path = kubectl::exec_path("default", "demo", "app", &[exe, "demo-greeter"], true);
     let out = kubectl::exec_ws(conn, NODE, &path, b"tether\n").await?;
     let stdout = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
     ensure!(stdout.starts_with("hello tether from"), "stdout {stdout:?}");
@@ -258,7 +252,7 @@ async fn check_exec(cloud: &CloudHandle, pki: &Pki) -> anyhow::Result<String> {
     );
     ensure!(out.exit_code == 7, "exit code {}", out.exit_code);
     Ok(format!(
-        "exec over WebSocket v5.channel.k8s.io: stdout {stdout:?}, stderr \"warning\", exit code 7"
+        "exec over WebSocket v5.channel.k8s.io: stdin \"tether\", stdout {stdout:?}, stderr \"warning\", exit code 7"
     ))
 }
 
@@ -338,4 +332,15 @@ fn print_try_it(dir: &Path, front: SocketAddr, admin: SocketAddr) {
         "  {c} -H 'Host: no-such-node' 'https://{front}/healthz'"
     ));
     say(&format!("  curl -sS http://{admin}/metrics"));
+}
+
+/// The process the demo's exec runs: reads a name on stdin, greets it on
+/// stdout, warns on stderr and exits 7, so one exec shows all three streams
+/// and the exit status crossing the tunnel.
+pub(crate) fn greeter() -> std::process::ExitCode {
+    let mut name = String::new();
+    let _ = std::io::stdin().read_line(&mut name);
+    println!("hello {} from {}", name.trim(), std::env::consts::OS);
+    eprintln!("warning");
+    std::process::ExitCode::from(7)
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
+#[cfg(feature = "cloud")]
 use tether_cloudstream::FrontLimits;
 use tether_tunnel::TunnelLimits;
 
@@ -88,6 +89,7 @@ pub(crate) fn tunnel(l: &TunnelLimits) -> anyhow::Result<()> {
 }
 
 /// The front limits (`front_limits.*`).
+#[cfg(feature = "cloud")]
 pub(crate) fn front(l: &FrontLimits) -> anyhow::Result<()> {
     within(
         (1..=1_000_000).contains(&l.max_connections),

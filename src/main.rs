@@ -1,18 +1,27 @@
 //! `tether`: the cloud, edge and demo roles of the Tether stream tunnel, and
 //! the operator commands around them. This file only parses flags and calls
 //! each role's `run`.
+//!
+//! Without the `cloud` feature only the edge agent is built (`tether edge`),
+//! with none of the cloud's crates linked.
 
 mod admin_client;
+#[cfg(feature = "cloud")]
 mod cloud;
 mod config;
+#[cfg(feature = "cloud")]
 mod demo;
 mod edge;
 mod edge_check;
 mod edge_status;
+#[cfg(feature = "cloud")]
 mod iptables;
+#[cfg(feature = "cloud")]
 mod kubeedge_check;
 mod limits_check;
+#[cfg(feature = "cloud")]
 mod nodes;
+#[cfg(feature = "cloud")]
 mod pki_cmds;
 
 use std::io::IsTerminal;
@@ -50,24 +59,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[cfg(feature = "cloud")]
     /// Run the cloud side: bootstrap server, tunnel listener for edges and the kubelet-API front.
     Cloud(cloud::Args),
     /// Run the edge agent next to a kubelet (`tether edge status`: ask a
     /// running agent how its tunnel is).
     Edge(edge::Args),
+    #[cfg(feature = "cloud")]
     /// List the edge nodes a cloud holds, from its admin endpoint.
     Nodes(nodes::Args),
+    #[cfg(feature = "cloud")]
     /// Start cloud, edge and a sample kubelet on loopback and show the tunnel at work.
     Demo(DemoArgs),
+    #[cfg(feature = "cloud")]
     /// Keep the TUNNEL-PORT DNAT rules in step with the replicas' tunnel ports.
     IptablesManager(iptables::Args),
+    #[cfg(feature = "cloud")]
     /// Create, list and revoke bootstrap tokens.
     Token(pki_cmds::TokenArgs),
+    #[cfg(feature = "cloud")]
     /// Inspect, revoke and issue certificates.
     Certs(pki_cmds::CertsArgs),
+    #[cfg(feature = "cloud")]
     /// KubeEdge edges: `tether kubeedge check --ca <file> --cert <edge.crt>`
     /// says whether the cloud would admit a certificate, and why not.
     Kubeedge(kubeedge_check::Args),
+    #[cfg(feature = "cloud")]
+    /// The command the demo's exec runs (no shell needed).
+    #[command(hide = true)]
+    DemoGreeter,
+    #[cfg(feature = "cloud")]
     /// Serve the sample kubelet alone (used by tests inside network namespaces).
     #[command(hide = true)]
     FixtureKubelet {
@@ -85,6 +106,7 @@ enum LogFormat {
     Json,
 }
 
+#[cfg(feature = "cloud")]
 #[derive(clap::Args)]
 struct DemoArgs {
     /// Run the checks, drain, and exit 0 only if every check passed.
@@ -93,7 +115,12 @@ struct DemoArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    #[cfg(feature = "cloud")]
+    if let Cmd::DemoGreeter = cli.cmd {
+        return demo::greeter();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain on one line; no backtrace for operators.
@@ -105,6 +132,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let default_log = match &cli.cmd {
+        #[cfg(feature = "cloud")]
         Cmd::Demo(_) | Cmd::Token(_) | Cmd::Certs(_) | Cmd::Nodes(_) | Cmd::Kubeedge(_) => "warn",
         // The checks' report and the status are their output; only warnings beside them.
         Cmd::Edge(a) if a.command.is_some() || a.is_check() => "warn",
@@ -114,9 +142,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let service = match cli.cmd {
+        #[cfg(feature = "cloud")]
         Cmd::Cloud(_) => "tether-cloud",
         Cmd::Edge(_) => "tether-edge",
+        #[cfg(feature = "cloud")]
         Cmd::IptablesManager(_) => "tether-iptables-manager",
+        #[cfg(feature = "cloud")]
         _ => "tether",
     };
     // The OTLP client lives on the runtime, so build it inside.
@@ -168,9 +199,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     rt.block_on(async {
         match cmd {
-            Cmd::Cloud(a) => cloud::run(a).await,
             Cmd::Edge(a) => edge::run(a).await,
+            #[cfg(feature = "cloud")]
+            Cmd::Cloud(a) => cloud::run(a).await,
+            #[cfg(feature = "cloud")]
             Cmd::Nodes(a) => nodes::run(a).await,
+            #[cfg(feature = "cloud")]
             Cmd::Demo(a) => {
                 if demo::run(a.self_test).await? {
                     Ok(())
@@ -178,13 +212,20 @@ fn run_role(cmd: Cmd, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
                     anyhow::bail!("demo self-test failed")
                 }
             }
+            #[cfg(feature = "cloud")]
             Cmd::IptablesManager(a) => iptables::run(a).await,
+            #[cfg(feature = "cloud")]
             Cmd::Token(a) => pki_cmds::token(a),
+            #[cfg(feature = "cloud")]
             Cmd::Certs(a) => pki_cmds::certs(a),
+            #[cfg(feature = "cloud")]
             Cmd::Kubeedge(a) => match kubeedge_check::run(a)? {
                 true => Ok(()),
                 false => anyhow::bail!("the cloud would refuse this certificate"),
             },
+            #[cfg(feature = "cloud")]
+            Cmd::DemoGreeter => Ok(()),
+            #[cfg(feature = "cloud")]
             Cmd::FixtureKubelet { listen } => {
                 let k = tether_tests::fixture::FixtureKubelet::start_on(listen, None).await?;
                 println!("listening on {}", k.addr);

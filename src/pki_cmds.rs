@@ -247,8 +247,8 @@ pub(crate) fn certs(a: CertsArgs) -> anyhow::Result<()> {
                 // A second run must not silently replace a deployed identity.
                 anyhow::ensure!(!p.exists(), "{} exists; not overwriting it", p.display());
             }
-            tether_cloudhub::write_atomic(&key, issued.key_pem.expose().as_bytes(), 0o600)?;
-            tether_cloudhub::write_atomic(&crt, issued.cert_pem.as_bytes(), 0o644)?;
+            tether_pki::write_atomic(&key, issued.key_pem.expose().as_bytes(), 0o600)?;
+            tether_pki::write_atomic(&crt, issued.cert_pem.as_bytes(), 0o644)?;
             let id = Identity::from_der(&issued.cert_chain()?[0])?;
             println!(
                 "wrote {} and {}: CN={} O={} serial {} not after {} (unix)",

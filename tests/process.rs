@@ -23,7 +23,7 @@ pub(crate) struct Role {
 /// Spawns `prefix + [tether] + args` and waits for a line containing
 /// `marker` on stdout or stderr.
 pub(crate) async fn spawn(prefix: &[&str], args: &[&str], marker: &str) -> anyhow::Result<Role> {
-    let mut cmd = match prefix.split_first() {
+    let cmd = match prefix.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
             c.args(rest).arg(BIN);
@@ -31,6 +31,19 @@ pub(crate) async fn spawn(prefix: &[&str], args: &[&str], marker: &str) -> anyho
         }
         None => Command::new(BIN),
     };
+    spawn_command(cmd, args, marker).await
+}
+
+/// Spawns another build of the binary (e.g. the shipped, static one).
+pub(crate) async fn spawn_program(
+    program: &Path,
+    args: &[&str],
+    marker: &str,
+) -> anyhow::Result<Role> {
+    spawn_command(Command::new(program), args, marker).await
+}
+
+async fn spawn_command(mut cmd: Command, args: &[&str], marker: &str) -> anyhow::Result<Role> {
     let mut child = cmd
         .args(args)
         .env("TETHER_LOG", "info")

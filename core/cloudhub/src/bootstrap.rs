@@ -20,36 +20,22 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use tether_pki::enrol::{CA_PATH, ENROL_PATH, EnrolRequest};
 use tether_pki::{BootstrapToken, Identity, valid_node_name};
 use tether_tunnel::{PreAuthGate, PreAuthLimits, PreAuthMetrics, Shutdown};
 
 use crate::CloudState;
 use crate::attempts::FailureBudgets;
 
-/// Where the CA is served.
-pub const CA_PATH: &str = "/ca.crt";
-/// Where certificates are requested.
-pub const ENROL_PATH: &str = "/edge.crt";
 const MAX_BODY: usize = 64 << 10;
 /// Whole-connection deadline of a client without a certificate: enough for
 /// `/ca.crt` and one enrolment, never long enough to hold a pre-auth slot by
 /// trickling a request body.
 const ANONYMOUS_CONN_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The enrolment request body.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct EnrolRequest {
-    /// The node to enrol; must match the CSR subject.
-    pub node_name: String,
-    /// PEM CSR for `system:node:<nodeName>`.
-    pub csr: String,
-}
 
 /// Parses an enrolment body and checks everything in it that needs no
 /// state: the JSON shape, the node name and the CSR's subject. Refusals are

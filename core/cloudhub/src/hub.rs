@@ -9,17 +9,14 @@ use std::time::Duration;
 
 use tether_hub::dispatch::{Dispatcher, Event, Filter, TooManySubscribers};
 use tether_hub::{
-    Channel, ChannelConfig, Delivery, HubMetrics, Message, PublishError, RequestError, Store,
-    StoreError,
+    Channel, ChannelConfig, Delivery, HUB_TARGET, HubMetrics, Message, PublishError, RequestError,
+    Store, StoreError,
 };
 use tether_tunnel::{
     NodeSession, ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
 };
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
-
-/// The stream target that carries a node's channel inside its hub session.
-pub const HUB_TARGET: &str = "tether-hub";
 
 /// Store queue holding messages for `node`.
 fn queue_of(node: &str) -> String {

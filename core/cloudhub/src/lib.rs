@@ -7,14 +7,12 @@ mod attempts;
 mod bootstrap;
 mod files;
 pub mod hub;
-
-pub use files::write_atomic;
 mod revocation;
 mod tokens;
 
+pub use bootstrap::BootstrapServer;
 #[doc(hidden)]
 pub use bootstrap::check_enrol_body;
-pub use bootstrap::{BootstrapServer, CA_PATH, ENROL_PATH, EnrolRequest};
 pub use revocation::{DenyList, Revoked};
 pub use tokens::{TokenInfo, TokenRefusal, TokenStore};
 

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tether_cloudhub::api::{
+use tether_hub::api::{
     error, filter_of, json, message_response, parse_query, publish_body, publish_status, read_one,
-    stream, sync_wait,
+    refusal, stream, sync_wait,
 };
 use tether_hub::{PublishError, RequestError};
 use tether_tunnel::{Body, Shutdown};
@@ -109,14 +109,5 @@ async fn route(hub: EdgeHub, req: Request<Incoming>, max_message: usize) -> Resp
 }
 
 fn publish_error(e: &PublishError) -> Response<Body> {
-    let status = publish_status(e);
-    let mut resp = error(status, &e.to_string());
-    // A failing store (full disk) recovers by itself: say when to try again.
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        resp.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            http::header::HeaderValue::from_static("1"),
-        );
-    }
-    resp
+    refusal(publish_status(e), &e.to_string())
 }

@@ -10,14 +10,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tether_hub::dispatch::{Dispatcher, Event, Filter, TooManySubscribers};
 use tether_hub::{
-    Channel, ChannelConfig, HubMetrics, Message, PublishError, RequestError, Store, StoreError,
+    Channel, ChannelConfig, HUB_TARGET, HubMetrics, Message, PublishError, RequestError, Store,
+    StoreError,
 };
 use tether_tunnel::{Backoff, Body, Shutdown, TunnelDialer};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
-
-/// The stream target carrying the channel (the cloud opens it).
-pub const HUB_TARGET: &str = tether_cloudhub::hub::HUB_TARGET;
 
 /// The edge's peer name in events.
 pub const CLOUD_PEER: &str = "cloud";

@@ -20,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use tether_cloudhub::{CA_PATH, ENROL_PATH, EnrolRequest};
+use tether_pki::enrol::{CA_PATH, ENROL_PATH, EnrolRequest};
 use tether_pki::{BACKDATE_SECS, BootstrapToken, Identity};
 use tether_tunnel::Shutdown;
 
@@ -365,16 +365,16 @@ impl CertManager {
     }
 
     fn persist(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<(), EnrolError> {
-        let local = |e: tether_cloudhub::StateError| EnrolError::Local(e.to_string());
+        let local = |e: tether_pki::WriteError| EnrolError::Local(e.to_string());
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| EnrolError::Local(format!("{}: {e}", self.dir.display())))?;
         let (ca_p, crt_p, key_p) = self.paths();
         // Each file is replaced atomically. A crash between the key and the
         // certificate leaves a pair that does not match; the tunnel handshake
         // then fails and the node has to be enrolled again with a token.
-        tether_cloudhub::write_atomic(&key_p, key, 0o600).map_err(local)?;
-        tether_cloudhub::write_atomic(&crt_p, cert, 0o644).map_err(local)?;
-        tether_cloudhub::write_atomic(&ca_p, ca, 0o644).map_err(local)
+        tether_pki::write_atomic(&key_p, key, 0o600).map_err(local)?;
+        tether_pki::write_atomic(&crt_p, cert, 0o644).map_err(local)?;
+        tether_pki::write_atomic(&ca_p, ca, 0o644).map_err(local)
     }
 
     async fn send(

@@ -1,12 +1,16 @@
 //! Tether's PKI: a certificate authority, serving and client certificates, PEM
-//! loading, node identity taken from a peer certificate, and the rustls
-//! configurations every hop uses. One crypto provider (ring) for the whole
+//! loading and atomic writing of key and certificate files, node identity
+//! taken from a peer certificate, bootstrap tokens and the enrolment wire,
+//! and the rustls configurations every hop uses. One crypto provider (ring) for the whole
 //! workspace: every rustls config is built through [`provider`].
 
+pub mod enrol;
+mod files;
 mod identity;
 mod tls;
 mod token;
 
+pub use files::{WriteError, write_atomic};
 pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP, valid_node_name};
 pub use tls::{
     TlsError, client_config, load_certs, load_certs_pem, load_key, provider,

@@ -22,7 +22,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
-use tether_cloudhub::{EnrolRequest, check_enrol_body};
+use tether_cloudhub::check_enrol_body;
+use tether_pki::enrol::EnrolRequest;
 use tether_pki::{BootstrapToken, Ca, Identity, NODES_GROUP, valid_node_name};
 
 const NODE: &str = "edge-1";

@@ -1,0 +1,83 @@
+//! Recording what a channel learns, off the connection's path: removing
+//! acknowledged messages from the store and remembering delivered ids, in
+//! batches, retrying what a failed write (a full disk) could not record.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::store::{Store, StoreError};
+
+/// What the reader and writer hand the persister.
+pub(super) enum Persist {
+    Seen(String),
+    Acked(u64),
+}
+
+/// Writes what the channel learns to the store in batches, off the
+/// connection's path.
+pub(super) async fn persister(
+    store: Store,
+    queue: String,
+    peer: String,
+    seen_limit: usize,
+    mut rx: mpsc::Receiver<Persist>,
+) {
+    let mut batch = Vec::with_capacity(256);
+    // What a failed write could not record is kept and written again (a
+    // full disk recovers by itself), so a message acknowledged before the
+    // failure is not sent again after a restart. Bounded: beyond it the
+    // oldest are given up (the peer's seen set still drops a resend).
+    let (mut seen, mut acked): (Vec<String>, Vec<u64>) = (Vec::new(), Vec::new());
+    loop {
+        let got = if seen.is_empty() && acked.is_empty() {
+            rx.recv_many(&mut batch, 256).await
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => n,
+                () = tokio::time::sleep(PERSIST_RETRY) => usize::MAX,
+            }
+        };
+        if got == 0 {
+            break;
+        }
+        for p in batch.drain(..) {
+            match p {
+                Persist::Seen(id) => seen.push(id),
+                Persist::Acked(seq) => acked.push(seq),
+            }
+        }
+        for (kept, what) in [(seen.len(), "seen ids"), (acked.len(), "acknowledgements")] {
+            if kept > MAX_UNPERSISTED {
+                warn!(%peer, kept, "giving up the oldest unpersisted {what}");
+            }
+        }
+        if seen.len() > MAX_UNPERSISTED {
+            seen.drain(..seen.len() - MAX_UNPERSISTED);
+        }
+        if acked.len() > MAX_UNPERSISTED {
+            acked.drain(..acked.len() - MAX_UNPERSISTED);
+        }
+        if !acked.is_empty() {
+            match store.remove(&queue, acked.clone()).await {
+                Ok(()) => acked.clear(),
+                Err(e) => {
+                    debug!(%peer, error = %e, "acknowledged messages not removed yet; will retry")
+                }
+            }
+        }
+        if !seen.is_empty() {
+            match store.mark_seen(&peer, seen.clone(), seen_limit).await {
+                Ok(()) => seen.clear(),
+                Err(StoreError::IdTooLong { .. }) => seen.clear(),
+                Err(e) => debug!(%peer, error = %e, "delivered ids not recorded yet; will retry"),
+            }
+        }
+    }
+}
+
+/// How often the persister writes again what a failed write left.
+const PERSIST_RETRY: Duration = Duration::from_millis(500);
+/// Most acknowledgements (and seen ids) kept for writing again.
+const MAX_UNPERSISTED: usize = 65_536;
