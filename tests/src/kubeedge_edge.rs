@@ -33,7 +33,9 @@
 //!
 //! - Dial (`edge/pkg/edgestream/edgestream.go`, `Start`, `TLSClientConnect`;
 //!   gorilla `client.go`): TCP, TLS 1.2/1.3 with the edge's client
-//!   certificate and no ALPN; no SNI when the cloud address is an IP. Request
+//!   certificate and no ALPN; no SNI when the cloud address is an IP; the
+//!   certificate is sent only if the server's CertificateRequest names its
+//!   issuer or names no CA, as Go's `crypto/tls` decides. Request
 //!   `GET /v1/kubeedge/connect` with `Host`, `User-Agent: Go-http-client/1.1`,
 //!   `Connection: Upgrade`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version: 13`,
 //!   `Sessionhostnameoverride`, `Sessioninternalip` (Go's canonical spelling

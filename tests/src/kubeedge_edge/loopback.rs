@@ -415,3 +415,48 @@ async fn kill_redials_and_faults_reach_the_cloud() {
     ));
     edge.stop();
 }
+
+#[tokio::test]
+async fn sends_its_certificate_only_to_a_cloud_that_names_its_ca() {
+    let ke_ca = KubeEdgeCa::generate().expect("ca");
+    let other = tether_pki::Ca::generate("some-other-ca").expect("ca");
+    let cloud_ca = tether_pki::Ca::generate("test-cloud-ca").expect("ca");
+    let leaf = cloud_ca
+        .issue_server("cloud", &["127.0.0.1"])
+        .expect("leaf");
+    let cert = ke_ca.issue_edge("edge-1", &[]).expect("cert");
+    let tls =
+        edge_client_tls(&cert, CloudTrust::Verify(vec![cloud_ca.cert_der().clone()])).expect("tls");
+    for (hints, sent) in [
+        (
+            vec![other.cert_der().clone(), ke_ca.cert_der().clone()],
+            true,
+        ),
+        (vec![other.cert_der().clone()], false),
+    ] {
+        // Client certificates optional, so the handshake completes either way
+        // and the test sees what the edge presented.
+        let config = tether_pki::server_config_optional_client_auth(
+            leaf.cert_chain().expect("chain"),
+            leaf.key_pem.to_der().expect("key"),
+            &hints,
+        )
+        .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let spec = KubeEdgeSpec::new(
+            "edge-1",
+            listener.local_addr().expect("addr"),
+            tls.clone(),
+            "127.0.0.1:1".parse().expect("addr"),
+        );
+        let edge = tokio::spawn(KubeEdgeEdge::connect_once(spec, STEP));
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let io = TlsAcceptor::from(Arc::new(config))
+            .accept(tcp)
+            .await
+            .expect("tls");
+        assert_eq!(io.get_ref().1.peer_certificates().is_some(), sent);
+        drop(io);
+        assert!(edge.await.expect("join").is_some());
+    }
+}
