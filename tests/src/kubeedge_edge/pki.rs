@@ -206,10 +206,8 @@ impl ResolvesClientCert for GoClientCert {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         // rustls itself sends no certificate when the key fits none of the
         // server's signature schemes, as Go does.
-        let named = root_hint_subjects.is_empty()
-            || root_hint_subjects
-                .iter()
-                .any(|h| *h == self.issuer.as_slice());
+        let named =
+            root_hint_subjects.is_empty() || root_hint_subjects.contains(&self.issuer.as_slice());
         named.then(|| self.key.clone())
     }
 
