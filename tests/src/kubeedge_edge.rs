@@ -51,8 +51,11 @@
 //!   are `uvarint ConnectID | uvarint type | data`; data beyond 1 MiB
 //!   dropped silently; a bad uvarint ends the session.
 //! - Dispatch (`edge/pkg/edgestream/tunnel.go`, `Serve`, `ServeConnection`):
-//!   CONNECTs (0, 1, 2, 6) each served by a new task that registers the
-//!   connection itself, so a `DATA` right behind its CONNECT can be dropped;
+//!   CONNECTs (0, 1, 2, 6) each served by a new task that decodes the JSON
+//!   as Go's `encoding/json` would (keys case-insensitive, unknown keys
+//!   ignored; bad JSON is not answered) and registers the connection under
+//!   the header's ConnectID itself, so a `DATA` right behind its CONNECT can
+//!   be dropped; everything the edge sends back carries the JSON's `MessID`;
 //!   every message also offered to a registered connection of that ID;
 //!   `DATA`/`REMOVE_CONNECT` for unknown IDs dropped silently; a 128-message
 //!   inbox per connection whose fullness blocks the session's only read loop
@@ -99,7 +102,11 @@
 //!   client; the 2-slot stop channel; the master branch's "log and ignore"
 //!   for unknown types; the wait for edgehub's certificates; proxies.
 //! - Strict where gorilla is lax, to catch cloud bugs early: a 101 with a
-//!   subprotocol or extension is a failed dial, as is a masked server frame.
+//!   subprotocol or extension is a failed dial.
+//! - Test hooks a real edge lacks: [`KubeEdgeEdge::kill`] (drop the socket
+//!   as a crash does), [`KubeEdgeEdge::stall`] (stop the read loop, as a full
+//!   inbox does, on demand), [`KubeEdgeEdge::inject`] ([`Fault`]), and the
+//!   counters and records on [`KubeEdgeEdge`].
 //! - Bounded: at most [`MAX_CONNECTIONS`] connections per session (beyond
 //!   it a CONNECT is ignored), a 64-entry writer queue, 16 KiB of upgrade
 //!   response head, and the last 256 CONNECTs recorded.
