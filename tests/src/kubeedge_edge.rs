@@ -128,7 +128,7 @@ pub use serve::{
 };
 pub use wire::MessageType;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -145,7 +145,6 @@ pub const PING_PAYLOAD: &[u8] = b"ping you";
 /// Connections one session serves at once; the real edge has no limit.
 pub const MAX_CONNECTIONS: usize = 1024;
 const RECORDED_CONNECTS: usize = 256;
-const REMEMBERED_ENDS: usize = 1024;
 
 /// Configuration of one double edge.
 #[derive(Clone, Debug)]
@@ -390,7 +389,6 @@ pub(crate) struct Shared {
     close_reason: Mutex<Option<String>>,
     writer: Mutex<Option<mpsc::Sender<Outgoing>>>,
     connects: Mutex<VecDeque<ConnectRecord>>,
-    ended_ids: Mutex<(VecDeque<u64>, HashSet<u64>)>,
     late: AtomicU64,
     kill: watch::Sender<u64>,
     stalled: watch::Sender<bool>,
@@ -404,7 +402,6 @@ impl Shared {
             close_reason: Mutex::new(None),
             writer: Mutex::new(None),
             connects: Mutex::new(VecDeque::new()),
-            ended_ids: Mutex::new((VecDeque::new(), HashSet::new())),
             late: AtomicU64::new(0),
             kill: watch::Sender::new(0),
             stalled: watch::Sender::new(false),
@@ -428,23 +425,5 @@ impl Shared {
             recorded.pop_front();
         }
         recorded.push_back(record);
-    }
-
-    /// The edge sent `REMOVE_CONNECT` for `id`.
-    pub(crate) fn ended(&self, id: u64) {
-        let mut guard = self.ended_ids.lock().expect("lock");
-        let (order, set) = &mut *guard;
-        if set.insert(id) {
-            order.push_back(id);
-            if order.len() > REMEMBERED_ENDS
-                && let Some(old) = order.pop_front()
-            {
-                set.remove(&old);
-            }
-        }
-    }
-
-    pub(crate) fn was_ended(&self, id: u64) -> bool {
-        self.ended_ids.lock().expect("lock").1.contains(&id)
     }
 }

@@ -319,6 +319,18 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
             .expect("in time");
     }
 
+    // The cloud must not send for a connection the edge has removed; the
+    // double counts it (the Pong after it shows the read loop got that far).
+    assert_eq!(edge.late_messages(), 0);
+    conn.send(&wire::encode(5, MessageType::Data, b"too late"))
+        .await;
+    conn.send_ping(b"sync").await;
+    let pong = tokio::time::timeout(STEP, conn.recv())
+        .await
+        .expect("in time");
+    assert_eq!(pong, Some(FromEdge::Pong(b"sync".to_vec())));
+    assert_eq!(edge.late_messages(), 1);
+
     // CLOSE_CONNECT ends the session with its reason; no redial.
     conn.send(&wire::encode(
         0,
@@ -353,7 +365,6 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
         ]
     );
     assert_eq!(edge.connects()[4].method, "POST");
-    assert_eq!(edge.late_messages(), 0);
     assert_eq!(edge.sessions(), 1);
 }
 

@@ -346,7 +346,7 @@ pub(super) async fn serve_connection(ctx: Arc<SessionCtx>, msg: Message, kind: M
         _ => serve_pipe(&ctx, &record, inbox).await,
     };
     if sent_remove {
-        ctx.shared.ended(record.id);
+        ctx.ended(record.id);
     }
     ctx.deregister(msg.id);
 }
