@@ -274,6 +274,19 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
         .await;
     assert!(conn.collect(7).await.is_empty());
 
+    // Lines before an overlong one still go out; the stream ends there.
+    let body = metrics_body_bytes(MetricsKind::Resource, 200_000);
+    let cut = connect_json(10, "/metrics/resource", "bytes=200000", "", "{}");
+    conn.send(&wire::encode(10, MessageType::MetricConnect, &cut))
+        .await;
+    let sent = conn.collect(10).await.concat();
+    assert!(!sent.is_empty() && body.starts_with(&sent));
+    let next_line = body[sent.len()..]
+        .split(|b| *b == b'\n')
+        .next()
+        .expect("line");
+    assert!(next_line.len() >= MAX_LINE_BUFFER, "{}", next_line.len());
+
     // DATA for an unknown connection is dropped without a word.
     conn.send(&wire::encode(99, MessageType::Data, b"lost"))
         .await;
@@ -361,10 +374,11 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
             (9, MessageType::LogsConnect),
             (6, MessageType::MetricConnect),
             (7, MessageType::MetricConnect),
+            (10, MessageType::MetricConnect),
             (8, MessageType::ExecConnect),
         ]
     );
-    assert_eq!(edge.connects()[4].method, "POST");
+    assert_eq!(edge.connects()[5].method, "POST");
     assert_eq!(edge.sessions(), 1);
 }
 

@@ -295,9 +295,10 @@ pub struct LineScanner {
 pub struct LineTooLong;
 
 impl LineScanner {
-    /// Adds body bytes; returns the lines they complete.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, LineTooLong> {
-        let mut lines = Vec::new();
+    /// Adds body bytes and appends the lines they complete to `lines`. On
+    /// `Err` the lines before the overlong one are in `lines` (Go sends
+    /// them) and the scanner is done.
+    pub fn push(&mut self, mut bytes: &[u8], lines: &mut Vec<Vec<u8>>) -> Result<(), LineTooLong> {
         while let Some(pos) = bytes.iter().position(|b| *b == b'\n') {
             if self.pending.len() + pos >= MAX_LINE_BUFFER {
                 return Err(LineTooLong);
@@ -310,7 +311,7 @@ impl LineScanner {
             return Err(LineTooLong);
         }
         self.pending.extend_from_slice(bytes);
-        Ok(lines)
+        Ok(())
     }
 
     /// At EOF: the last line if it had no `\n` (an empty rest is no line).
@@ -425,22 +426,30 @@ async fn pump_chunks(ctx: &SessionCtx, id: u64, mut body: Body) {
 }
 
 /// Metrics: every line as one DATA with `\n` appended, until EOF, a read
-/// error or a line too long for the scanner.
+/// error or a line too long for the scanner. Only EOF flushes a last line
+/// without newline (`Scanner.Scan` drops it on a read error).
 async fn pump_lines(ctx: &SessionCtx, id: u64, mut body: Body) {
     let mut scanner = LineScanner::default();
-    while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else {
-            continue;
+    let mut lines = Vec::new();
+    loop {
+        let data = match body.frame().await {
+            None => break,
+            Some(Err(_)) => return,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
         };
-        let Ok(lines) = scanner.push(&data) else {
-            debug!(id, "kubeedge double: metrics line over 64 KiB, stream ends");
-            return;
-        };
-        for mut line in lines {
+        let scanned = scanner.push(&data, &mut lines);
+        for mut line in lines.drain(..) {
             line.push(b'\n');
             if !send(ctx, id, MessageType::Data, &line).await {
                 return;
             }
+        }
+        if scanned.is_err() {
+            debug!(id, "kubeedge double: metrics line over 64 KiB, stream ends");
+            return;
         }
     }
     if let Some(mut line) = scanner.finish() {
