@@ -230,6 +230,11 @@ fn string(v: Option<&Value>, what: &str) -> Result<String, String> {
     }
 }
 
+/// RFC 9110 `tchar`, what Go's `validMethod` accepts.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Go writes header values with newlines turned into spaces and trimmed.
 fn clean(value: &str) -> String {
     value.replace(['\r', '\n'], " ").trim().to_owned()
@@ -518,6 +523,10 @@ async fn serve_pipe(
         record.method.as_str()
     };
     let conn = async {
+        // `http.NewRequest` refuses a method that is not an HTTP token.
+        if !method.bytes().all(is_token_char) {
+            return Err(format!("invalid method {method:?}"));
+        }
         let mut tcp = dial(record.target(ctx.kubelet)?).await?;
         tcp.write_all(&record.request_head(method))
             .await
