@@ -191,11 +191,17 @@ pub fn edge_client_tls(
 }
 
 /// The single-certificate choice of Go's TLS client.
-#[derive(Debug)]
 struct GoClientCert {
     /// The leaf's issuer Name, DER, as CertificateRequest hints carry it.
     issuer: Vec<u8>,
     key: Arc<rustls::sign::CertifiedKey>,
+}
+
+// Never prints the key.
+impl std::fmt::Debug for GoClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoClientCert").finish_non_exhaustive()
+    }
 }
 
 impl ResolvesClientCert for GoClientCert {

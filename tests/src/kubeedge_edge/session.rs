@@ -114,7 +114,6 @@ async fn session(
         Ok(d) => d,
         Err(end) => return end,
     };
-    shared.sessions.send_modify(|n| *n += 1);
     let (rd, wr) = tokio::io::split(tls);
     let (out_tx, out_rx) = mpsc::channel(WRITER_QUEUE);
     // Aborted if this future is dropped (the handle went away mid-session).
@@ -127,6 +126,8 @@ async fn session(
     ));
     tasks.spawn(ping_loop(out_tx.clone(), spec.ping_every));
     *shared.writer.lock().expect("lock") = Some(out_tx.clone());
+    // Counted once `inject` can reach the session.
+    shared.sessions.send_modify(|n| *n += 1);
     let ctx = Arc::new(SessionCtx {
         out: out_tx.clone(),
         kubelet: spec.kubelet,
