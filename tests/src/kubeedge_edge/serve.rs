@@ -413,6 +413,11 @@ async fn serve_get(
         () = pump => {}
         () = until_remove(&mut inbox) => {}
     }
+    // The body reader closes `ReadChan` when it stops, before the REMOVE
+    // goes out and before the connection is deleted: a message for it from
+    // now on would panic a real edge. Closing the inbox makes the read loop
+    // count it as late instead.
+    inbox.close();
     send_remove(ctx, id).await
 }
 
