@@ -274,6 +274,19 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
         .await;
     assert!(conn.collect(7).await.is_empty());
 
+    // Lines before an overlong one still go out; the stream ends there.
+    let body = metrics_body_bytes(MetricsKind::Resource, 200_000);
+    let cut = connect_json(10, "/metrics/resource", "bytes=200000", "", "{}");
+    conn.send(&wire::encode(10, MessageType::MetricConnect, &cut))
+        .await;
+    let sent = conn.collect(10).await.concat();
+    assert!(!sent.is_empty() && body.starts_with(&sent));
+    let next_line = body[sent.len()..]
+        .split(|b| *b == b'\n')
+        .next()
+        .expect("line");
+    assert!(next_line.len() >= MAX_LINE_BUFFER, "{}", next_line.len());
+
     // DATA for an unknown connection is dropped without a word.
     conn.send(&wire::encode(99, MessageType::Data, b"lost"))
         .await;
@@ -319,6 +332,18 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
             .expect("in time");
     }
 
+    // The cloud must not send for a connection the edge has removed; the
+    // double counts it (the Pong after it shows the read loop got that far).
+    assert_eq!(edge.late_messages(), 0);
+    conn.send(&wire::encode(5, MessageType::Data, b"too late"))
+        .await;
+    conn.send_ping(b"sync").await;
+    let pong = tokio::time::timeout(STEP, conn.recv())
+        .await
+        .expect("in time");
+    assert_eq!(pong, Some(FromEdge::Pong(b"sync".to_vec())));
+    assert_eq!(edge.late_messages(), 1);
+
     // CLOSE_CONNECT ends the session with its reason; no redial.
     conn.send(&wire::encode(
         0,
@@ -349,11 +374,11 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
             (9, MessageType::LogsConnect),
             (6, MessageType::MetricConnect),
             (7, MessageType::MetricConnect),
+            (10, MessageType::MetricConnect),
             (8, MessageType::ExecConnect),
         ]
     );
-    assert_eq!(edge.connects()[4].method, "POST");
-    assert_eq!(edge.late_messages(), 0);
+    assert_eq!(edge.connects()[5].method, "POST");
     assert_eq!(edge.sessions(), 1);
 }
 
@@ -414,4 +439,49 @@ async fn kill_redials_and_faults_reach_the_cloud() {
         Some(SessionEnd::Protocol(_))
     ));
     edge.stop();
+}
+
+#[tokio::test]
+async fn sends_its_certificate_only_to_a_cloud_that_names_its_ca() {
+    let ke_ca = KubeEdgeCa::generate().expect("ca");
+    let other = tether_pki::Ca::generate("some-other-ca").expect("ca");
+    let cloud_ca = tether_pki::Ca::generate("test-cloud-ca").expect("ca");
+    let leaf = cloud_ca
+        .issue_server("cloud", &["127.0.0.1"])
+        .expect("leaf");
+    let cert = ke_ca.issue_edge("edge-1", &[]).expect("cert");
+    let tls =
+        edge_client_tls(&cert, CloudTrust::Verify(vec![cloud_ca.cert_der().clone()])).expect("tls");
+    for (hints, sent) in [
+        (
+            vec![other.cert_der().clone(), ke_ca.cert_der().clone()],
+            true,
+        ),
+        (vec![other.cert_der().clone()], false),
+    ] {
+        // Client certificates optional, so the handshake completes either way
+        // and the test sees what the edge presented.
+        let config = tether_pki::server_config_optional_client_auth(
+            leaf.cert_chain().expect("chain"),
+            leaf.key_pem.to_der().expect("key"),
+            &hints,
+        )
+        .expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let spec = KubeEdgeSpec::new(
+            "edge-1",
+            listener.local_addr().expect("addr"),
+            tls.clone(),
+            "127.0.0.1:1".parse().expect("addr"),
+        );
+        let edge = tokio::spawn(KubeEdgeEdge::connect_once(spec, STEP));
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let io = TlsAcceptor::from(Arc::new(config))
+            .accept(tcp)
+            .await
+            .expect("tls");
+        assert_eq!(io.get_ref().1.peer_certificates().is_some(), sent);
+        drop(io);
+        assert!(edge.await.expect("join").is_some());
+    }
 }

@@ -3,7 +3,8 @@
 //! `NewSelfSignedCACertDERBytes`: `CN=KubeEdge`, ECDSA P-256) and edge client
 //! certificates as cloudhub signs them for edgehub
 //! (`edge/pkg/edgehub/certificate/certmanager.go`, `GetEdgeCert`), plus the
-//! rustls client configuration edgestream dials with.
+//! rustls client configuration edgestream dials with, including Go's rule
+//! for when a client certificate is sent at all.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -142,25 +144,82 @@ pub enum CloudTrust {
 }
 
 /// The TLS client configuration of edgestream: the edge certificate, no
-/// ALPN, TLS 1.2 or 1.3, and the cloud checked per `trust`.
+/// ALPN, TLS 1.2 or 1.3, and the cloud checked per `trust`. Like Go's
+/// client, it presents the certificate only if the server names no CAs in
+/// its CertificateRequest or names the certificate's issuer; otherwise it
+/// sends no certificate (`crypto/tls`, `getClientCertificate` and
+/// `CertificateRequestInfo.SupportsCertificate`).
 pub fn edge_client_tls(
     cert: &CertifiedKey,
     trust: CloudTrust,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let chain = cert.cert_chain().context("edge certificate")?;
     let key = cert.key_pem.to_der().context("edge key")?;
+    let issuer = {
+        let leaf = chain.first().context("empty edge certificate chain")?;
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(leaf).context("parse edge certificate")?;
+        parsed.issuer().as_raw().to_vec()
+    };
+    let provider = tether_pki::provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .context("load edge key")?;
+    let resolver = Arc::new(GoClientCert {
+        issuer,
+        key: Arc::new(rustls::sign::CertifiedKey::new(chain, signer)),
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let config = match trust {
-        CloudTrust::Verify(roots) => tether_pki::client_config(&roots, Some((chain, key)), &[])?,
-        CloudTrust::SkipVerify => {
-            let provider = tether_pki::provider();
-            rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
-                .with_client_auth_cert(chain, key)?
+        CloudTrust::Verify(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for root in roots {
+                store.add(root)?;
+            }
+            builder
+                .with_root_certificates(store)
+                .with_client_cert_resolver(resolver)
         }
+        CloudTrust::SkipVerify => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_client_cert_resolver(resolver),
     };
     Ok(Arc::new(config))
+}
+
+/// The single-certificate choice of Go's TLS client.
+struct GoClientCert {
+    /// The leaf's issuer Name, DER, as CertificateRequest hints carry it.
+    issuer: Vec<u8>,
+    key: Arc<rustls::sign::CertifiedKey>,
+}
+
+// Never prints the key.
+impl std::fmt::Debug for GoClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoClientCert").finish_non_exhaustive()
+    }
+}
+
+impl ResolvesClientCert for GoClientCert {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // rustls itself sends no certificate when the key fits none of the
+        // server's signature schemes, as Go does.
+        let named =
+            root_hint_subjects.is_empty() || root_hint_subjects.contains(&self.issuer.as_slice());
+        named.then(|| self.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Accepts any server certificate but still checks the handshake signatures,

@@ -230,6 +230,11 @@ fn string(v: Option<&Value>, what: &str) -> Result<String, String> {
     }
 }
 
+/// RFC 9110 `tchar`, what Go's `validMethod` accepts.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Go writes header values with newlines turned into spaces and trimmed.
 fn clean(value: &str) -> String {
     value.replace(['\r', '\n'], " ").trim().to_owned()
@@ -295,9 +300,10 @@ pub struct LineScanner {
 pub struct LineTooLong;
 
 impl LineScanner {
-    /// Adds body bytes; returns the lines they complete.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, LineTooLong> {
-        let mut lines = Vec::new();
+    /// Adds body bytes and appends the lines they complete to `lines`. On
+    /// `Err` the lines before the overlong one are in `lines` (Go sends
+    /// them) and the scanner is done.
+    pub fn push(&mut self, mut bytes: &[u8], lines: &mut Vec<Vec<u8>>) -> Result<(), LineTooLong> {
         while let Some(pos) = bytes.iter().position(|b| *b == b'\n') {
             if self.pending.len() + pos >= MAX_LINE_BUFFER {
                 return Err(LineTooLong);
@@ -310,7 +316,7 @@ impl LineScanner {
             return Err(LineTooLong);
         }
         self.pending.extend_from_slice(bytes);
-        Ok(lines)
+        Ok(())
     }
 
     /// At EOF: the last line if it had no `\n` (an empty rest is no line).
@@ -346,7 +352,7 @@ pub(super) async fn serve_connection(ctx: Arc<SessionCtx>, msg: Message, kind: M
         _ => serve_pipe(&ctx, &record, inbox).await,
     };
     if sent_remove {
-        ctx.shared.ended(record.id);
+        ctx.ended(record.id);
     }
     ctx.deregister(msg.id);
 }
@@ -407,6 +413,11 @@ async fn serve_get(
         () = pump => {}
         () = until_remove(&mut inbox) => {}
     }
+    // The body reader closes `ReadChan` when it stops, before the REMOVE
+    // goes out and before the connection is deleted: a message for it from
+    // now on would panic a real edge. Closing the inbox makes the read loop
+    // count it as late instead.
+    inbox.close();
     send_remove(ctx, id).await
 }
 
@@ -425,22 +436,30 @@ async fn pump_chunks(ctx: &SessionCtx, id: u64, mut body: Body) {
 }
 
 /// Metrics: every line as one DATA with `\n` appended, until EOF, a read
-/// error or a line too long for the scanner.
+/// error or a line too long for the scanner. Only EOF flushes a last line
+/// without newline (`Scanner.Scan` drops it on a read error).
 async fn pump_lines(ctx: &SessionCtx, id: u64, mut body: Body) {
     let mut scanner = LineScanner::default();
-    while let Some(Ok(frame)) = body.frame().await {
-        let Ok(data) = frame.into_data() else {
-            continue;
+    let mut lines = Vec::new();
+    loop {
+        let data = match body.frame().await {
+            None => break,
+            Some(Err(_)) => return,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
         };
-        let Ok(lines) = scanner.push(&data) else {
-            debug!(id, "kubeedge double: metrics line over 64 KiB, stream ends");
-            return;
-        };
-        for mut line in lines {
+        let scanned = scanner.push(&data, &mut lines);
+        for mut line in lines.drain(..) {
             line.push(b'\n');
             if !send(ctx, id, MessageType::Data, &line).await {
                 return;
             }
+        }
+        if scanned.is_err() {
+            debug!(id, "kubeedge double: metrics line over 64 KiB, stream ends");
+            return;
         }
     }
     if let Some(mut line) = scanner.finish() {
@@ -509,6 +528,10 @@ async fn serve_pipe(
         record.method.as_str()
     };
     let conn = async {
+        // `http.NewRequest` refuses a method that is not an HTTP token.
+        if !method.bytes().all(is_token_char) {
+            return Err(format!("invalid method {method:?}"));
+        }
         let mut tcp = dial(record.target(ctx.kubelet)?).await?;
         tcp.write_all(&record.request_head(method))
             .await

@@ -4,7 +4,7 @@
 //! ticker, TCP + TLS + upgrade, the writer that owns the socket, the pinger
 //! and the single read loop that dispatches messages.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,7 @@ use super::{
 
 const WRITER_QUEUE: usize = 64;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+const REMEMBERED_ENDS: usize = 1024;
 /// gorilla's write deadline for control frames (pings, pongs, close).
 const CONTROL_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 /// How long a graceful end waits for the TLS close_notify to be written.
@@ -38,11 +39,34 @@ pub(crate) struct SessionCtx {
     pub(crate) kubelet: SocketAddr,
     pub(crate) shared: Arc<Shared>,
     conns: Mutex<HashMap<u64, mpsc::Sender<wire::Message>>>,
+    /// Connections this session sent `REMOVE_CONNECT` for (the latest
+    /// [`REMEMBERED_ENDS`]), to count the cloud's late messages.
+    ended: Mutex<(VecDeque<u64>, HashSet<u64>)>,
 }
 
 impl SessionCtx {
     pub(crate) fn register(&self, id: u64, inbox: mpsc::Sender<wire::Message>) {
         self.conns.lock().expect("lock").insert(id, inbox);
+        // A reused ID starts a new connection.
+        self.ended.lock().expect("lock").1.remove(&id);
+    }
+
+    /// The edge sent `REMOVE_CONNECT` for `id`.
+    pub(crate) fn ended(&self, id: u64) {
+        let mut guard = self.ended.lock().expect("lock");
+        let (order, set) = &mut *guard;
+        if set.insert(id) {
+            order.push_back(id);
+            if order.len() > REMEMBERED_ENDS
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+    }
+
+    fn was_ended(&self, id: u64) -> bool {
+        self.ended.lock().expect("lock").1.contains(&id)
     }
 
     pub(crate) fn deregister(&self, id: u64) {
@@ -90,7 +114,6 @@ async fn session(
         Ok(d) => d,
         Err(end) => return end,
     };
-    shared.sessions.send_modify(|n| *n += 1);
     let (rd, wr) = tokio::io::split(tls);
     let (out_tx, out_rx) = mpsc::channel(WRITER_QUEUE);
     // Aborted if this future is dropped (the handle went away mid-session).
@@ -103,11 +126,14 @@ async fn session(
     ));
     tasks.spawn(ping_loop(out_tx.clone(), spec.ping_every));
     *shared.writer.lock().expect("lock") = Some(out_tx.clone());
+    // Counted once `inject` can reach the session.
+    shared.sessions.send_modify(|n| *n += 1);
     let ctx = Arc::new(SessionCtx {
         out: out_tx.clone(),
         kubelet: spec.kubelet,
         shared: shared.clone(),
         conns: Mutex::new(HashMap::new()),
+        ended: Mutex::new((VecDeque::new(), HashSet::new())),
     });
     let end = read_loop(&ctx, frames_rx, &mut tasks, kill).await;
     *shared.writer.lock().expect("lock") = None;
@@ -400,7 +426,7 @@ async fn read_loop(
             }
             None => {
                 if kind == MessageType::Data || kind == MessageType::RemoveConnect {
-                    if ctx.shared.was_ended(id) {
+                    if ctx.was_ended(id) {
                         ctx.shared.late.fetch_add(1, Ordering::Relaxed);
                     }
                     debug!(

@@ -316,7 +316,7 @@ fn scan(pieces: &[&[u8]]) -> Result<Vec<Vec<u8>>, LineTooLong> {
     let mut scanner = LineScanner::default();
     let mut lines = Vec::new();
     for piece in pieces {
-        lines.extend(scanner.push(piece)?);
+        scanner.push(piece, &mut lines)?;
     }
     lines.extend(scanner.finish());
     Ok(lines)
@@ -355,7 +355,13 @@ fn metrics_line_limit_is_the_64k_scanner_buffer() {
     long.extend(vec![b'a'; max]);
     long.extend(b"\r\nnext\n");
     let mut scanner = LineScanner::default();
-    assert_eq!(scanner.push(&long), Err(LineTooLong));
+    let mut lines = Vec::new();
+    assert_eq!(scanner.push(&long, &mut lines), Err(LineTooLong));
+    assert_eq!(
+        lines,
+        vec![b"first".to_vec()],
+        "lines before it still go out"
+    );
     // An unterminated last line has the same limit.
     assert_eq!(scan(&[&vec![b'b'; max]]).map(|l| l.len()), Ok(1));
     assert_eq!(scan(&[&vec![b'b'; max + 1]]), Err(LineTooLong));

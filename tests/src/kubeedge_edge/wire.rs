@@ -3,7 +3,9 @@
 //! `ConnectID | MessageType | Data` message (`pkg/stream/message.go`), and the
 //! client half of RFC 6455 framing as gorilla/websocket does it (masked
 //! frames, TEXT messages cut into 4096-byte frames). Deliberately shares no
-//! code with Tether's cloud side, so a symmetric bug cannot hide in both.
+//! code with Tether's cloud side, so a symmetric bug cannot hide in both;
+//! it is public so tests can build payloads for [`super::Fault::Text`], not
+//! for the cloud to reuse.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -209,7 +211,7 @@ pub enum Incoming {
     Ping(Vec<u8>),
     /// A Pong (the edge ignores them).
     Pong,
-    /// A Close frame: its status code (if any) and its payload.
+    /// A Close frame with its payload (status code and reason, if any).
     Close(Vec<u8>),
 }
 
