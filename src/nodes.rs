@@ -22,7 +22,7 @@ pub(crate) struct Args {
     #[arg(long, default_value = "http://127.0.0.1:10005")]
     admin: String,
     /// Output format: the default table, `wide` (replica, peer address,
-    /// node IPs) or `json` (the `/nodes` document, see the operator guide).
+    /// node IPs, session kind: `tether` or `kubeedge`) or `json` (the `/nodes` document, see the operator guide).
     #[arg(short = 'o', long = "output", value_enum)]
     output: Option<Output>,
 }
@@ -51,7 +51,7 @@ fn render(doc: &Value, wide: bool) -> anyhow::Result<String> {
         .unwrap_or(0);
     let mut header = vec!["NODE", "ADDRESS", "AGE", "RTT", "STREAMS", "CERT-EXPIRES"];
     if wide {
-        header.extend(["REPLICA", "PEER", "IPS"]);
+        header.extend(["REPLICA", "PEER", "IPS", "KIND"]);
     }
     let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for n in nodes {
@@ -93,6 +93,7 @@ fn render(doc: &Value, wide: bool) -> anyhow::Result<String> {
             } else {
                 ips.join(",")
             });
+            row.push(n["kind"].as_str().map_or_else(unknown, str::to_owned));
         }
         rows.push(row);
     }
@@ -110,7 +111,7 @@ mod tests {
             "replica": "cloud-a",
             "nodes": [
                 {"node": "edge-1", "local": true, "replica": "cloud-a", "peer": "10.0.0.9:40000",
-                 "ips": ["10.1.0.1"], "age_seconds": 65, "open_streams": 2, "rtt_ms": 0.4,
+                 "ips": ["10.1.0.1"], "kind": "kubeedge", "age_seconds": 65, "open_streams": 2, "rtt_ms": 0.4,
                  "certificate": {"serial": "1f", "not_after": 0}},
                 {"node": "edge-2", "local": false, "replica": "cloud-b", "peer": null,
                  "ips": [], "age_seconds": null, "open_streams": null, "rtt_ms": null,
@@ -132,7 +133,8 @@ mod tests {
                 "expired",
                 "cloud-a",
                 "10.0.0.9:40000",
-                "10.1.0.1"
+                "10.1.0.1",
+                "kubeedge"
             ]
         );
         let two: Vec<&str> = lines[2].split_whitespace().collect();
@@ -147,7 +149,8 @@ mod tests {
                 "<unknown>",
                 "cloud-b",
                 "<unknown>",
-                "<none>"
+                "<none>",
+                "<unknown>"
             ]
         );
     }

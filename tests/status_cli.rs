@@ -293,7 +293,10 @@ async fn nodes_lists_both_edges_as_table_and_json() -> anyhow::Result<()> {
         .split_whitespace()
         .collect();
     ensure!(
-        row.len() == 9 && row[6] == "<none>" && row[7].starts_with("127.0.0.1:"),
+        row.len() == 10
+            && row[6] == "<none>"
+            && row[7].starts_with("127.0.0.1:")
+            && row[9] == "tether",
         "{out}"
     );
     Ok(())
