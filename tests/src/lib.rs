@@ -1,6 +1,6 @@
 //! Test support for Tether: a fixture kubelet, kubectl-like clients, a
-//! scripted kube-apiserver double, and a harness that runs the real cloud and
-//! edge roles in-process.
+//! scripted kube-apiserver double, a harness that runs the real cloud and
+//! edge roles in-process, and an emulated long link.
 
 pub mod api_double;
 pub mod fixture;
@@ -9,3 +9,4 @@ pub mod kubectl;
 pub mod kubeedge_edge;
 pub mod ownership;
 pub mod slowloris;
+pub mod wan;

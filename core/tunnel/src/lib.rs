@@ -21,6 +21,7 @@ mod shutdown;
 mod splice;
 mod stall;
 pub mod trace;
+mod window;
 pub mod wire;
 mod ws;
 
@@ -42,6 +43,7 @@ pub use session::{
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use splice::splice;
 pub use stall::{STALL_THRESHOLD, StallHook, stall_metered};
+pub use window::{WindowError, WindowGovernor};
 pub use ws::{KillSwitch, WsStream};
 
 /// The WebSocket subprotocol naming the protocol version this build speaks.

@@ -10,7 +10,7 @@ use tether_tunnel::TunnelLimits;
 use crate::report::Report;
 use crate::rig::{Rig, Side};
 use crate::stats::{ROLES, mb_per_s, ratio};
-use crate::{Figure, Plan, exec, idle, memory, requests, streams};
+use crate::{Figure, Plan, exec, idle, memory, requests, streams, wan};
 
 /// Bounds a phase: a phase that overruns is a harness failure.
 pub(crate) async fn phase<T>(
@@ -420,6 +420,59 @@ pub(crate) async fn memory(
         mib(m.cloud_peak),
         mib(m.cloud_after),
         report.verdict("rss_after_load_ratio"),
+    );
+    Ok(())
+}
+
+/// Figure 8: one logs stream across the emulated long link, on a rig whose
+/// edge and direct side both cross it (issue 13 item 3).
+pub(crate) async fn wan(rig: &Rig, plan: &Plan, report: &mut Report) -> anyhow::Result<()> {
+    let w = &plan.wan;
+    let sides = plan.sides.len() as u32;
+    // Warm-up plus every run may hit the deadline.
+    let limit = (w.limit + Duration::from_secs(10)) * sides * (w.runs as u32 + 1);
+    let [d, t] = phase(
+        "wan logs",
+        limit,
+        wan::wan_logs(&rig.dial, &plan.sides, w.bytes, w.runs, w.limit),
+    )
+    .await?;
+    let rtt_ms = (w.link.one_way * 2).as_secs_f64() * 1e3;
+    let rate = w.link.rate.unwrap_or(0) as f64 / 1e6;
+    report.num("wan_rtt_ms", rtt_ms);
+    report.num("wan_rate_cap_mbps", rate);
+    report.put("wan_queue_bytes", w.link.queue_bytes);
+    report.put("wan_logs_bytes", w.bytes);
+    report.put("wan_logs_runs", w.runs);
+    report.num("wan_logs_limit_s", w.limit.as_secs_f64());
+    for (side, x) in [("direct", &d), ("tunnel", &t)] {
+        report.num(&format!("wan_logs_{side}_mbps"), x.mbps());
+        report.put(&format!("wan_logs_{side}_bytes"), x.bytes);
+        report.put(&format!("wan_logs_{side}_complete"), x.complete);
+        report.num(
+            &format!("wan_logs_{side}_handshake_ms"),
+            x.handshake.as_secs_f64() * 1e3,
+        );
+    }
+    report.num("wan_logs_ratio", ratio(t.mbps(), d.mbps()));
+    let show = |x: &wan::WanRun| {
+        format!(
+            "{:.1} MB/s ({} MiB in {:.1} s{})",
+            x.mbps(),
+            x.bytes >> 20,
+            x.elapsed.as_secs_f64(),
+            if x.complete { "" } else { ", cut off" }
+        )
+    };
+    line(
+        &format!(
+            "wan {rtt_ms:.0} ms {rate:.0} MB/s logs {} MiB",
+            w.bytes >> 20
+        ),
+        &show(&d),
+        &show(&t),
+        &format!("ratio {:.3}", ratio(t.mbps(), d.mbps())),
+        &report.verdict("wan_logs_ratio"),
     );
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
 //! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
-//! front latency under a pre-TLS flood, and the memory of idle sessions (edges in a child process). The message hub's
+//! front latency under a pre-TLS flood, one logs stream across an emulated
+//! 50 ms link, and the memory of idle sessions (edges in a child process). The message hub's
 //! figures (messages per second, delivery latency, fan-out to many nodes) have no
 //! direct baseline and are reported as absolute numbers. `--json` ends stdout
 //! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
@@ -25,6 +26,7 @@ mod rig;
 mod slowloris;
 mod stats;
 mod streams;
+mod wan;
 
 use std::time::{Duration, Instant};
 
@@ -94,6 +96,14 @@ struct RunArgs {
     /// Streams held stalled during the stalled-reader figure.
     #[arg(long, default_value_t = 1)]
     stalled: usize,
+    /// Round trip of the emulated long link, in milliseconds (wan figure).
+    #[arg(long, default_value_t = 50)]
+    wan_rtt_ms: u64,
+    /// Bandwidth cap of the emulated long link per direction, in MB/s (10^6
+    /// bytes); both sides are held to it, so the ratio measures windows, not
+    /// which side this 2-core machine can encrypt faster (wan figure).
+    #[arg(long, default_value_t = 100)]
+    wan_rate_mbps: u64,
     /// Run the fixture, the edge and the cloud on the bench's own runtime instead
     /// of one runtime each (no per-role CPU split then).
     #[arg(long, hide = true)]
@@ -128,6 +138,18 @@ enum Figure {
     Iptables,
     Hub,
     Memory,
+    Wan,
+}
+
+/// The long-link figure's link and transfer.
+struct WanPlan {
+    link: tether_tests::wan::WanSpec,
+    /// Size of the logs stream asked for.
+    bytes: u64,
+    /// Streams per side; the best counts.
+    runs: usize,
+    /// A stream still running after this is cut off and rated on what it moved.
+    limit: Duration,
 }
 
 /// Sizes, counts and deadlines of one run.
@@ -146,6 +168,7 @@ struct Plan {
     concurrent_bytes: u64,
     stalled: usize,
     stalled_bytes: u64,
+    wan: WanPlan,
     edges: usize,
     edges_register: Duration,
     sides: Vec<Side>,
@@ -171,6 +194,15 @@ impl Plan {
             concurrent_bytes: 4 << 20,
             stalled: args.stalled,
             stalled_bytes: 4 << 30,
+            wan: WanPlan {
+                link: tether_tests::wan::WanSpec::new(
+                    Duration::from_millis(args.wan_rtt_ms),
+                    args.wan_rate_mbps.saturating_mul(1_000_000),
+                ),
+                bytes: if quick { 32 << 20 } else { 256 << 20 },
+                runs: if quick { 1 } else { 2 },
+                limit: Duration::from_secs(if quick { 20 } else { 60 }),
+            },
             edges: args.edges.unwrap_or(if quick { 200 } else { 1000 }),
             edges_register: Duration::from_secs(if quick { 45 } else { 90 }),
             sides: match args.side {
@@ -264,10 +296,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let rig = phase(
             "rig start",
             Duration::from_secs(30),
-            Rig::start(&limits, runtimes, edge_plain),
+            Rig::start(&limits, runtimes, edge_plain, None),
         )
         .await?;
         let result = figures::on_rig(&rig, &plan, &mut report).await;
+        rig.stop().await;
+        result?;
+    }
+
+    if plan.wants(Figure::Wan) {
+        let runtimes = Runtimes::new(args.shared_runtime)?;
+        let edge_plain = args.edge_kubelet == EdgeKubelet::Http;
+        let rig = phase(
+            "wan rig start",
+            Duration::from_secs(30),
+            Rig::start(&limits, runtimes, edge_plain, Some(plan.wan.link)),
+        )
+        .await?;
+        let result = figures::wan(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
     }

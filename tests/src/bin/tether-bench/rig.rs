@@ -17,6 +17,7 @@ use tokio_rustls::client::TlsStream;
 use tether_tests::fixture::{self, FixtureKubelet};
 use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl::IO_TIMEOUT;
+use tether_tests::wan::{WanLink, WanSpec};
 use tether_tunnel::TunnelLimits;
 
 /// The node the rig's edge serves; requests pick it with `Host:`.
@@ -90,6 +91,7 @@ pub(crate) struct Runtimes {
     fixture: Handle,
     edge: Handle,
     cloud: Handle,
+    link: Handle,
     owned: Vec<Runtime>,
 }
 
@@ -100,12 +102,15 @@ impl Runtimes {
             return Ok(Self {
                 fixture: here.clone(),
                 edge: here.clone(),
-                cloud: here,
+                cloud: here.clone(),
+                link: here,
                 owned: Vec::new(),
             });
         }
-        let mut owned = Vec::with_capacity(3);
-        for role in ["fixture", "edge", "cloud"] {
+        let mut owned = Vec::with_capacity(4);
+        // The emulated link's relays get threads of their own too: a relay
+        // waiting behind a busy role would add delay the spec does not ask for.
+        for role in ["fixture", "edge", "cloud", "wan"] {
             owned.push(
                 tokio::runtime::Builder::new_multi_thread()
                     .thread_name(format!("tb-{role}"))
@@ -118,6 +123,7 @@ impl Runtimes {
             fixture: owned[0].handle().clone(),
             edge: owned[1].handle().clone(),
             cloud: owned[2].handle().clone(),
+            link: owned[3].handle().clone(),
             owned,
         })
     }
@@ -154,6 +160,8 @@ pub(crate) struct Rig {
     plain: Option<FixtureKubelet>,
     cloud: CloudHandle,
     edge: EdgeHandle,
+    // The emulated links, with `link`: edge to cloud, and client to kubelet.
+    links: Vec<WanLink>,
     runtimes: Runtimes,
 }
 
@@ -164,10 +172,14 @@ impl Rig {
     /// over plain HTTP, like edged on 127.0.0.1:10350 (Tether's default);
     /// otherwise it uses HTTPS to the same instance the direct side uses,
     /// like a real kubelet on :10250.
+    /// With `link`, the edge reaches the cloud through an emulated link of
+    /// that shape and the direct side reaches the kubelet through another of
+    /// the same shape, so both sides cross the same round trip.
     pub(crate) async fn start(
         limits: &TunnelLimits,
         runtimes: Runtimes,
         edge_plain: bool,
+        link: Option<WanSpec>,
     ) -> anyhow::Result<Self> {
         let pki = Arc::new(Pki::generate().context("generate pki")?);
         let (server_tls, root) = fixture::self_signed_tls().context("fixture tls")?;
@@ -210,10 +222,27 @@ impl Rig {
             }
         }
         spec.limits = Some(limits.clone());
+        let mut links = Vec::new();
+        let (tunnel_addr, kubelet_addr) = match link {
+            None => (cloud.tunnel_addr, fixture.addr),
+            Some(shape) => {
+                let targets = [cloud.tunnel_addr, fixture.addr];
+                for target in targets {
+                    let relay = runtimes
+                        .link
+                        .spawn(WanLink::start(target, shape))
+                        .await
+                        .context("relay start task")?
+                        .context("start emulated link")?;
+                    links.push(relay);
+                }
+                (links[0].addr(), links[1].addr())
+            }
+        };
         let edge = {
             // EdgeHandle::start spawns the agent onto the runtime it is entered in.
             let _entered = runtimes.edge.enter();
-            EdgeHandle::start(&pki, cloud.tunnel_addr, spec).context("start edge")?
+            EdgeHandle::start(&pki, tunnel_addr, spec).context("start edge")?
         };
         cloud
             .registry
@@ -223,7 +252,7 @@ impl Rig {
         let dial = Dial {
             front: cloud.front_addr,
             front_tls: pki.apiserver_tls().context("apiserver client tls")?,
-            kubelet: fixture.addr,
+            kubelet: kubelet_addr,
             kubelet_tls,
         };
         Ok(Self {
@@ -232,6 +261,7 @@ impl Rig {
             plain,
             cloud,
             edge,
+            links,
             runtimes,
         })
     }
@@ -246,6 +276,7 @@ impl Rig {
     pub(crate) async fn stop(self) {
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.edge.stop()).await;
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.cloud.stop()).await;
+        drop(self.links);
         drop(self.fixture);
         drop(self.plain);
         self.runtimes.shutdown();
