@@ -5,7 +5,9 @@
 //!
 //! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
 //! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
-//! front latency under a pre-TLS flood, and the memory of idle sessions (edges in a child process). The message hub's
+//! front latency under a pre-TLS flood, and the memory of idle sessions (edges in a child process).
+//! The KubeEdge figure compares Tether's edge with a KubeEdge-protocol edge double
+//! on one cloud (logs and small GETs; both edges reach a plain-HTTP kubelet). The message hub's
 //! figures (messages per second, delivery latency, fan-out to many nodes) have no
 //! direct baseline and are reported as absolute numbers. `--json` ends stdout
 //! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
@@ -18,6 +20,7 @@ mod hub;
 mod hub_load;
 mod idle;
 mod iptables;
+mod kubeedge;
 mod memory;
 mod report;
 mod requests;
@@ -36,7 +39,7 @@ use tether_tunnel::TunnelLimits;
 
 use crate::figures::phase;
 use crate::report::Report;
-use crate::rig::{Rig, Runtimes, Side};
+use crate::rig::{Rig, RigOptions, Runtimes, Side};
 use crate::stats::Machine;
 
 /// Benchmarks the Tether tunnel against direct kubelet access.
@@ -128,6 +131,9 @@ enum Figure {
     Iptables,
     Hub,
     Memory,
+    /// Tether's edge against a KubeEdge-protocol edge, on one cloud.
+    #[value(name = "kubeedge")]
+    KubeEdge,
 }
 
 /// Sizes, counts and deadlines of one run.
@@ -264,12 +270,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let rig = phase(
             "rig start",
             Duration::from_secs(30),
-            Rig::start(&limits, runtimes, edge_plain),
+            Rig::start(
+                &limits,
+                runtimes,
+                RigOptions {
+                    edge_plain,
+                    kubeedge: false,
+                },
+            ),
         )
         .await?;
         let result = figures::on_rig(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
+    }
+
+    if plan.wants(Figure::KubeEdge) {
+        kubeedge::figure(&plan, &limits, &mut report).await?;
     }
 
     if plan.wants(Figure::Memory) {

@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 11] = [
+pub(crate) const TARGETS: [(&str, Rule); 13] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -44,6 +44,8 @@ pub(crate) const TARGETS: [(&str, Rule); 11] = [
     ("iptables_execs_one_change", Rule::AtMost(1.0)),
     ("edge_peak_rss_mib_100_streams", Rule::AtMost(64.0)),
     ("rss_after_load_ratio", Rule::AtMost(2.0)),
+    ("kubeedge_logs_ratio", Rule::AtLeast(0.5)),
+    ("kubeedge_small_get_ratio_c64", Rule::AtLeast(0.5)),
 ];
 
 /// Every number measured so far, by key.

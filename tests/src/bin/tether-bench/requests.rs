@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use tether_tests::kubectl::IO_TIMEOUT;
 
-use crate::rig::{Dial, NODE, Side};
+use crate::rig::{Dial, Side};
 use crate::stats::{Latency, cpu_by_role, cpu_time};
 
 /// What one measurement window of one side saw.
@@ -162,7 +162,7 @@ async fn worker(
             }
             sender.ready().await.context("connection closed")?;
             let req = Request::get("/pods")
-                .header(HOST, NODE)
+                .header(HOST, dial.node())
                 .body(Empty::<Bytes>::new())?;
             let resp = sender.send_request(req).await.context("send request")?;
             ensure!(
