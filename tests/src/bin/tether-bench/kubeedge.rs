@@ -174,14 +174,18 @@ async fn small_gets(
             &format!("kubeedge_small_get_{edge}_cpu_us_per_req_c{c}"),
             rate.cpu_us_per_req,
         );
+        report.put(
+            &format!("kubeedge_small_get_{edge}_reconnects_c{c}"),
+            rate.reconnects,
+        );
     }
     let key = format!("kubeedge_small_get_ratio_c{c}");
     let r = ratio(k.per_sec, t.per_sec);
     report.num(&key, r);
     let show = |g: &GetRate| {
         format!(
-            "{:.0} req/s (p50 {:.2} p99 {:.2} ms, {:.0} us CPU/req)",
-            g.per_sec, g.latency.p50_ms, g.latency.p99_ms, g.cpu_us_per_req
+            "{:.0} req/s (p50 {:.2} p99 {:.2} ms, {:.0} us CPU/req, {} reconnects)",
+            g.per_sec, g.latency.p50_ms, g.latency.p99_ms, g.cpu_us_per_req, g.reconnects
         )
     };
     line(

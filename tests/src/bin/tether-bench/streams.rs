@@ -47,7 +47,7 @@ async fn log_stream(dial: &Dial, side: Side, pod: &str, bytes: u64) -> anyhow::R
     );
     let got = drain(resp.into_body())
         .await
-        .with_context(|| format!("{side:?} logs body"))?;
+        .with_context(|| format!("{side:?} logs body from {}", dial.node()))?;
     let elapsed = started.elapsed();
     ensure!(got == bytes, "{side:?} logs: got {got} bytes, want {bytes}");
     Ok(elapsed)
