@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::client::ClientRequestBuilder;
 
 use tether_tests::kubectl::{self, IO_TIMEOUT};
 
-use crate::rig::{Conn, Dial, NODE, Side};
+use crate::rig::{Conn, Dial, Side};
 use crate::stats::Latency;
 
 /// Bytes sent per round trip.
@@ -36,7 +36,7 @@ impl ExecSession {
     async fn open(dial: &Dial, side: Side) -> anyhow::Result<Self> {
         let io = dial.connect(side).await?;
         let path = kubectl::exec_path("default", "bench", "app", &["cat"], true);
-        let request = ClientRequestBuilder::new(format!("ws://{NODE}{path}").parse()?)
+        let request = ClientRequestBuilder::new(format!("ws://{}{path}", dial.node()).parse()?)
             .with_sub_protocol("v5.channel.k8s.io");
         let (ws, resp) =
             tokio::time::timeout(IO_TIMEOUT, tokio_tungstenite::client_async(request, io))

@@ -6,7 +6,9 @@
 //! Figures: single log stream throughput, small GET rate at concurrency 1/8/64,
 //! exec round trip, 100 concurrent 4 MiB streams, throughput beside a stalled reader,
 //! front latency under a pre-TLS flood, one logs stream across an emulated
-//! 50 ms link, and the memory of idle sessions (edges in a child process). The message hub's
+//! 50 ms link, and the memory of idle sessions (edges in a child process).
+//! The KubeEdge figure compares Tether's edge with a KubeEdge-protocol edge double
+//! on one cloud (logs and small GETs; both edges reach a plain-HTTP kubelet). The message hub's
 //! figures (messages per second, delivery latency, fan-out to many nodes) have no
 //! direct baseline and are reported as absolute numbers. `--json` ends stdout
 //! with one JSON object; `docs/PERFORMANCE.md` explains the figures and targets.
@@ -19,6 +21,7 @@ mod hub;
 mod hub_load;
 mod idle;
 mod iptables;
+mod kubeedge;
 mod memory;
 mod report;
 mod requests;
@@ -38,7 +41,7 @@ use tether_tunnel::TunnelLimits;
 
 use crate::figures::phase;
 use crate::report::Report;
-use crate::rig::{Rig, Runtimes, Side};
+use crate::rig::{Rig, RigOptions, Runtimes, Side};
 use crate::stats::Machine;
 
 /// Benchmarks the Tether tunnel against direct kubelet access.
@@ -139,6 +142,9 @@ enum Figure {
     Hub,
     Memory,
     Wan,
+    /// Tether's edge against a KubeEdge-protocol edge, on one cloud.
+    #[value(name = "kubeedge")]
+    KubeEdge,
 }
 
 /// The long-link figure's link and transfer.
@@ -296,7 +302,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let rig = phase(
             "rig start",
             Duration::from_secs(30),
-            Rig::start(&limits, runtimes, edge_plain, None),
+            Rig::start(
+                &limits,
+                runtimes,
+                RigOptions {
+                    edge_plain,
+                    ..RigOptions::default()
+                },
+            ),
         )
         .await?;
         let result = figures::on_rig(&rig, &plan, &mut report).await;
@@ -310,12 +323,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let rig = phase(
             "wan rig start",
             Duration::from_secs(30),
-            Rig::start(&limits, runtimes, edge_plain, Some(plan.wan.link)),
+            Rig::start(
+                &limits,
+                runtimes,
+                RigOptions {
+                    edge_plain,
+                    link: Some(plan.wan.link),
+                    ..RigOptions::default()
+                },
+            ),
         )
         .await?;
         let result = figures::wan(&rig, &plan, &mut report).await;
         rig.stop().await;
         result?;
+    }
+
+    if plan.wants(Figure::KubeEdge) {
+        kubeedge::figure(&plan, &limits, &mut report).await?;
     }
 
     if plan.wants(Figure::Memory) {

@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 12] = [
+pub(crate) const TARGETS: [(&str, Rule); 14] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -45,6 +45,8 @@ pub(crate) const TARGETS: [(&str, Rule); 12] = [
     ("edge_peak_rss_mib_100_streams", Rule::AtMost(64.0)),
     ("rss_after_load_ratio", Rule::AtMost(2.0)),
     ("wan_logs_ratio", Rule::AtLeast(0.8)),
+    ("kubeedge_logs_ratio", Rule::AtLeast(0.5)),
+    ("kubeedge_small_get_ratio_c64", Rule::AtLeast(0.5)),
 ];
 
 /// Every number measured so far, by key.

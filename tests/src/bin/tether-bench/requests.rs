@@ -1,13 +1,14 @@
 //! Small-request rate (figure 2): `GET /pods` (~1 KiB of JSON) on keep-alive
 //! HTTP/1.1 connections, one per concurrent worker like an apiserver's pool, for a
-//! fixed window after a warm-up.
+//! fixed window after a warm-up. A worker whose response says `Connection: close`
+//! opens a new connection for its next request, inside that request's time.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use bytes::Bytes;
 use http::Request;
-use http::header::HOST;
+use http::header::{CONNECTION, HOST};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
@@ -15,7 +16,7 @@ use tokio::task::JoinSet;
 
 use tether_tests::kubectl::IO_TIMEOUT;
 
-use crate::rig::{Dial, NODE, Side};
+use crate::rig::{Dial, Side};
 use crate::stats::{Latency, cpu_by_role, cpu_time};
 
 /// What one measurement window of one side saw.
@@ -28,6 +29,8 @@ pub(crate) struct GetWindow {
     cpu: Duration,
     /// The same split by [`crate::stats::ROLES`].
     roles: [Duration; 4],
+    /// Connections opened again because a response said `Connection: close`.
+    reconnects: usize,
 }
 
 impl GetWindow {
@@ -48,6 +51,8 @@ pub(crate) struct GetRate {
     pub(crate) cpu_us_per_req: f64,
     /// [`GetRate::cpu_us_per_req`] split by [`crate::stats::ROLES`].
     pub(crate) role_us_per_req: [f64; 4],
+    /// Connections opened again after `Connection: close`, over all windows.
+    pub(crate) reconnects: usize,
 }
 
 impl GetRate {
@@ -68,6 +73,7 @@ impl GetRate {
         }
         Self {
             per_sec,
+            reconnects: windows.iter().map(|w| w.reconnects).sum(),
             cpu_us_per_req: us(cpu),
             role_us_per_req: roles.map(us),
             latency: Latency::from_samples(windows.into_iter().flat_map(|w| w.samples).collect()),
@@ -116,34 +122,49 @@ pub(crate) async fn small_gets(
         *after = after.saturating_sub(before);
     }
 
-    let mut samples = Vec::new();
+    let (mut samples, mut reconnects) = (Vec::new(), 0);
     while let Some(done) = workers.join_next().await {
-        samples.extend(done.context("worker task")??);
+        let (worker_samples, worker_reconnects) = done.context("worker task")??;
+        samples.extend(worker_samples);
+        reconnects += worker_reconnects;
     }
     Ok(GetWindow {
         window,
         samples,
         cpu,
         roles,
+        reconnects,
     })
 }
 
-/// One keep-alive connection issuing requests back to back; returns the latencies
-/// of the requests that started and finished inside the window.
-async fn worker(
-    dial: Dial,
-    side: Side,
-    connected: mpsc::Sender<()>,
-    mut window: watch::Receiver<Window>,
-) -> anyhow::Result<Vec<Duration>> {
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// A new HTTP/1.1 client connection; its driver runs in the returned task.
+async fn open(dial: &Dial, side: Side) -> anyhow::Result<(Sender, tokio::task::JoinHandle<()>)> {
     let io = dial.connect(side).await?;
-    let (mut sender, conn) = tokio::time::timeout(
+    let (sender, conn) = tokio::time::timeout(
         IO_TIMEOUT,
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(io)),
     )
     .await
     .context("http handshake timed out")??;
-    let conn = tokio::spawn(conn);
+    let conn = tokio::spawn(async move {
+        // Its errors surface on the sender.
+        let _ = conn.await;
+    });
+    Ok((sender, conn))
+}
+
+/// One keep-alive connection issuing requests back to back (a new one after a
+/// `Connection: close` response); returns the latencies of the requests that
+/// started and finished inside the window, and how many reconnects it made.
+async fn worker(
+    dial: Dial,
+    side: Side,
+    connected: mpsc::Sender<()>,
+    mut window: watch::Receiver<Window>,
+) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let (mut sender, mut conn) = open(&dial, side).await?;
     let _ = connected.send(()).await;
     // Dropped so the coordinator stops waiting once every worker connected or failed.
     drop(connected);
@@ -154,15 +175,22 @@ async fn worker(
     let (start, end) = set.context("window unset")?;
 
     let mut samples = Vec::new();
+    let mut reconnects = 0;
+    let mut closed = false;
     let run = async {
         loop {
             let sent = Instant::now();
             if sent >= end {
                 break;
             }
+            if closed {
+                conn.abort();
+                (sender, conn) = open(&dial, side).await?;
+                reconnects += 1;
+            }
             sender.ready().await.context("connection closed")?;
             let req = Request::get("/pods")
-                .header(HOST, NODE)
+                .header(HOST, dial.node())
                 .body(Empty::<Bytes>::new())?;
             let resp = sender.send_request(req).await.context("send request")?;
             ensure!(
@@ -170,6 +198,10 @@ async fn worker(
                 "{side:?} /pods: status {}",
                 resp.status()
             );
+            closed = resp
+                .headers()
+                .get(CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
             let body = resp.into_body().collect().await.context("read body")?;
             ensure!(!body.to_bytes().is_empty(), "{side:?} /pods: empty body");
             let done = Instant::now();
@@ -183,5 +215,5 @@ async fn worker(
     let result = tokio::time::timeout(limit, run).await;
     conn.abort();
     result.with_context(|| format!("{side:?} request stalled"))??;
-    Ok(samples)
+    Ok((samples, reconnects))
 }

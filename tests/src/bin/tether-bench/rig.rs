@@ -1,5 +1,7 @@
 //! The rig most figures run on: the fixture kubelet over HTTPS (like a real kubelet
-//! on :10250), the cloud, and one edge agent reaching that kubelet over HTTPS; plus
+//! on :10250), the cloud, and one edge agent reaching that kubelet over HTTPS (or a
+//! second, plain-HTTP instance; and, for the KubeEdge figure, a KubeEdge-protocol
+//! edge double beside it reaching that plain-HTTP instance); plus
 //! [`Dial`], the two ways the same client code reaches the kubelet: directly, or
 //! through the front, the tunnel and the edge.
 
@@ -15,13 +17,20 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use tether_tests::fixture::{self, FixtureKubelet};
-use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
+use tether_tests::harness::{
+    CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, KubeEdgeCloud, Pki,
+};
 use tether_tests::kubectl::IO_TIMEOUT;
+use tether_tests::kubeedge_edge::{
+    CloudTrust, KubeEdgeCa, KubeEdgeEdge, KubeEdgeSpec, edge_client_tls,
+};
 use tether_tests::wan::{WanLink, WanSpec};
 use tether_tunnel::TunnelLimits;
 
 /// The node the rig's edge serves; requests pick it with `Host:`.
 pub(crate) const NODE: &str = "bench-node";
+/// The node the rig's KubeEdge-protocol edge double serves, if it has one.
+pub(crate) const KUBEEDGE_NODE: &str = "bench-kubeedge-node";
 
 /// How long the edge may take to register.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -51,9 +60,24 @@ pub(crate) struct Dial {
     front_tls: Arc<rustls::ClientConfig>,
     kubelet: SocketAddr,
     kubelet_tls: Arc<rustls::ClientConfig>,
+    /// The node requests name in `Host:` (the front routes by it).
+    node: &'static str,
 }
 
 impl Dial {
+    /// The node requests are for.
+    pub(crate) fn node(&self) -> &'static str {
+        self.node
+    }
+
+    /// The same dial, for requests to another node behind the same front.
+    pub(crate) fn for_node(&self, node: &'static str) -> Self {
+        Self {
+            node,
+            ..self.clone()
+        }
+    }
+
     /// The front's address.
     pub(crate) fn front(&self) -> SocketAddr {
         self.front
@@ -151,23 +175,39 @@ impl Runtimes {
     }
 }
 
+/// How a rig is put together.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RigOptions {
+    /// The edge reaches a second fixture instance over plain HTTP (like edged on
+    /// 127.0.0.1:10350) instead of the direct side's instance over HTTPS.
+    pub(crate) edge_plain: bool,
+    /// The cloud also accepts KubeEdge sessions, and a KubeEdge-protocol edge
+    /// double serves [`KUBEEDGE_NODE`] from the plain-HTTP fixture (the double
+    /// speaks plain HTTP to its kubelet only); implies `edge_plain`.
+    pub(crate) kubeedge: bool,
+    /// The edge reaches the cloud, and the direct side the kubelet, through
+    /// emulated links of this shape.
+    pub(crate) link: Option<WanSpec>,
+}
+
 /// The fixture kubelet, the cloud and one edge, all in this process.
 pub(crate) struct Rig {
     pub(crate) dial: Dial,
     // Held for its lifetime: dropping the fixture stops it.
     fixture: FixtureKubelet,
-    // The edge's plain-HTTP kubelet, with --edge-kubelet http.
+    // The edge's plain-HTTP kubelet, with --edge-kubelet http or a KubeEdge edge.
     plain: Option<FixtureKubelet>,
     cloud: CloudHandle,
     edge: EdgeHandle,
     // The emulated links, with `link`: edge to cloud, and client to kubelet.
     links: Vec<WanLink>,
+    kubeedge: Option<KubeEdgeEdge>,
     runtimes: Runtimes,
 }
 
 impl Rig {
     /// Starts everything with `limits` on both tunnel ends, each role on its
-    /// runtime from `runtimes`, and waits for the edge.
+    /// runtime from `runtimes`, and waits for the edge (and the KubeEdge edge).
     /// With `edge_plain`, the edge reaches a second instance of the fixture
     /// over plain HTTP, like edged on 127.0.0.1:10350 (Tether's default);
     /// otherwise it uses HTTPS to the same instance the direct side uses,
@@ -178,9 +218,10 @@ impl Rig {
     pub(crate) async fn start(
         limits: &TunnelLimits,
         runtimes: Runtimes,
-        edge_plain: bool,
-        link: Option<WanSpec>,
+        options: RigOptions,
     ) -> anyhow::Result<Self> {
+        let edge_plain = options.edge_plain || options.kubeedge;
+        let link = options.link;
         let pki = Arc::new(Pki::generate().context("generate pki")?);
         let (server_tls, root) = fixture::self_signed_tls().context("fixture tls")?;
         let fixture = runtimes
@@ -190,8 +231,19 @@ impl Rig {
             .context("fixture start task")?
             .context("start fixture kubelet")?;
         let kubelet_tls = fixture::client_tls(root).context("kubelet client tls")?;
+        let ke_ca = if options.kubeedge {
+            Some(KubeEdgeCa::generate().context("generate kubeedge ca")?)
+        } else {
+            None
+        };
         let spec = CloudSpec {
             limits: Some(limits.clone()),
+            kubeedge: ke_ca.as_ref().map(|ca| KubeEdgeCloud {
+                ca: ca.cert_der().clone(),
+                trust_legacy_certs: false,
+                trust_internal_ip_header: false,
+                options: None,
+            }),
             ..CloudSpec::default()
         };
         let cloud_pki = pki.clone();
@@ -249,11 +301,36 @@ impl Rig {
             .wait_for_node(NODE, None, CONNECT_TIMEOUT)
             .await
             .with_context(|| format!("edge did not connect within {CONNECT_TIMEOUT:?}"))?;
+        let kubeedge = match (&ke_ca, &plain) {
+            (Some(ca), Some(kubelet)) => {
+                let cert = ca.issue_edge(KUBEEDGE_NODE, &[])?;
+                let tls = edge_client_tls(
+                    &cert,
+                    CloudTrust::Verify(vec![pki.edge_ca.cert_der().clone()]),
+                )?;
+                let spec = KubeEdgeSpec::new(KUBEEDGE_NODE, cloud.tunnel_addr, tls, kubelet.addr);
+                // The double spawns its session onto the runtime it is entered in.
+                let edge = {
+                    let _entered = runtimes.edge.enter();
+                    KubeEdgeEdge::start(spec)
+                };
+                cloud
+                    .registry
+                    .wait_for_node(KUBEEDGE_NODE, None, CONNECT_TIMEOUT)
+                    .await
+                    .with_context(|| {
+                        format!("the KubeEdge edge did not connect within {CONNECT_TIMEOUT:?}")
+                    })?;
+                Some(edge)
+            }
+            _ => None,
+        };
         let dial = Dial {
             front: cloud.front_addr,
             front_tls: pki.apiserver_tls().context("apiserver client tls")?,
             kubelet: kubelet_addr,
             kubelet_tls,
+            node: NODE,
         };
         Ok(Self {
             dial,
@@ -262,8 +339,16 @@ impl Rig {
             cloud,
             edge,
             links,
+            kubeedge,
             runtimes,
         })
+    }
+
+    /// Requests through the front to the KubeEdge edge's node, if the rig has one.
+    pub(crate) fn kubeedge_dial(&self) -> Option<Dial> {
+        self.kubeedge
+            .as_ref()
+            .map(|_| self.dial.for_node(KUBEEDGE_NODE))
     }
 
     /// Whether per-role CPU times are meaningful for this rig.
@@ -274,6 +359,9 @@ impl Rig {
     /// Stops the edge, then the cloud, each within a deadline, then the fixture
     /// and the role runtimes.
     pub(crate) async fn stop(self) {
+        if let Some(edge) = self.kubeedge {
+            edge.stop();
+        }
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.edge.stop()).await;
         let _ = tokio::time::timeout(STOP_TIMEOUT, self.cloud.stop()).await;
         drop(self.links);

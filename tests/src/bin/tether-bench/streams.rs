@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tether_tests::fixture::LogVerifier;
 use tether_tests::kubectl;
 
-use crate::rig::{Dial, NODE, Side};
+use crate::rig::{Dial, Side};
 use crate::stats::{cpu_by_role, cpu_time, mb_per_s, ms};
 
 /// Size of the verified warm-up stream before the timed runs.
@@ -39,7 +39,7 @@ async fn drain(mut body: Incoming) -> anyhow::Result<u64> {
 async fn log_stream(dial: &Dial, side: Side, pod: &str, bytes: u64) -> anyhow::Result<Duration> {
     let io = dial.connect(side).await?;
     let started = Instant::now();
-    let resp = kubectl::get_streaming(io, NODE, &logs_path(pod, bytes)).await?;
+    let resp = kubectl::get_streaming(io, dial.node(), &logs_path(pod, bytes)).await?;
     ensure!(
         resp.status() == 200,
         "{side:?} logs: status {}",
@@ -47,7 +47,7 @@ async fn log_stream(dial: &Dial, side: Side, pod: &str, bytes: u64) -> anyhow::R
     );
     let got = drain(resp.into_body())
         .await
-        .with_context(|| format!("{side:?} logs body"))?;
+        .with_context(|| format!("{side:?} logs body from {}", dial.node()))?;
     let elapsed = started.elapsed();
     ensure!(got == bytes, "{side:?} logs: got {got} bytes, want {bytes}");
     Ok(elapsed)
@@ -56,7 +56,7 @@ async fn log_stream(dial: &Dial, side: Side, pod: &str, bytes: u64) -> anyhow::R
 /// An untimed log stream whose every byte is checked against the fixture's pattern.
 async fn verified_log_stream(dial: &Dial, side: Side, bytes: u64) -> anyhow::Result<()> {
     let io = dial.connect(side).await?;
-    let resp = kubectl::get_streaming(io, NODE, &logs_path("verified", bytes)).await?;
+    let resp = kubectl::get_streaming(io, dial.node(), &logs_path("verified", bytes)).await?;
     ensure!(
         resp.status() == 200,
         "{side:?} logs: status {}",
@@ -100,18 +100,35 @@ pub(crate) async fn logs_throughput(
     bytes: u64,
     runs: usize,
 ) -> anyhow::Result<[Throughput; 2]> {
+    let paths: Vec<(&Dial, Side)> = sides.iter().map(|side| (dial, *side)).collect();
+    let measured = paths_throughput(&paths, bytes, runs).await?;
+    let mut out = [Throughput::default(); 2];
+    for (side, x) in sides.iter().zip(measured) {
+        out[usize::from(*side == Side::Tunnel)] = x;
+    }
+    Ok(out)
+}
+
+/// Best single-stream throughput of each path (a dial, which names the node,
+/// and a side), in the order given; runs are interleaved path by path so
+/// drifting machine noise hits every path alike.
+pub(crate) async fn paths_throughput(
+    paths: &[(&Dial, Side)],
+    bytes: u64,
+    runs: usize,
+) -> anyhow::Result<Vec<Throughput>> {
     // Warm-up (the edge's pooled kubelet connection, TLS sessions, allocator),
     // checked byte for byte since the timed runs only count bytes.
-    for side in sides {
+    for (dial, side) in paths {
         verified_log_stream(dial, *side, WARMUP_BYTES).await?;
     }
-    let mut best = [Duration::MAX; 2];
-    let mut cpu = [Duration::ZERO; 2];
-    let mut roles = [[Duration::ZERO; 4]; 2];
-    let mut wall = [Duration::ZERO; 2];
+    let n = paths.len();
+    let mut best = vec![Duration::MAX; n];
+    let mut cpu = vec![Duration::ZERO; n];
+    let mut roles = vec![[Duration::ZERO; 4]; n];
+    let mut wall = vec![Duration::ZERO; n];
     for _ in 0..runs {
-        for side in sides {
-            let i = usize::from(*side == Side::Tunnel);
+        for (i, (dial, side)) in paths.iter().enumerate() {
             let (cpu_before, roles_before) = (cpu_time()?, cpu_by_role()?);
             let took = log_stream(dial, *side, "throughput", bytes).await?;
             cpu[i] += cpu_time()?.saturating_sub(cpu_before);
@@ -125,18 +142,15 @@ pub(crate) async fn logs_throughput(
             best[i] = best[i].min(took);
         }
     }
-    let mut out = [Throughput::default(); 2];
-    for side in sides {
-        let i = usize::from(*side == Side::Tunnel);
-        let mb = (bytes * runs as u64) as f64 / 1e6;
-        out[i] = Throughput {
+    let mb = (bytes * runs as u64) as f64 / 1e6;
+    Ok((0..n)
+        .map(|i| Throughput {
             mbps: mb_per_s(bytes, best[i]),
             cpu_ms_per_mb: ms(cpu[i]) / mb,
             cores: cpu[i].as_secs_f64() / wall[i].as_secs_f64().max(1e-9),
             role_ms_per_mb: roles[i].map(|d| ms(d) / mb),
-        };
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Opens `count` tunnel log streams of `bytes` each, reads one chunk of each and
@@ -145,9 +159,10 @@ async fn open_stalled(dial: &Dial, count: usize, bytes: u64) -> anyhow::Result<V
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
         let io = dial.connect(Side::Tunnel).await?;
-        let resp = kubectl::get_streaming(io, NODE, &logs_path(&format!("stalled-{i}"), bytes))
-            .await
-            .context("open stalled stream")?;
+        let resp =
+            kubectl::get_streaming(io, dial.node(), &logs_path(&format!("stalled-{i}"), bytes))
+                .await
+                .context("open stalled stream")?;
         ensure!(
             resp.status() == 200,
             "stalled stream: status {}",
@@ -252,11 +267,12 @@ pub(crate) async fn concurrent_streams(
     }
 
     let started = Instant::now();
+    let node = dial.node();
     let mut running = JoinSet::new();
     for (i, io) in conns.into_iter().enumerate() {
         running.spawn(async move {
             let resp =
-                kubectl::get_streaming(io, NODE, &logs_path(&format!("many-{i}"), bytes)).await?;
+                kubectl::get_streaming(io, node, &logs_path(&format!("many-{i}"), bytes)).await?;
             ensure!(resp.status() == 200, "status {}", resp.status());
             let got = drain(resp.into_body()).await?;
             ensure!(got == bytes, "got {got} bytes, want {bytes}");
