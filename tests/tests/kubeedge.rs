@@ -193,6 +193,13 @@ async fn logs_64mib_arrive_byte_exact_with_the_kubelets_head() {
             resp.headers()["x-fixture"] == "kubelet",
             "kubelet header lost"
         );
+        // The edge-side connection's `Connection: close` is not the client's:
+        // its connection to the front stays open for the next request.
+        ensure!(
+            resp.headers().get("connection").is_none(),
+            "hop-by-hop header passed to the client: {:?}",
+            resp.headers().get("connection")
+        );
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
         let mut chunks = 0u64;

@@ -402,7 +402,15 @@ async fn open(
     let head = hyper_request(&req);
     let timeout = shared.opts.response_header_timeout;
     match tokio::time::timeout(timeout, sender.send_request(head)).await {
-        Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+        Ok(Ok(mut resp)) => {
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // The edge-side connection closes after each request (one
+                // request per EXEC_CONNECT); that is this hop's business, not
+                // the client's, whose front connection stays open.
+                strip_hop_by_hop(resp.headers_mut());
+            }
+            Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+        }
         Ok(Err(e)) => {
             task.abort();
             let ended = shared.lock().ended;
@@ -438,3 +446,21 @@ fn hyper_request(req: &Request<Body>) -> Request<Body> {
 
 #[cfg(test)]
 mod tests;
+
+/// Removes the headers that describe one HTTP/1.1 connection (RFC 9110
+/// 7.6.1), including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
+        headers.remove(n);
+    }
+}
