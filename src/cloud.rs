@@ -445,6 +445,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         peers,
         egress_passthrough: cfg.egress_passthrough.clone(),
         kubeedge,
+        hub: Some(hub.clone()),
     };
     info!(
         tunnel = %opts.tunnel_listener.local_addr()?,

@@ -323,7 +323,9 @@ pub(crate) struct EdgeConfig {
     /// Where enrolled credentials live (default `/var/lib/tether-edge`); used
     /// when `cert`/`key` are not given. The hub's queue is kept here too.
     pub(crate) state_dir: PathBuf,
-    /// The cloud hub's `host:port` (default: host of `cloud_addr`, port 10000).
+    /// The cloud hub's own port, `host:port`, for a second connection as
+    /// edges before 0.2 used (default: none; the hub rides inside the
+    /// tunnel session, ADR 0022).
     pub(crate) hub_addr: Option<String>,
     /// Run the message hub (default true).
     pub(crate) hub_enabled: bool,

@@ -65,7 +65,8 @@ pub(crate) struct Args {
     /// Admin (metrics, probes) listen address [default 127.0.0.1:10006].
     #[arg(long, env = "TETHER_ADMIN_ADDR")]
     admin_addr: Option<SocketAddr>,
-    /// The cloud message hub, host:port [default: the cloud host, port 10000].
+    /// Dial the cloud message hub on its own port, host:port, as edges before
+    /// 0.2 did [default: the hub rides inside the tunnel, one connection].
     #[arg(long, env = "TETHER_HUB_ADDR")]
     hub_addr: Option<String>,
     /// The local hub API socket [default: <state-dir>/hub.sock].
@@ -165,14 +166,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     tether_metrics_adapter::register_process(&mut registry);
     tether_metrics_adapter::spawn_heap_trimmer();
     let metrics = EdgeMetrics::register(&mut registry);
-    let hub_addr = match &cfg.hub_addr {
-        Some(a) => a.clone(),
-        None => {
-            let cloud = cfg.cloud_addr()?;
-            let host = cloud.rsplit_once(':').map_or(cloud, |(h, _)| h);
-            format!("{host}:10000")
-        }
-    };
+    // Without `hub_addr` the hub's channel rides inside the tunnel session,
+    // one connection per edge (ADR 0022); with it, the edge dials the hub
+    // port as edges before 0.2 did.
+    let hub_port = cfg.hub_addr.clone();
     let cert_source;
     let (dialer, hub_dialer) = if cfg.file_credentials() {
         cert_source = CertSource::Files(cfg.cert.clone().context("config field `cert`")?);
@@ -185,7 +182,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 &node,
                 cfg.limits.clone(),
             )?,
-            TunnelDialer::new(&hub_addr, &server_name, tls, &node, cfg.limits.clone())?,
+            hub_port
+                .as_ref()
+                .map(|a| TunnelDialer::new(a, &server_name, tls, &node, cfg.limits.clone()))
+                .transpose()?,
         )
     } else {
         let manager = CertManager::new(&cfg.state_dir, &cfg.bootstrap_addr()?, &server_name, &node);
@@ -227,11 +227,15 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             &node,
             cfg.limits.clone(),
         )?;
-        let mut hub =
-            TunnelDialer::rotating(&hub_addr, &server_name, rx, &node, cfg.limits.clone())?;
+        let mut hub = hub_port
+            .as_ref()
+            .map(|a| TunnelDialer::rotating(a, &server_name, rx, &node, cfg.limits.clone()))
+            .transpose()?;
         if let Some(hook) = refused {
             tunnel.on_refused(hook.clone());
-            hub.on_refused(hook);
+            if let Some(hub) = &mut hub {
+                hub.on_refused(hook);
+            }
         }
         (tunnel, hub)
     };
@@ -241,6 +245,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     );
     let mut store_health = None;
     let mut hub_metrics = None;
+    let mut hub_stream = None;
     if cfg.hub_enabled {
         std::fs::create_dir_all(&cfg.state_dir)
             .with_context(|| format!("config field `state_dir` ({})", cfg.state_dir.display()))?;
@@ -275,9 +280,22 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             cfg.hub.max_message_bytes,
             shutdown.clone(),
         ));
-        let (hub_backoff, hub_shutdown) = (backoff.clone(), shutdown.clone());
-        tokio::spawn(async move { hub.run(hub_dialer, hub_backoff, hub_shutdown).await });
-        info!(hub = %hub_addr, socket = %socket.display(), "message hub started");
+        match hub_dialer {
+            Some(dialer) => {
+                let (hub_backoff, hub_shutdown) = (backoff.clone(), shutdown.clone());
+                let run = hub.clone();
+                tokio::spawn(async move { run.run(dialer, hub_backoff, hub_shutdown).await });
+            }
+            None => {
+                let shutdown = shutdown.clone();
+                hub_stream = Some(tether_edgestream::HubStream {
+                    target: tether_hub::HUB_TARGET,
+                    serve: Arc::new(move |req| hub.accept(req, shutdown.clone())),
+                });
+            }
+        }
+        let via = hub_port.as_deref().unwrap_or("the tunnel");
+        info!(hub = %via, socket = %socket.display(), "message hub started");
     }
     let admin_listener = crate::bind(cfg.admin_addr, "the admin endpoint").await?;
     let admin_addr = admin_listener.local_addr()?;
@@ -296,7 +314,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             cloud: cfg.cloud_addr()?.to_owned(),
             tunnel: status.clone(),
             hub: hub_metrics,
-            hub_addr: cfg.hub_enabled.then(|| hub_addr.clone()),
+            hub_addr: hub_port.clone(),
             cert: cert_source,
         };
         Arc::new(move || hyper::body::Bytes::from(view.document().to_string()))
@@ -323,6 +341,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         backoff,
         metrics,
         status,
+        hub: hub_stream,
     };
     info!(node, cloud = cfg.cloud_addr()?, kubelet = %cfg.kubelet_url, admin = %admin_addr, "edge started");
     let run = tokio::spawn(tether_edgestream::run(opts, shutdown));
@@ -370,14 +389,15 @@ impl StatusView {
     fn document(&self) -> serde_json::Value {
         use serde_json::json;
         let t = self.tunnel.snapshot();
-        let hub = match (&self.hub, &self.hub_addr) {
-            (Some(m), Some(addr)) => json!({
+        let hub = match &self.hub {
+            Some(m) => json!({
                 "enabled": true,
-                "cloud": addr,
+                "transport": if self.hub_addr.is_some() { "port" } else { "tunnel" },
+                "cloud": self.hub_addr.as_deref().unwrap_or(&self.cloud),
                 "connected": m.online() > 0,
                 "queue_depth": m.queue_depth(),
             }),
-            _ => json!({ "enabled": false }),
+            None => json!({ "enabled": false }),
         };
         let certificate = match &self.cert {
             CertSource::Enrolled { identity, schedule } => {

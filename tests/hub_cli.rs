@@ -100,6 +100,9 @@ struct Addrs {
     admin: u16,
     /// The edge's admin port (0: any).
     edge_admin: u16,
+    /// The edge carries the hub inside its tunnel (the default, ADR 0022)
+    /// rather than dialing the hub port.
+    hub_in_tunnel: bool,
 }
 
 async fn cloud(prefix: &[&str], f: &Files, a: &Addrs) -> anyhow::Result<Role> {
@@ -154,36 +157,67 @@ async fn edge(prefix: &[&str], f: &Files, a: &Addrs) -> anyhow::Result<Role> {
         format!("{}:{}", a.ip, a.tunnel),
     );
     let admin = format!("127.0.0.1:{}", a.edge_admin);
+    let hub_port: &[&str] = if a.hub_in_tunnel {
+        &[]
+    } else {
+        &["--hub-addr", &hub]
+    };
     process::spawn(
         prefix,
         &[
-            "edge",
-            "--config",
-            &f.edge_cfg,
-            "--node-name",
-            NODE,
-            "--cloud-addr",
-            &tunnel,
-            "--hub-addr",
-            &hub,
-            "--cloud-server-name",
-            "localhost",
-            "--ca",
-            &f.edge_ca,
-            "--cert",
-            &f.node.0,
-            "--key",
-            &f.node.1,
-            "--state-dir",
-            state.to_str().context("path")?,
-            "--kubelet-url",
-            "http://127.0.0.1:1",
-            "--admin-addr",
-            &admin,
-        ],
+            &[
+                "edge",
+                "--config",
+                &f.edge_cfg,
+                "--node-name",
+                NODE,
+                "--cloud-addr",
+                &tunnel,
+            ],
+            hub_port,
+            &[
+                "--cloud-server-name",
+                "localhost",
+                "--ca",
+                &f.edge_ca,
+                "--cert",
+                &f.node.0,
+                "--key",
+                &f.node.1,
+                "--state-dir",
+                state.to_str().context("path")?,
+                "--kubelet-url",
+                "http://127.0.0.1:1",
+                "--admin-addr",
+                &admin,
+            ],
+        ]
+        .concat(),
         "message hub started",
     )
     .await
+}
+
+/// Established TCP connections to `port` on this host (`ss`, iproute2).
+async fn connections_to(port: u16) -> anyhow::Result<usize> {
+    let out = tokio::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .await
+        .context("ss (iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
 
 fn socket(f: &Files) -> String {
@@ -373,6 +407,15 @@ async fn kill(role: &mut Role) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_survive_sigkill_of_edge_and_cloud() {
+    sigkill(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_survive_sigkill_of_edge_and_cloud_with_the_hub_in_the_tunnel() {
+    sigkill(true).await;
+}
+
+async fn sigkill(hub_in_tunnel: bool) {
     tokio::time::timeout(Duration::from_secs(180), async {
         let f = files("hub-kill", "127.0.0.1")?;
         let a = Addrs {
@@ -381,10 +424,18 @@ async fn messages_survive_sigkill_of_edge_and_cloud() {
             tunnel: free_port()?,
             admin: free_port()?,
             edge_admin: 0,
+            hub_in_tunnel,
         };
         let mut c1 = cloud(&[], &f, &a).await?;
         let mut e1 = edge(&[], &f, &a).await?;
         e1.wait_line("hub channel up", Duration::from_secs(20)).await?;
+        // One connection per edge when the hub rides in the tunnel, two
+        // otherwise.
+        let (tunnel, hub) = (connections_to(a.tunnel).await?, connections_to(a.hub).await?);
+        ensure!(
+            (tunnel, hub) == (1, usize::from(!hub_in_tunnel)),
+            "edge connections: {tunnel} to the tunnel port, {hub} to the hub port"
+        );
 
         // The cloud crashes; the edge queues upstream messages durably...
         kill(&mut c1).await?;
@@ -569,6 +620,7 @@ async fn veth_downed_100_times_loses_and_duplicates_nothing() {
             tunnel: 10004,
             admin: 10005,
             edge_admin: 0,
+            hub_in_tunnel: true,
         };
         let cx = pair.exec(&pair.cloud);
         let _cloud = cloud(&cx, &f, &a).await?;
@@ -763,6 +815,7 @@ async fn item7_hub_store_recovers_after_disk_full() {
             tunnel: free_port()?,
             admin: free_port()?,
             edge_admin: free_port()?,
+            hub_in_tunnel: true,
         };
         let cloud_role = cloud(&[], &f, &a).await?;
         let cloud_pid = cloud_role.child.id().context("cloud pid")?.to_string();

@@ -15,7 +15,7 @@ mod serving;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use tether_cloudhub::DenyList;
 use tether_tunnel::{
@@ -78,6 +78,9 @@ pub struct CloudOptions {
     /// Also accept KubeEdge edges on the tunnel port (ADR 0017); the
     /// tunnel TLS must then accept the KubeEdge CA's client certificates.
     pub kubeedge: Option<tether_tunnel::KubeEdgeAccept>,
+    /// The message hub: serves the channel of each edge that asks for it
+    /// inside its tunnel session (ADR 0022).
+    pub hub: Option<tether_cloudhub::hub::CloudHub>,
 }
 
 /// Runs the tunnel listener and the front until shutdown, then drains both.
@@ -85,6 +88,22 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     let metrics = opts.metrics.clone();
     let hook = opts.session_hook.clone();
     let ownership = opts.peers.as_ref().map(|p| p.ownership.clone());
+    let carry_hub = opts.hub.clone().map(|hub| {
+        let (registry, shutdown) = (opts.registry.clone(), shutdown.clone());
+        move |info: &tether_tunnel::SessionInfo| {
+            // The registry holds the session before `Connected` is sent.
+            if let Some(session) = registry.get(&info.node)
+                && session.info().id == info.id
+            {
+                let (hub, shutdown) = (hub.clone(), shutdown.clone());
+                let span = tracing::info_span!("hub", node = %info.node, session.id = info.id);
+                tokio::spawn(
+                    async move { hub.serve_tunnel_session(session, shutdown).await }
+                        .instrument(span),
+                );
+            }
+        }
+    });
     tokio::spawn(measure_rtt(
         opts.registry.clone(),
         opts.metrics.clone(),
@@ -100,6 +119,11 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
     .preauth(opts.preauth.clone(), "tunnel")
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
+        if let (TunnelEvent::Connected { info, .. }, Some(carry)) = (&ev, &carry_hub)
+            && info.carries_hub
+        {
+            carry(info);
+        }
         if let Some(o) = &ownership {
             match &ev {
                 TunnelEvent::Connected { info, .. } => o.claim(info),

@@ -126,6 +126,7 @@ impl Forwarder {
                     not_after: 0,
                 },
                 endpoints: Vec::new(),
+                carries_hub: false,
             },
             peer,
             from: self.replica.clone(),

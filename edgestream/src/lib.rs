@@ -9,6 +9,7 @@ mod status;
 mod streams;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tether_tunnel::{Backoff, DialError, EdgeTransport, Shutdown, TunnelDialer};
@@ -33,6 +34,23 @@ pub struct EdgeOptions {
     pub metrics: EdgeMetrics,
     /// Where the agent reports its tunnel state (the admin `/status`).
     pub status: TunnelStatus,
+    /// The message hub's channel, carried inside the tunnel (ADR 0022).
+    pub hub: Option<HubStream>,
+}
+
+/// Serves the stream the cloud opens to carry the message hub's channel
+/// (`CONNECT <target>`) inside the tunnel session, so an edge needs one
+/// connection, not two.
+#[derive(Clone)]
+pub struct HubStream {
+    /// The CONNECT target that names the hub stream.
+    pub target: &'static str,
+    /// Takes the request and answers it; the channel runs on its upgrade.
+    pub serve: Arc<
+        dyn Fn(http::Request<hyper::body::Incoming>) -> http::Response<tether_tunnel::Body>
+            + Send
+            + Sync,
+    >,
 }
 
 /// A session that lasted this long counts as healthy and resets the backoff.
@@ -55,10 +73,13 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
         mut backoff,
         metrics,
         status,
+        hub,
     } = opts;
     dialer.advertise_endpoints(&allow);
+    dialer.carry_hub(hub.is_some());
     let span = info_span!("edge", node = %dialer.node(), cloud = %dialer.addr());
-    let handler = streams::StreamHandler::new(kubelet, allow, metrics.clone(), shutdown.clone());
+    let handler =
+        streams::StreamHandler::new(kubelet, allow, hub, metrics.clone(), shutdown.clone());
     let mut state = State::Connecting;
     async move {
         loop {

@@ -33,6 +33,7 @@ pub(crate) struct StreamHandler {
 struct Inner {
     kubelet: KubeletEndpoint,
     allow: Vec<SocketAddr>,
+    hub: Option<crate::HubStream>,
     client: LocalClient,
     metrics: EdgeMetrics,
     shutdown: Shutdown,
@@ -42,6 +43,7 @@ impl StreamHandler {
     pub(crate) fn new(
         kubelet: KubeletEndpoint,
         allow: Vec<SocketAddr>,
+        hub: Option<crate::HubStream>,
         metrics: EdgeMetrics,
         shutdown: Shutdown,
     ) -> Self {
@@ -50,6 +52,7 @@ impl StreamHandler {
             inner: Arc::new(Inner {
                 kubelet,
                 allow,
+                hub,
                 client,
                 metrics,
                 shutdown,
@@ -69,6 +72,11 @@ impl StreamHandler {
                 .status(StatusCode::NO_CONTENT)
                 .body(tether_tunnel::body_empty())
                 .expect("static response");
+        }
+        if let (Inbound::Connect { target }, Some(hub)) = (&inbound, &self.inner.hub)
+            && target == hub.target
+        {
+            return (hub.serve)(req);
         }
         let (kind, target) = match &inbound {
             Inbound::Http { target } => (Kind::Http, target.clone()),

@@ -203,6 +203,8 @@ pub struct CloudSpec {
     pub preauth: Option<tether_tunnel::PreAuthLimits>,
     /// Accept KubeEdge edges on the tunnel port too (ADR 0017).
     pub kubeedge: Option<KubeEdgeCloud>,
+    /// Serve this hub's channels inside tunnel sessions (ADR 0022).
+    pub hub: Option<tether_cloudhub::hub::CloudHub>,
 }
 
 /// How a cloud accepts KubeEdge edges in tests.
@@ -336,6 +338,7 @@ impl CloudHandle {
             session_hook: spec.session_hook,
             peers,
             egress_passthrough: spec.egress_passthrough,
+            hub: spec.hub,
             kubeedge,
         };
         let task = tokio::spawn(tether_cloudstream::run(opts, shutdown));
@@ -428,6 +431,8 @@ pub struct EdgeSpec {
     pub limits: Option<TunnelLimits>,
     /// Deadlines towards the kubelet.
     pub kubelet_timeouts: KubeletTimeouts,
+    /// Carry this hub's channel inside the tunnel (ADR 0022).
+    pub hub: Option<tether_edgehub::hub::EdgeHub>,
 }
 
 impl EdgeSpec {
@@ -442,6 +447,7 @@ impl EdgeSpec {
             allow: Vec::new(),
             limits: None,
             kubelet_timeouts: KubeletTimeouts::default(),
+            hub: None,
         }
     }
 }
@@ -511,6 +517,13 @@ impl EdgeHandle {
             backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
             metrics: metrics.clone(),
             status: Default::default(),
+            hub: spec.hub.clone().map(|hub| {
+                let shutdown = shutdown.clone();
+                tether_edgestream::HubStream {
+                    target: tether_hub::HUB_TARGET,
+                    serve: Arc::new(move |req| hub.accept(req, shutdown.clone())),
+                }
+            }),
         };
         let task = tokio::spawn(tether_edgestream::run(opts, shutdown));
         Ok(Self {

@@ -1343,5 +1343,6 @@ fn session(node: &str) -> tether_tunnel::SessionInfo {
             not_after: 0,
         },
         endpoints: vec!["127.0.0.1:9100".parse().expect("address")],
+        carries_hub: false,
     }
 }

@@ -1,6 +1,8 @@
 //! End-to-end tests of the message channel: the real cloud and edge hubs
-//! in-process, real mTLS WebSocket hub sessions on loopback, redb stores in
-//! a temporary directory. (Process-level restarts are in tests/hub_cli.rs.)
+//! in-process, real mTLS WebSocket sessions on loopback, redb stores in a
+//! temporary directory. Each guarantee is checked over both transports: the
+//! hub's own port (a session of its own) and inside the stream tunnel's
+//! session (ADR 0022). (Process-level restarts are in tests/hub_cli.rs.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,20 +13,51 @@ use tether_cloudhub::hub::{CloudHub, CloudHubConfig};
 use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
 use tether_hub::dispatch::{Event, Filter};
 use tether_hub::{ChannelConfig, Content, HubMetrics, Message, Route, Store};
-use tether_tests::harness::{CLOUD_NAME, Pki};
-use tether_tunnel::{Backoff, ServerTls, Shutdown, ShutdownTrigger, TunnelDialer, TunnelLimits};
+use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
+use tether_tunnel::{
+    Backoff, ServerTls, SessionRegistry, Shutdown, ShutdownTrigger, TunnelDialer, TunnelLimits,
+};
 use tokio::sync::mpsc;
 
 const NODE: &str = "edge-1";
+
+/// How the hub's channel travels between edge and cloud.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// A session of its own on the hub port (edges before 0.2).
+    Port,
+    /// A stream inside the node's tunnel session.
+    Tunnel,
+}
+
+/// Stops one side, as an exiting process would.
+enum Stop {
+    Trigger(ShutdownTrigger),
+    Cloud(CloudHandle),
+    Edge(EdgeHandle),
+}
+
+impl Stop {
+    /// Stops and waits for the drain (bounded by its 1-2 s deadline).
+    async fn stop(self) {
+        match self {
+            Self::Trigger(t) => t.trigger(),
+            Self::Cloud(c) => c.stop().await,
+            Self::Edge(e) => e.stop().await,
+        }
+    }
+}
 
 struct Env {
     pki: Pki,
     dir: PathBuf,
     cloud: CloudHub,
-    cloud_stop: Option<ShutdownTrigger>,
+    cloud_stop: Option<Stop>,
+    /// The stream tunnel's sessions (tunnel transport only).
+    tunnels: Option<SessionRegistry>,
     addr: std::net::SocketAddr,
     edge: EdgeHub,
-    edge_stop: Option<ShutdownTrigger>,
+    edge_stop: Option<Stop>,
 }
 
 fn channel_cfg() -> ChannelConfig {
@@ -48,16 +81,22 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 impl Env {
-    async fn start(name: &str, cloud_cfg: CloudHubConfig) -> anyhow::Result<Self> {
+    async fn start(
+        name: &str,
+        cloud_cfg: CloudHubConfig,
+        transport: Transport,
+    ) -> anyhow::Result<Self> {
         let pki = Pki::generate()?;
         let dir = temp_dir(name);
-        let (cloud, stop, addr) = start_cloud(&pki, &dir, cloud_cfg, None).await?;
-        let (edge, edge_stop) = start_edge(&pki, &dir, NODE, addr).await?;
+        let (cloud, stop, addr, tunnels) =
+            start_cloud(&pki, &dir, cloud_cfg, None, transport).await?;
+        let (edge, edge_stop) = start_edge(&pki, &dir, NODE, addr, transport).await?;
         let env = Self {
             pki,
             dir,
             cloud,
             cloud_stop: Some(stop),
+            tunnels,
             addr,
             edge,
             edge_stop: Some(edge_stop),
@@ -90,10 +129,31 @@ async fn start_cloud(
     dir: &std::path::Path,
     cfg: CloudHubConfig,
     port: Option<u16>,
-) -> anyhow::Result<(CloudHub, ShutdownTrigger, std::net::SocketAddr)> {
+    transport: Transport,
+) -> anyhow::Result<(
+    CloudHub,
+    Stop,
+    std::net::SocketAddr,
+    Option<SessionRegistry>,
+)> {
     let store = open_store(&dir.join("cloud.redb")).await?;
     let hub = CloudHub::new(cfg, store, HubMetrics::default())?;
-    let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port.unwrap_or(0))).await?;
+    let at = port.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+    if transport == Transport::Tunnel {
+        let cloud = CloudHandle::start(
+            pki,
+            CloudSpec {
+                tunnel_addr: at,
+                drain: Some(Duration::from_secs(1)),
+                hub: Some(hub.clone()),
+                ..CloudSpec::default()
+            },
+        )
+        .await?;
+        let (addr, tunnels) = (cloud.tunnel_addr, cloud.registry.clone());
+        return Ok((hub, Stop::Cloud(cloud), addr, Some(tunnels)));
+    }
+    let tcp = tokio::net::TcpListener::bind(at.unwrap_or(([127, 0, 0, 1], 0).into())).await?;
     let addr = tcp.local_addr()?;
     let (trigger, shutdown) = Shutdown::new(Duration::from_secs(1));
     let listener = hub.listener(
@@ -103,7 +163,7 @@ async fn start_cloud(
         shutdown.clone(),
     );
     tokio::spawn(listener.run(shutdown));
-    Ok((hub, trigger, addr))
+    Ok((hub, Stop::Trigger(trigger), addr, None))
 }
 
 /// Opens a store file, waiting (bounded) for a stopped predecessor's tasks
@@ -123,7 +183,8 @@ async fn start_edge(
     dir: &std::path::Path,
     node: &str,
     addr: std::net::SocketAddr,
-) -> anyhow::Result<(EdgeHub, ShutdownTrigger)> {
+    transport: Transport,
+) -> anyhow::Result<(EdgeHub, Stop)> {
     let store = open_store(&dir.join(format!("{node}.redb"))).await?;
     let hub = EdgeHub::new(
         EdgeHubConfig {
@@ -133,6 +194,13 @@ async fn start_edge(
         store,
         HubMetrics::default(),
     )?;
+    if transport == Transport::Tunnel {
+        // No kubelet: these tests use the hub stream only.
+        let mut spec = EdgeSpec::new(node, ([127, 0, 0, 1], 9).into());
+        spec.hub = Some(hub.clone());
+        let edge = EdgeHandle::start(pki, addr, spec)?;
+        return Ok((hub, Stop::Edge(edge)));
+    }
     let cert = pki.edge_ca.issue_node_client(node, &[])?;
     let dialer = TunnelDialer::new(
         addr.to_string(),
@@ -151,7 +219,7 @@ async fn start_edge(
         )
         .await
     });
-    Ok((hub, trigger))
+    Ok((hub, Stop::Trigger(trigger)))
 }
 
 fn cloud_cfg() -> CloudHubConfig {
@@ -239,8 +307,17 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_link_delivers_20000_messages_exactly_once_in_order() {
+    flapping_link(Transport::Port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_link_delivers_20000_messages_exactly_once_in_order_in_the_tunnel() {
+    flapping_link(Transport::Tunnel).await;
+}
+
+async fn flapping_link(transport: Transport) {
     tokio::time::timeout(Duration::from_secs(240), async {
-        let env = Env::start("flap", cloud_cfg()).await?;
+        let env = Env::start("flap", cloud_cfg(), transport).await?;
         let mut up = env.cloud.subscribe(Filter::default())?;
         let mut down = env.edge.subscribe(Filter::default())?;
         let cloud = env.cloud.clone();
@@ -253,8 +330,11 @@ async fn flapping_link_delivers_20000_messages_exactly_once_in_order() {
             let edge = edge.clone();
             async move { edge.publish(m).await.map(drop).map_err(Into::into) }
         }));
-        // 100 cuts at pseudo-random moments while traffic flows.
+        // 100 cuts at pseudo-random moments while traffic flows. Inside the
+        // tunnel, every other cut ends the whole tunnel session rather than
+        // just the hub stream.
         let cloud = env.cloud.clone();
+        let tunnels = env.tunnels.clone();
         let cutter = tokio::spawn(async move {
             let mut seed = 0x2545_f491_4f6c_dd1du64;
             let mut cuts = 0;
@@ -263,7 +343,14 @@ async fn flapping_link_delivers_20000_messages_exactly_once_in_order() {
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 tokio::time::sleep(Duration::from_millis(5 + seed % 40)).await;
-                if cloud.disconnect(NODE) {
+                let cut = match &tunnels {
+                    Some(t) if cuts % 2 == 1 => t.get(NODE).is_some_and(|session| {
+                        session.terminate();
+                        true
+                    }),
+                    _ => cloud.disconnect(NODE),
+                };
+                if cut {
                     cuts += 1;
                     if cuts == 100 {
                         break;
@@ -303,17 +390,26 @@ async fn flapping_link_delivers_20000_messages_exactly_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_messages_survive_edge_and_cloud_restarts() {
+    restarts(Transport::Port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_survive_edge_and_cloud_restarts_in_the_tunnel() {
+    restarts(Transport::Tunnel).await;
+}
+
+async fn restarts(transport: Transport) {
     tokio::time::timeout(Duration::from_secs(120), async {
-        let mut env = Env::start("restart", cloud_cfg()).await?;
+        let mut env = Env::start("restart", cloud_cfg(), transport).await?;
         // Edge restart: the edge queues upstream messages while the cloud
         // is unreachable, restarts, and delivers them afterwards.
         let port = env.addr.port();
-        env.cloud_stop.take().context("cloud")?.trigger();
+        env.cloud_stop.take().context("cloud")?.stop().await;
         env.wait_online(false).await?;
         for n in 0..50 {
             env.edge.publish(msg("up", n)).await?;
         }
-        env.edge_stop.take().context("edge")?.trigger();
+        env.edge_stop.take().context("edge")?.stop().await;
         // Let go of both hubs, as exiting processes do.
         drop(std::mem::replace(
             &mut env.edge,
@@ -329,18 +425,25 @@ async fn queued_messages_survive_edge_and_cloud_restarts() {
         ));
         tokio::time::sleep(Duration::from_millis(200)).await;
         // Cloud restart: it reloads what it accepted for the node.
-        let (cloud, stop, addr) = start_cloud(&env.pki, &env.dir, cloud_cfg(), Some(port)).await?;
+        let (cloud, stop, addr, _) =
+            start_cloud(&env.pki, &env.dir, cloud_cfg(), Some(port), transport).await?;
         for n in 0..50 {
             cloud.publish(NODE, msg("down", n)).await?;
         }
-        stop.trigger();
+        stop.stop().await;
         drop(cloud);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let (cloud, stop, _) =
-            start_cloud(&env.pki, &env.dir, cloud_cfg(), Some(addr.port())).await?;
+        let (cloud, stop, _, _) = start_cloud(
+            &env.pki,
+            &env.dir,
+            cloud_cfg(),
+            Some(addr.port()),
+            transport,
+        )
+        .await?;
         ensure!(cloud.node(NODE).context("queue reloaded")?.queued == 50);
         let mut up = cloud.subscribe(Filter::default())?;
-        let (edge, edge_stop) = start_edge(&env.pki, &env.dir, NODE, addr).await?;
+        let (edge, edge_stop) = start_edge(&env.pki, &env.dir, NODE, addr, transport).await?;
         ensure!(
             edge.queued() == 50,
             "edge queue reloaded: {}",
@@ -350,8 +453,8 @@ async fn queued_messages_survive_edge_and_cloud_restarts() {
         let (d, u) = tokio::try_join!(collect(&mut down, 50), collect(&mut up, 50))?;
         check_exactly_once_in_order(&d, 1, 50)?;
         check_exactly_once_in_order(&u, 1, 50)?;
-        stop.trigger();
-        edge_stop.trigger();
+        stop.stop().await;
+        edge_stop.stop().await;
         Ok::<_, anyhow::Error>(())
     })
     .await
@@ -361,6 +464,15 @@ async fn queued_messages_survive_edge_and_cloud_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes() {
+    limits(Transport::Port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes_in_the_tunnel() {
+    limits(Transport::Tunnel).await;
+}
+
+async fn limits(transport: Transport) {
     tokio::time::timeout(Duration::from_secs(60), async {
         // Rate limit: 20 at once, then 0.1/s (no refill during the test).
         let cfg = CloudHubConfig {
@@ -371,7 +483,7 @@ async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes() {
             },
             ..CloudHubConfig::default()
         };
-        let rated = Env::start("rate", cfg).await?;
+        let rated = Env::start("rate", cfg, transport).await?;
         for n in 0..20 {
             rated.cloud.publish("busy-node", msg("r", n)).await?;
         }
@@ -397,7 +509,7 @@ async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes() {
             },
             ..CloudHubConfig::default()
         };
-        let env = Env::start("limits", cfg).await?;
+        let env = Env::start("limits", cfg, transport).await?;
         for n in 0..5 {
             env.cloud.publish("offline-node", msg("r", n)).await?;
         }
@@ -423,6 +535,15 @@ async fn full_queue_and_rate_limit_refuse_clearly_and_spare_other_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_clear_errors_and_the_session_stays_up() {
+    bad_frames(Transport::Port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_clear_errors_and_the_session_stays_up_in_the_tunnel() {
+    bad_frames(Transport::Tunnel).await;
+}
+
+async fn bad_frames(transport: Transport) {
     use tether_hub::channel::{read_raw_frame, write_raw_frame};
     tokio::time::timeout(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
@@ -434,7 +555,7 @@ async fn bad_frames_get_clear_errors_and_the_session_stays_up() {
             },
             ..CloudHubConfig::default()
         };
-        let (cloud, _stop, addr) = start_cloud(&pki, &dir, cfg, None).await?;
+        let (cloud, _stop, addr, _tunnels) = start_cloud(&pki, &dir, cfg, None, transport).await?;
         let mut up = cloud.subscribe(Filter::default())?;
         // A hand-made edge: a real hub session whose channel stream the
         // test drives byte by byte.
@@ -446,6 +567,7 @@ async fn bad_frames_get_clear_errors_and_the_session_stays_up() {
             NODE,
             TunnelLimits::default(),
         )?;
+        dialer.carry_hub(transport == Transport::Tunnel);
         let transport = dialer.dial().await?;
         let (io_tx, mut io_rx) = mpsc::channel(1);
         let (_t, shutdown) = Shutdown::new(Duration::from_secs(1));

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tether_hub::dispatch::{Dispatcher, Event, Filter, TooManySubscribers};
 use tether_hub::{
-    Channel, ChannelConfig, Delivery, HUB_TARGET, HubMetrics, Message, PublishError, RequestError,
-    Store, StoreError,
+    Channel, ChannelConfig, ConnectionEnd, Delivery, HUB_TARGET, HubMetrics, Message, PublishError,
+    RequestError, Store, StoreError,
 };
 use tether_tunnel::{
     NodeSession, ServerTls, SessionRegistry, Shutdown, TunnelEvent, TunnelLimits, TunnelListener,
@@ -103,6 +103,9 @@ struct Inner {
     dispatcher: Dispatcher,
     /// Live hub sessions, one per node.
     sessions: SessionRegistry,
+    /// Hub streams carried in stream-tunnel sessions: session id and the
+    /// signal that cuts the stream ([`CloudHub::disconnect`]).
+    carried: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
 }
 
 impl CloudHub {
@@ -120,6 +123,7 @@ impl CloudHub {
                 deliveries,
                 dispatcher,
                 sessions: SessionRegistry::default(),
+                carried: Mutex::new(HashMap::new()),
             }),
         };
         for q in store.queues()? {
@@ -250,9 +254,13 @@ impl CloudHub {
     /// Cuts `node`'s hub session now (it reconnects on its own; nothing
     /// accepted is lost). False if it had none.
     pub fn disconnect(&self, node: &str) -> bool {
-        match self.inner.sessions.get(node) {
-            Some(s) => {
-                s.terminate();
+        if let Some(s) = self.inner.sessions.get(node) {
+            s.terminate();
+            return true;
+        }
+        match self.inner.carried.lock().expect("hub lock").get(node) {
+            Some((_, cut)) => {
+                cut.notify_one();
                 true
             }
             None => false,
@@ -293,13 +301,10 @@ impl CloudHub {
                 return;
             }
         };
-        let req = http::Request::connect(HUB_TARGET)
-            .body(tether_tunnel::body_empty())
-            .expect("static request");
-        let resp = match session.send(req, HUB_TARGET).await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => {
-                warn!(status = %r.status(), "edge refused the hub stream");
+        let io = match open_hub_stream(&session).await {
+            Ok(io) => io,
+            Err(HubStreamError::Refused(status)) => {
+                warn!(%status, "edge refused the hub stream");
                 session.close();
                 return;
             }
@@ -308,13 +313,79 @@ impl CloudHub {
                 return;
             }
         };
-        let io = match hyper::upgrade::on(resp).await {
-            Ok(io) => hyper_util::rt::TokioIo::new(io),
+        let never = Arc::new(tokio::sync::Notify::new());
+        let end = self
+            .run_channel(&node, &channel, io, &shutdown, &never)
+            .await;
+        // A replaced connection is not an outage: the newer one is up.
+        if !matches!(end, ConnectionEnd::Replaced) {
+            session.close();
+        }
+    }
+
+    /// Serves `node`'s channel inside its stream-tunnel session, for edges
+    /// that asked for it ([`SessionInfo::carries_hub`], ADR 0022): one
+    /// connection per edge. A hub stream that ends while the session lives
+    /// (keepalive, bad frames, [`CloudHub::disconnect`]) is opened again
+    /// after a pause; a hub fault never closes the tunnel, whose kubelet
+    /// streams are not the hub's to end.
+    pub async fn serve_tunnel_session(&self, session: Arc<dyn NodeSession>, shutdown: Shutdown) {
+        let info = session.info().clone();
+        let node: Arc<str> = info.node.as_str().into();
+        let channel = match self.channel(&node) {
+            Ok(c) => c,
             Err(e) => {
-                debug!(error = %e, "hub stream upgrade failed");
+                warn!(error = %e, "cannot open the node's hub channel; the tunnel stays up without it");
                 return;
             }
         };
+        let cut = Arc::new(tokio::sync::Notify::new());
+        self.inner
+            .carried
+            .lock()
+            .expect("hub lock")
+            .insert(node.to_string(), (info.id, cut.clone()));
+        let mut pause = REOPEN_MIN;
+        while !session.is_closed() && !shutdown.is_triggered() {
+            let end = match open_hub_stream(&session).await {
+                Ok(io) => {
+                    let end = self.run_channel(&node, &channel, io, &shutdown, &cut).await;
+                    if matches!(end, ConnectionEnd::Replaced | ConnectionEnd::Shutdown) {
+                        break;
+                    }
+                    pause = REOPEN_MIN;
+                    end.to_string()
+                }
+                Err(e) => {
+                    if matches!(e, HubStreamError::Refused(_)) {
+                        warn!(error = %e, "edge refused the hub stream in its tunnel");
+                    }
+                    e.to_string()
+                }
+            };
+            debug!(reason = %end, retry_in = ?pause, "hub stream in the tunnel ended; opening it again");
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.triggered() => break,
+            }
+            pause = (pause * 2).min(REOPEN_MAX);
+        }
+        let mut carried = self.inner.carried.lock().expect("hub lock");
+        if carried.get(&*node).is_some_and(|(id, _)| *id == info.id) {
+            carried.remove(&*node);
+        }
+    }
+
+    /// Runs `channel` on one hub stream until it ends, announcing the node
+    /// online and offline around it.
+    async fn run_channel(
+        &self,
+        node: &Arc<str>,
+        channel: &Channel,
+        io: HubIo,
+        shutdown: &Shutdown,
+        cut: &tokio::sync::Notify,
+    ) -> ConnectionEnd {
         info!("hub channel up");
         self.inner
             .dispatcher
@@ -324,18 +395,50 @@ impl CloudHub {
         // shutdown so the session can close instead of draining forever.
         let end = tokio::select! {
             end = channel.serve(io) => end,
-            _ = shutdown.triggered() => tether_hub::ConnectionEnd::Shutdown,
+            _ = shutdown.triggered() => ConnectionEnd::Shutdown,
+            _ = cut.notified() => ConnectionEnd::Cut,
         };
         info!(reason = %end, "hub channel down");
         // A replaced connection is not an outage: the newer one is up.
-        if !matches!(end, tether_hub::ConnectionEnd::Replaced) {
-            session.close();
+        if !matches!(end, ConnectionEnd::Replaced) {
             self.inner
                 .dispatcher
-                .announce(Event::Offline { peer: node })
+                .announce(Event::Offline { peer: node.clone() })
                 .await;
         }
+        end
     }
+}
+
+/// Pauses before a hub stream is opened again inside a live tunnel.
+const REOPEN_MIN: Duration = Duration::from_millis(100);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
+
+type HubIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Why a hub stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum HubStreamError {
+    #[error("edge answered the hub stream with {0}")]
+    Refused(http::StatusCode),
+    #[error("hub stream failed to open: {0}")]
+    Stream(#[from] tether_tunnel::StreamError),
+    #[error("hub stream upgrade failed: {0}")]
+    Upgrade(#[from] hyper::Error),
+}
+
+/// Opens the `tether-hub` stream in `session`.
+async fn open_hub_stream(session: &Arc<dyn NodeSession>) -> Result<HubIo, HubStreamError> {
+    let req = http::Request::connect(HUB_TARGET)
+        .body(tether_tunnel::body_empty())
+        .expect("static request");
+    let resp = session.send(req, HUB_TARGET).await?;
+    if !resp.status().is_success() {
+        return Err(HubStreamError::Refused(resp.status()));
+    }
+    Ok(hyper_util::rt::TokioIo::new(
+        hyper::upgrade::on(resp).await?,
+    ))
 }
 
 fn status(node: &str, c: &Channel) -> NodeStatus {

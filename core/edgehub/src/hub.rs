@@ -167,8 +167,10 @@ impl EdgeHub {
         .await
     }
 
-    /// Accepts the cloud's hub stream and serves the channel on it.
-    fn accept(&self, mut req: Request<Incoming>, shutdown: Shutdown) -> Response<Body> {
+    /// Accepts the cloud's hub stream and serves the channel on it: the
+    /// handler of the hub's own session, and of the `tether-hub` stream
+    /// inside the stream tunnel (ADR 0022).
+    pub fn accept(&self, mut req: Request<Incoming>, shutdown: Shutdown) -> Response<Body> {
         let is_hub = req.method() == http::Method::CONNECT
             && req.uri().authority().map(|a| a.as_str()) == Some(HUB_TARGET);
         if !is_hub {

@@ -58,6 +58,7 @@ pub struct TunnelDialer {
     node: String,
     limits: TunnelLimits,
     endpoints: Vec<std::net::SocketAddr>,
+    carry_hub: bool,
     on_refused: Option<RefusalHook>,
 }
 
@@ -112,6 +113,7 @@ impl TunnelDialer {
             node: node.into(),
             limits,
             endpoints: Vec::new(),
+            carry_hub: false,
             on_refused: None,
         })
     }
@@ -120,6 +122,12 @@ impl TunnelDialer {
     /// Prometheus service discovery). The edge still enforces the list.
     pub fn advertise_endpoints(&mut self, endpoints: &[std::net::SocketAddr]) {
         self.endpoints = endpoints.to_vec();
+    }
+
+    /// Asks the cloud to carry the edge's hub channel inside each session,
+    /// instead of a second connection to the hub port.
+    pub fn carry_hub(&mut self, yes: bool) {
+        self.carry_hub = yes;
     }
 
     /// Calls `hook` whenever the cloud refuses the upgrade, so the agent can
@@ -181,6 +189,10 @@ impl TunnelDialer {
                 HeaderValue::from_str(&list.join(","))
                     .map_err(|e| DialError::Config(e.to_string()))?,
             );
+        }
+        if self.carry_hub {
+            req.headers_mut()
+                .insert(crate::HUB_HEADER, HeaderValue::from_static("1"));
         }
         req.headers_mut().insert(
             NODE_HEADER,

@@ -56,3 +56,6 @@ pub const NODE_HEADER: &str = "tether-node";
 /// Header in which an edge lists its allow-listed local endpoints
 /// (`ip:port,...`), for service discovery. At most 64 are kept.
 pub const ENDPOINTS_HEADER: &str = "tether-endpoints";
+/// Upgrade header by which an edge asks the cloud to carry its message-hub
+/// channel inside this tunnel session (ADR 0022): one connection per edge.
+pub const HUB_HEADER: &str = "tether-hub";

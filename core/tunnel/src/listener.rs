@@ -394,14 +394,19 @@ impl TunnelListener {
         // is revoked without opening a session (tests/edge_check.rs).
         let denied = denied.or_else(|| self.admission.as_ref().and_then(|a| a(&identity).err()));
         #[allow(clippy::result_large_err)] // tungstenite's callback signature
-        let announced = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let announced = Arc::new(std::sync::Mutex::new((Vec::new(), false)));
         let check = {
             let node = node.clone();
             let announced = announced.clone();
             move |req: &Request, resp: Response| match denied {
                 Some(reason) => Err(refuse(StatusCode::FORBIDDEN, reason)),
                 None => {
-                    *announced.lock().expect("endpoints lock") = endpoints(req);
+                    *announced.lock().expect("endpoints lock") = (
+                        endpoints(req),
+                        req.headers()
+                            .get(crate::HUB_HEADER)
+                            .is_some_and(|v| v == "1"),
+                    );
                     check_upgrade(req, resp, &node)
                 }
             }
@@ -417,6 +422,8 @@ impl TunnelListener {
         .await
         .map_err(|_| AcceptError::Timeout("websocket"))?
         .map_err(AcceptError::WebSocket)?;
+        let (endpoints, carries_hub) =
+            std::mem::take(&mut *announced.lock().expect("endpoints lock"));
         let info = SessionInfo {
             kind: crate::SessionKind::Tether,
             node,
@@ -425,7 +432,8 @@ impl TunnelListener {
             ips: identity.ips.clone(),
             connected_at: SystemTime::now(),
             identity,
-            endpoints: std::mem::take(&mut *announced.lock().expect("endpoints lock")),
+            endpoints,
+            carries_hub,
         };
         let io = WsStream::new(ws, self.limits.ws_message_size);
         tokio::time::timeout(timeout, H2Session::start(io, info, &self.limits))
@@ -523,6 +531,7 @@ impl TunnelListener {
             connected_at: SystemTime::now(),
             identity: admitted.identity,
             endpoints: Vec::new(),
+            carries_hub: false,
         };
         let hook = self.on_event.clone().map(|f| {
             let node = admitted.node;

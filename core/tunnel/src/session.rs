@@ -106,6 +106,9 @@ pub struct SessionInfo {
     pub identity: tether_pki::Identity,
     /// Allow-listed local endpoints the edge announced (service discovery).
     pub endpoints: Vec<std::net::SocketAddr>,
+    /// The edge asked for its hub channel inside this session
+    /// ([`crate::HUB_HEADER`]); the cloud then opens the hub stream in it.
+    pub carries_hub: bool,
 }
 
 /// Holds one of the node's stream slots; dropped when the stream ends.

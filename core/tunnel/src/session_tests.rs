@@ -53,6 +53,7 @@ fn info() -> SessionInfo {
             not_after: 0,
         },
         endpoints: Vec::new(),
+        carries_hub: false,
     }
 }
 

@@ -70,4 +70,8 @@ pub enum ConnectionEnd {
     /// This side is shutting down.
     #[error("shutting down")]
     Shutdown,
+    /// This side cut the connection on purpose (an operator or a test); the
+    /// peer reconnects and nothing accepted is lost.
+    #[error("cut on purpose")]
+    Cut,
 }

@@ -133,6 +133,7 @@ fn session(opts: KubeEdgeOptions) -> (Arc<KubeEdgeSession>, Edge, Arc<Mutex<Vec<
             not_after: 0,
         },
         endpoints: Vec::new(),
+        carries_hub: false,
     };
     let s = KubeEdgeSession::start(
         cloud,
