@@ -28,6 +28,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -50,6 +51,12 @@ pub struct PreAuthLimits {
     /// connection gets a deadline between half of this and all of it.
     #[serde(with = "crate::limits::secs")]
     pub handshake_timeout: Duration,
+    /// TLS handshakes past their ClientHello that may compute at once,
+    /// across the process (default 16). The rest wait their turn, within
+    /// their deadline, so a reconnect storm cannot crowd out the sessions
+    /// already up: their keepalives and requests share the cores with at
+    /// most this many handshakes.
+    pub max_handshaking: usize,
 }
 
 impl Default for PreAuthLimits {
@@ -58,6 +65,7 @@ impl Default for PreAuthLimits {
             max_pending: 8192,
             max_pending_per_source: 6144,
             handshake_timeout: Duration::from_secs(5),
+            max_handshaking: 16,
         }
     }
 }
@@ -75,6 +83,9 @@ impl PreAuthLimits {
             || self.handshake_timeout > Duration::from_secs(120)
         {
             return Err("handshake_timeout must be within 0.1..=120 seconds".into());
+        }
+        if !(1..=4096).contains(&self.max_handshaking) {
+            return Err("max_handshaking must be within 1..=4096".into());
         }
         Ok(())
     }
@@ -134,10 +145,22 @@ struct OutcomeLabel {
 }
 
 /// Metric families of every gate in a process (label `listener`).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PreAuthMetrics {
     pending: Family<ListenerLabel, Gauge>,
     ended: Family<OutcomeLabel, Counter>,
+    handshake_wait: Histogram,
+}
+
+impl Default for PreAuthMetrics {
+    fn default() -> Self {
+        Self {
+            pending: Family::default(),
+            ended: Family::default(),
+            // 1 ms .. ~16 s.
+            handshake_wait: Histogram::new(exponential_buckets(0.001, 4.0, 8)),
+        }
+    }
 }
 
 impl PreAuthMetrics {
@@ -153,6 +176,15 @@ impl PreAuthMetrics {
             "Pre-authentication phases ended without a handshake, by listener and outcome (shed, refused, timeout, tls)",
             self.ended.clone(),
         );
+        registry.register(
+            "tether_preauth_handshake_wait_seconds",
+            "Time TLS handshakes waited for a turn to compute (max_handshaking paces reconnect storms)",
+            self.handshake_wait.clone(),
+        );
+    }
+
+    fn handshake_wait(&self, waited: Duration) {
+        self.handshake_wait.observe(waited.as_secs_f64());
     }
 
     fn set_pending(&self, listener: &'static str, n: i64) {
@@ -179,6 +211,8 @@ struct Gate {
     limits: PreAuthLimits,
     metrics: PreAuthMetrics,
     pool: Mutex<Pool>,
+    /// Turns to compute a TLS handshake ([`PreAuthLimits::max_handshaking`]).
+    handshaking: tokio::sync::Semaphore,
 }
 
 /// Who is pending. `waiting` holds the sequence numbers of connections that
@@ -249,6 +283,7 @@ impl PreAuthGate {
     pub fn new(limits: PreAuthLimits, metrics: PreAuthMetrics) -> Self {
         Self {
             inner: Arc::new(Gate {
+                handshaking: tokio::sync::Semaphore::new(limits.max_handshaking),
                 limits,
                 metrics,
                 pool: Mutex::new(Pool::default()),
@@ -415,6 +450,18 @@ impl PreAuthTicket {
         let start = self.guard(acceptor).await?;
         self.progressed();
         let config = config(&start.client_hello());
+        // The key exchange and signature are the expensive part: wait for a
+        // turn (within the deadline) so a storm of them is paced.
+        let turn = self.guard(async {
+            self.gate
+                .handshaking
+                .acquire()
+                .await
+                .map_err(|_| std::io::Error::other("handshake semaphore closed"))
+        });
+        let waited = Instant::now();
+        let _turn = turn.await?;
+        self.gate.metrics.handshake_wait(waited.elapsed());
         self.guard(start.into_stream(config)).await
     }
 }
@@ -439,6 +486,7 @@ mod tests {
                 max_pending: max,
                 max_pending_per_source: per_source,
                 handshake_timeout: Duration::from_secs(5),
+                max_handshaking: 16,
             },
             PreAuthMetrics::default(),
         )
@@ -522,5 +570,10 @@ mod tests {
             ..Default::default()
         };
         assert!(l.validate().unwrap_err().contains("max_pending_per_source"));
+        l = PreAuthLimits {
+            max_handshaking: 0,
+            ..Default::default()
+        };
+        assert!(l.validate().unwrap_err().contains("max_handshaking"));
     }
 }
