@@ -433,6 +433,9 @@ pub struct EdgeSpec {
     pub kubelet_timeouts: KubeletTimeouts,
     /// Carry this hub's channel inside the tunnel (ADR 0022).
     pub hub: Option<tether_edgehub::hub::EdgeHub>,
+    /// Reconnect backoff, base and cap (default 50 ms and 1 s, quick for
+    /// tests; the agent's defaults are 500 ms and 30 s).
+    pub backoff: Option<(Duration, Duration)>,
 }
 
 impl EdgeSpec {
@@ -448,6 +451,7 @@ impl EdgeSpec {
             limits: None,
             kubelet_timeouts: KubeletTimeouts::default(),
             hub: None,
+            backoff: None,
         }
     }
 }
@@ -514,7 +518,12 @@ impl EdgeHandle {
             )?
             .with_timeouts(spec.kubelet_timeouts),
             allow: spec.allow.clone(),
-            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1)),
+            backoff: {
+                let (base, max) = spec
+                    .backoff
+                    .unwrap_or((Duration::from_millis(50), Duration::from_secs(1)));
+                Backoff::new(base, max)
+            },
             metrics: metrics.clone(),
             status: Default::default(),
             hub: spec.hub.clone().map(|hub| {

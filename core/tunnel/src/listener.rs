@@ -300,7 +300,10 @@ impl TunnelListener {
         ticket: crate::PreAuthTicket,
         shutdown: Shutdown,
     ) {
-        let session = self.handshake(tcp, peer, ticket).await;
+        // Boxed: the handshake's state (TLS, WebSocket, h2 preface) is large
+        // and done with once the session runs; inline it would stay in this
+        // task for the session's whole life (about 12 KiB per edge).
+        let session = Box::pin(self.handshake(tcp, peer, ticket)).await;
         let session = match session {
             Ok(s) => s,
             Err(e) => {

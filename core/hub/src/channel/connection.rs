@@ -4,7 +4,7 @@
 //! Liveness is split between them: the reader declares the peer dead after
 //! `keepalive_timeout` of silence, the writer sends keepalives.
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::sync::mpsc;
 
 use super::{Channel, ConnectionEnd};
@@ -41,7 +41,10 @@ impl Channel {
         // waiting for room here, would deadlock.
         let (ctl_tx, ctl_rx) = mpsc::channel(self.inner.cfg.window.max(64) * 4);
         tokio::select! {
-            end = self.read_loop(BufReader::new(rd), ctl_tx) => end,
+            // No read buffer: the stream is an h2 stream (a tunnel's or the
+            // hub session's) whose reads are copies from memory already,
+            // and an idle channel would hold 8 KiB for nothing.
+            end = self.read_loop(rd, ctl_tx) => end,
             end = self.write_loop(BufWriter::new(wr), ctl_rx, generation) => end,
         }
     }

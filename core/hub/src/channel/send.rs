@@ -20,7 +20,7 @@ impl Channel {
     pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
         &self,
         mut wr: W,
-        mut ctl: mpsc::Receiver<Message>,
+        mut ctl: mpsc::Receiver<Box<Message>>,
         generation: u64,
     ) -> ConnectionEnd {
         let cfg = &self.inner.cfg;

@@ -10,7 +10,7 @@ use tether_tunnel::TunnelLimits;
 use crate::report::Report;
 use crate::rig::{Rig, Side};
 use crate::stats::{ROLES, mb_per_s, ratio};
-use crate::{Figure, Plan, exec, idle, memory, requests, streams, wan};
+use crate::{Figure, Plan, complete, exec, idle, memory, requests, streams, wan};
 
 /// Bounds a phase: a phase that overruns is a harness failure.
 pub(crate) async fn phase<T>(
@@ -85,6 +85,66 @@ pub(crate) async fn idle_sessions(
         idle.edge_per_session_kib(),
         report.verdict("idle_session_kib"),
     );
+    Ok(())
+}
+
+/// Complete edges and the reconnect storm, on their own cloud (ADR 0022).
+pub(crate) async fn complete_edges(
+    plan: &Plan,
+    limits: &TunnelLimits,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let r = phase(
+        "complete edges",
+        plan.edges_register + Duration::from_secs(240),
+        complete::complete_edges(plan.edges, limits, plan.edges_register, true),
+    )
+    .await?;
+    report.put("complete_edges_wanted", r.wanted);
+    report.put("complete_edges", r.complete);
+    report.num("complete_edge_kib", r.cloud_per_edge_kib());
+    report.num("complete_edge_edge_side_kib", r.edge_per_edge_kib);
+    println!(
+        "{:<22} {} of {} edges complete (tunnel + hub, one connection each); cloud RSS {} -> {} KiB \
+         = {:.1} KiB/edge (edge side {:.1})   {}",
+        "complete edges",
+        r.complete,
+        r.wanted,
+        r.cloud_before_kib,
+        r.cloud_after_kib,
+        r.cloud_per_edge_kib(),
+        r.edge_per_edge_kib,
+        report.verdict("complete_edge_kib"),
+    );
+    if let Some(s) = &r.storm {
+        if let Some(t) = s.reconnect {
+            report.num("storm_reconnect_s", t.as_secs_f64());
+        }
+        report.put("storm_edges_back", s.back);
+        report.put("storm_requests", s.requests);
+        report.put("storm_request_errors", s.request_errors);
+        if let Some(p) = s.request_p99 {
+            report.num("storm_request_p99_ms", p.as_secs_f64() * 1000.0);
+        }
+        println!(
+            "{:<22} {} of {} back after a cloud restart in {}; {} requests to edges already back, \
+             {} failed, p99 {}   {}",
+            "reconnect storm",
+            s.back,
+            r.complete,
+            s.reconnect.map_or_else(
+                || "(not all)".to_owned(),
+                |t| format!("{:.1} s", t.as_secs_f64())
+            ),
+            s.requests,
+            s.request_errors,
+            s.request_p99.map_or_else(
+                || "-".to_owned(),
+                |p| format!("{:.1} ms", p.as_secs_f64() * 1000.0)
+            ),
+            report.verdict("storm_reconnect_s"),
+        );
+    }
     Ok(())
 }
 

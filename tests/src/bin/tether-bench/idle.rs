@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail, ensure};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
+use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
+use tether_hub::{HubMetrics, Store};
 use tether_pki::Ca;
 use tether_tests::fixture::FixtureKubelet;
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
@@ -52,6 +54,22 @@ pub(crate) struct EdgesArgs {
     /// Tunnel limits as JSON.
     #[arg(long)]
     limits_json: String,
+    /// Each edge also runs a message hub, carried in its tunnel.
+    #[arg(long)]
+    hub: bool,
+    /// Reconnect with the agent's backoff (500 ms to 30 s) instead of the
+    /// test harness's quick one.
+    #[arg(long)]
+    agent_backoff: bool,
+}
+
+/// What the child's edges run besides the tunnel.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ChildOptions {
+    /// A message hub per edge, in its tunnel (complete edges).
+    pub(crate) hub: bool,
+    /// The agent's own reconnect backoff.
+    pub(crate) agent_backoff: bool,
 }
 
 /// What figure 6 measured.
@@ -106,14 +124,15 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
 }
 
 /// The child and its stdout; dropping it kills the child.
-struct EdgeChild {
+pub(crate) struct EdgeChild {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    _dir: TempDir,
 }
 
 impl EdgeChild {
     /// Waits for the next `<tag> <KiB>` line.
-    async fn read_kib(&mut self, tag: &str) -> anyhow::Result<u64> {
+    pub(crate) async fn read_kib(&mut self, tag: &str) -> anyhow::Result<u64> {
         let line = tokio::time::timeout(CHILD_TIMEOUT, self.lines.next_line())
             .await
             .with_context(|| format!("edge child silent, waiting for {tag:?}"))?
@@ -124,7 +143,7 @@ impl EdgeChild {
             .with_context(|| format!("unexpected line from edge child: {line:?}"))
     }
 
-    async fn rss(&mut self) -> anyhow::Result<u64> {
+    pub(crate) async fn rss(&mut self) -> anyhow::Result<u64> {
         let stdin = self.child.stdin.as_mut().context("edge child stdin")?;
         stdin.write_all(b"rss\n").await.context("ask edge child")?;
         stdin.flush().await.context("ask edge child")?;
@@ -132,7 +151,7 @@ impl EdgeChild {
     }
 
     /// Closes its stdin (it exits on EOF) and kills it if it lingers.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         drop(self.child.stdin.take());
         if tokio::time::timeout(CHILD_TIMEOUT, self.child.wait())
             .await
@@ -144,7 +163,7 @@ impl EdgeChild {
 }
 
 /// Polls this process's RSS until two readings agree within 1% (bounded).
-async fn settled_rss() -> anyhow::Result<u64> {
+pub(crate) async fn settled_rss() -> anyhow::Result<u64> {
     let mut last = rss_kib()?;
     let mut waited = Duration::ZERO;
     while waited < SETTLE_MAX {
@@ -213,38 +232,14 @@ async fn measure(
     );
     drop(fixture);
     let cloud_before_kib = settled_rss().await?;
-
-    let dir = TempDir(std::env::temp_dir().join(format!("tether-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
-    let ca_cert = dir.0.join("edge-ca.pem");
-    let ca_key = dir.0.join("edge-ca-key.pem");
-    write_private(&ca_cert, pki.edge_ca.cert_pem())?;
-    write_private(&ca_key, pki.edge_ca.key_pem().expose())?;
-
-    let exe = std::env::current_exe().context("locate own executable")?;
-    let mut child = Command::new(exe)
-        .arg("edges")
-        .arg("--count")
-        .arg(count.to_string())
-        .arg("--tunnel")
-        .arg(cloud.tunnel_addr.to_string())
-        .arg("--ca-cert")
-        .arg(&ca_cert)
-        .arg("--ca-key")
-        .arg(&ca_key)
-        .arg("--limits-json")
-        .arg(serde_json::to_string(limits)?)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawn edge child")?;
-    let stdout = child.stdout.take().context("edge child stdout")?;
-    let mut child = EdgeChild {
-        child,
-        lines: BufReader::new(stdout).lines(),
-    };
+    let mut child = spawn_child(
+        pki,
+        count,
+        cloud.tunnel_addr,
+        limits,
+        ChildOptions::default(),
+    )
+    .await?;
 
     let result = async {
         let edge_before_kib = child.read_kib("base").await?;
@@ -272,6 +267,59 @@ async fn measure(
     result
 }
 
+/// Starts the child with `count` edges dialing `tunnel`, signed by the
+/// PKI's edge CA (handed over in a private temporary directory).
+pub(crate) async fn spawn_child(
+    pki: &Pki,
+    count: usize,
+    tunnel: SocketAddr,
+    limits: &TunnelLimits,
+    opts: ChildOptions,
+) -> anyhow::Result<EdgeChild> {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "tether-bench-{}-{}",
+        std::process::id(),
+        tether_pki::rand_u64()
+    )));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("create {}", dir.0.display()))?;
+    let ca_cert = dir.0.join("edge-ca.pem");
+    let ca_key = dir.0.join("edge-ca-key.pem");
+    write_private(&ca_cert, pki.edge_ca.cert_pem())?;
+    write_private(&ca_key, pki.edge_ca.key_pem().expose())?;
+    let exe = std::env::current_exe().context("locate own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("edges")
+        .arg("--count")
+        .arg(count.to_string())
+        .arg("--tunnel")
+        .arg(tunnel.to_string())
+        .arg("--ca-cert")
+        .arg(&ca_cert)
+        .arg("--ca-key")
+        .arg(&ca_key)
+        .arg("--limits-json")
+        .arg(serde_json::to_string(limits)?);
+    if opts.hub {
+        cmd.arg("--hub");
+    }
+    if opts.agent_backoff {
+        cmd.arg("--agent-backoff");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn edge child")?;
+    let stdout = child.stdout.take().context("edge child stdout")?;
+    Ok(EdgeChild {
+        child,
+        lines: BufReader::new(stdout).lines(),
+        _dir: dir,
+    })
+}
+
 /// The child: runs `count` idle edge agents until its stdin closes.
 pub(crate) async fn run_edges(args: EdgesArgs) -> anyhow::Result<()> {
     let read =
@@ -295,6 +343,16 @@ pub(crate) async fn run_edges(args: EdgesArgs) -> anyhow::Result<()> {
     for i in 0..args.count {
         let mut spec = EdgeSpec::new(&format!("idle-{i}"), fixture.addr);
         spec.limits = Some(limits.clone());
+        if args.hub {
+            spec.hub = Some(EdgeHub::new(
+                EdgeHubConfig::default(),
+                Store::in_memory(),
+                HubMetrics::default(),
+            )?);
+        }
+        if args.agent_backoff {
+            spec.backoff = Some((Duration::from_millis(500), Duration::from_secs(30)));
+        }
         edges.push(EdgeHandle::start(&pki, args.tunnel, spec).context("start edge")?);
         if i % BATCH == BATCH - 1 {
             tokio::time::sleep(BATCH_PAUSE).await;

@@ -15,6 +15,7 @@
 //! The exit status is non-zero only when the harness itself fails, never for a
 //! missed target.
 
+mod complete;
 mod exec;
 mod figures;
 mod hub;
@@ -138,6 +139,8 @@ enum Figure {
     Stalled,
     Slowloris,
     Idle,
+    /// Complete edges (tunnel and hub on one connection) and the reconnect storm.
+    Complete,
     Iptables,
     Hub,
     Memory,
@@ -285,6 +288,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // First, while the heap is fresh: the memory figure runs its own cloud.
     if plan.wants(Figure::Idle) {
         figures::idle_sessions(&plan, &limits, &mut report).await?;
+    }
+    if plan.wants(Figure::Complete) {
+        figures::complete_edges(&plan, &limits, &mut report).await?;
     }
     let rig_figures = [
         Figure::Logs,

@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 14] = [
+pub(crate) const TARGETS: [(&str, Rule); 17] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -47,6 +47,9 @@ pub(crate) const TARGETS: [(&str, Rule); 14] = [
     ("wan_logs_ratio", Rule::AtLeast(0.8)),
     ("kubeedge_logs_ratio", Rule::AtLeast(0.5)),
     ("kubeedge_small_get_ratio_c64", Rule::AtLeast(0.5)),
+    ("complete_edge_kib", Rule::AtMost(48.0)),
+    ("storm_reconnect_s", Rule::AtMost(60.0)),
+    ("storm_request_p99_ms", Rule::AtMost(1000.0)),
 ];
 
 /// Every number measured so far, by key.
