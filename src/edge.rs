@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
-use tracing::info;
+use tracing::{info, warn};
 
 use tether_edgehub::CertManager;
 use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
@@ -287,6 +287,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                 tokio::spawn(async move { run.run(dialer, hub_backoff, hub_shutdown).await });
             }
             None => {
+                tokio::spawn(warn_without_hub(
+                    hub.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
                 let shutdown = shutdown.clone();
                 hub_stream = Some(tether_edgestream::HubStream {
                     target: tether_hub::HUB_TARGET,
@@ -351,6 +356,32 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     run.await?;
     info!("edge stopped");
     Ok(())
+}
+
+/// Says so when the tunnel has been up for a minute without the cloud
+/// opening the hub stream in it: a cloud older than 0.2 never does.
+async fn warn_without_hub(hub: EdgeHub, metrics: EdgeMetrics, shutdown: Shutdown) {
+    const CHECK: Duration = Duration::from_secs(30);
+    let mut missing = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK) => {}
+            _ = shutdown.triggered() => return,
+        }
+        missing = if metrics.is_connected() && !hub.is_online() {
+            missing + 1
+        } else {
+            0
+        };
+        // Once, after a minute of it, then every ten minutes.
+        if missing == 2 || (missing > 2 && missing % 20 == 2) {
+            warn!(
+                "the tunnel is up but the cloud has opened no hub stream in it; a cloud older \
+                 than 0.2 does not carry the hub in the tunnel: upgrade it, or set hub_addr \
+                 to its hub port meanwhile"
+            );
+        }
+    }
 }
 
 /// Where the node certificate comes from, for `/status`.
