@@ -347,7 +347,8 @@ impl CloudHub {
             .insert(node.to_string(), (info.id, cut.clone()));
         let mut pause = REOPEN_MIN;
         while !session.is_closed() && !shutdown.is_triggered() {
-            let end = match open_hub_stream(&session).await {
+            // Boxed: opening is transient; the task lives as long as the session.
+            let end = match Box::pin(open_hub_stream(&session)).await {
                 Ok(io) => {
                     let end = self.run_channel(&node, &channel, io, &shutdown, &cut).await;
                     if matches!(end, ConnectionEnd::Replaced | ConnectionEnd::Shutdown) {

@@ -45,10 +45,14 @@ impl Channel {
             // hub session's) whose reads are copies from memory already,
             // and an idle channel would hold 8 KiB for nothing.
             end = self.read_loop(rd, ctl_tx) => end,
-            end = self.write_loop(BufWriter::new(wr), ctl_rx, generation) => end,
+            end = self.write_loop(BufWriter::with_capacity(WRITE_BUFFER, wr), ctl_rx, generation) => end,
         }
     }
 }
+
+/// The writer's buffer: enough to put a few acks or small messages in one
+/// write; larger frames bypass it. Every connected edge holds one.
+const WRITE_BUFFER: usize = 2048;
 
 struct ConnectionGuard<'a> {
     channel: &'a Channel,

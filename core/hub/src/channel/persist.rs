@@ -24,7 +24,9 @@ pub(super) async fn persister(
     seen_limit: usize,
     mut rx: mpsc::Receiver<Persist>,
 ) {
-    let mut batch = Vec::with_capacity(256);
+    // Grown by bursts and shrunk after each: most channels are idle, and
+    // 256 slots held by each would cost every edge 6 KiB.
+    let mut batch = Vec::new();
     // What a failed write could not record is kept and written again (a
     // full disk recovers by itself), so a message acknowledged before the
     // failure is not sent again after a restart. Bounded: beyond it the
@@ -48,6 +50,7 @@ pub(super) async fn persister(
                 Persist::Acked(seq) => acked.push(seq),
             }
         }
+        batch.shrink_to(16);
         for (kept, what) in [(seen.len(), "seen ids"), (acked.len(), "acknowledgements")] {
             if kept > MAX_UNPERSISTED {
                 warn!(%peer, kept, "giving up the oldest unpersisted {what}");
@@ -61,7 +64,7 @@ pub(super) async fn persister(
         }
         if !acked.is_empty() {
             match store.remove(&queue, acked.clone()).await {
-                Ok(()) => acked.clear(),
+                Ok(()) => acked = Vec::new(),
                 Err(e) => {
                     debug!(%peer, error = %e, "acknowledged messages not removed yet; will retry")
                 }
@@ -69,8 +72,7 @@ pub(super) async fn persister(
         }
         if !seen.is_empty() {
             match store.mark_seen(&peer, seen.clone(), seen_limit).await {
-                Ok(()) => seen.clear(),
-                Err(StoreError::IdTooLong { .. }) => seen.clear(),
+                Ok(()) | Err(StoreError::IdTooLong { .. }) => seen = Vec::new(),
                 Err(e) => debug!(%peer, error = %e, "delivered ids not recorded yet; will retry"),
             }
         }

@@ -213,7 +213,11 @@ impl Plan {
                 limit: Duration::from_secs(if quick { 20 } else { 60 }),
             },
             edges: args.edges.unwrap_or(if quick { 200 } else { 1000 }),
-            edges_register: Duration::from_secs(if quick { 45 } else { 90 }),
+            // About 100 edges a second at worst, so the recorded 18,000-edge
+            // run gets three minutes.
+            edges_register: Duration::from_secs(
+                (if quick { 45 } else { 90 }).max(args.edges.unwrap_or(0) as u64 / 100),
+            ),
             sides: match args.side {
                 None => Side::BOTH.to_vec(),
                 Some(SideArg::Direct) => vec![Side::Direct],
