@@ -4,20 +4,18 @@
 //! and the kubelet request. Each returns plain-text reasons, never ANSI.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 
 /// The cloud's certificate chain as presented: end entity, then intermediates.
-pub(super) type Chain = Vec<CertificateDer<'static>>;
+pub(super) use tether_pki::Chain;
 
 /// Connects to the first of `addrs` that answers, within `timeout`.
 pub(super) async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<TcpStream, String> {
@@ -34,66 +32,6 @@ pub(super) async fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<T
     }
 }
 
-/// Accepts whatever certificate the server presents and keeps it; the
-/// handshake signature is still checked, so the server holds its key.
-#[derive(Debug)]
-struct Recorder {
-    provider: Arc<CryptoProvider>,
-    seen: Mutex<Option<Chain>>,
-}
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let chain = std::iter::once(end_entity)
-            .chain(intermediates)
-            .map(|c| c.clone().into_owned())
-            .collect();
-        *self.seen.lock().expect("recorder lock") = Some(chain);
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A TLS handshake to the tunnel port that records the server's chain
 /// without judging it (that is [`verify_chain`]'s job). Returns the chain
 /// and the negotiated protocol version.
@@ -103,10 +41,7 @@ pub(super) async fn handshake(
     timeout: Duration,
 ) -> Result<(Chain, String), String> {
     let provider = tether_pki::provider();
-    let recorder = Arc::new(Recorder {
-        provider: provider.clone(),
-        seen: Mutex::new(None),
-    });
+    let recorder = tether_pki::UnverifiedServer::new(provider.clone());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
@@ -128,10 +63,7 @@ pub(super) async fn handshake(
         .map(|v| format!("{v:?}").replace("TLSv1_", "TLS 1."))
         .unwrap_or_default();
     let chain = recorder
-        .seen
-        .lock()
-        .expect("recorder lock")
-        .take()
+        .seen()
         .ok_or("the server presented no certificate")?;
     Ok((chain, version))
 }

@@ -9,6 +9,7 @@ mod files;
 mod identity;
 mod tls;
 mod token;
+mod unverified;
 
 pub use files::{WriteError, write_atomic};
 pub use identity::{Identity, IdentityError, NODE_CN_PREFIX, NODES_GROUP, valid_node_name};
@@ -17,6 +18,7 @@ pub use tls::{
     server_config_client_auth, server_config_no_client_auth, server_config_optional_client_auth,
 };
 pub use token::{BootstrapToken, TokenError, ca_hash, hex};
+pub use unverified::{Chain, UnverifiedServer};
 
 use std::fmt;
 use std::net::IpAddr;
