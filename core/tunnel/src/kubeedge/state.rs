@@ -117,6 +117,9 @@ impl Shared {
             st.removes.push(id);
             self.wake_writer.notify_one();
         }
+        // One line per stream the cloud ends, in the session's span (node):
+        // the client only sees its body fail, so the reason is told here.
+        tracing::info!(stream.id = id, reason, "kubeedge stream ended by the cloud");
         self.count(reason);
     }
 
@@ -169,6 +172,7 @@ impl Shared {
             // Late DATA or REMOVE for an ended connection: expected, dropped.
             Some(MessageType::Data | MessageType::RemoveConnect) => {
                 if !st.conns.contains_key(&msg.id) && msg.id >= st.next_id {
+                    debug!(stream.id = msg.id, "data for an unknown connection");
                     self.count("unknown_connection");
                 }
             }
