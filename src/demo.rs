@@ -1,6 +1,7 @@
 //! `tether demo`: cloud, edge and a sample kubelet on loopback with a
 //! throwaway PKI. Sends logs, exec and metrics requests through the real
-//! mTLS tunnel, prints what happened and the curl commands to try by hand,
+//! mTLS tunnel, and a message each way through the hub channel in the same
+//! session, prints what happened and the curl commands to try by hand,
 //! then serves until Ctrl-C (or, with `--self-test`, drains and exits).
 
 use std::io::Write as _;
@@ -12,6 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use tokio::net::TcpListener;
 
+use tether_cloudhub::hub::{CloudHub, CloudHubConfig};
+use tether_edgehub::hub::{EdgeHub, EdgeHubConfig};
+use tether_hub::dispatch::{Event, Filter};
+use tether_hub::{Content, HubMetrics, Message, Route, Store};
 use tether_tests::fixture::{FixtureKubelet, LogVerifier};
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -29,10 +34,22 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
         .await
         .context("start sample kubelet")?;
     let work = std::env::temp_dir().join(format!("tether-demo-state-{}", std::process::id()));
+    // The message hub on both sides, carried inside the tunnel session.
+    let cloud_hub = CloudHub::new(
+        CloudHubConfig::default(),
+        Store::in_memory(),
+        HubMetrics::default(),
+    )?;
+    let edge_hub = EdgeHub::new(
+        EdgeHubConfig::default(),
+        Store::in_memory(),
+        HubMetrics::default(),
+    )?;
     let spec = CloudSpec {
         tunnel_addr: Some(free_or_any("127.0.0.1:10004").await),
         front_addr: Some(free_or_any("127.0.0.1:10003").await),
         state_dir: Some(work.join("cloud")),
+        hub: Some(cloud_hub.clone()),
         ..CloudSpec::default()
     };
     let cloud = CloudHandle::start(&pki, spec).await?;
@@ -51,6 +68,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
     )?;
     let mut edge_spec = EdgeSpec::new(NODE, kubelet.addr);
     edge_spec.ips = vec![NODE_IP.parse()?];
+    edge_spec.hub = Some(edge_hub.clone());
     let edge = EdgeHandle::enrol(&cloud, Some(&token), &work.join("edge"), edge_spec)
         .await
         .context("enrol the demo edge with its bootstrap token")?;
@@ -112,6 +130,7 @@ pub(crate) async fn run(self_test: bool) -> anyhow::Result<bool> {
         ("logs --follow", check_follow(&cloud, &pki, &kubelet).await),
         ("exec", check_exec(&cloud, &pki).await),
         ("metrics", check_metrics(&cloud, &pki).await),
+        ("hub", check_hub(&cloud_hub, &edge_hub).await),
         ("unknown node", check_unknown(&cloud, &pki).await),
         ("no client cert", check_anonymous(&cloud, &pki).await),
     ] {
@@ -254,6 +273,58 @@ async fn check_exec(cloud: &CloudHandle, pki: &Pki) -> anyhow::Result<String> {
     Ok(format!(
         "exec over WebSocket v5.channel.k8s.io: stdin \"tether\", stdout {stdout:?}, stderr \"warning\", exit code 7"
     ))
+}
+
+/// A message to the edge and one back, through the hub channel that rides
+/// in the same tunnel session as the kubelet streams.
+async fn check_hub(cloud: &CloudHub, edge: &EdgeHub) -> anyhow::Result<String> {
+    let started = Instant::now();
+    while !(edge.is_online() && cloud.node(NODE).is_some_and(|n| n.online)) {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the hub channel did not come up in the tunnel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let message = |op: &str, text: &str| {
+        Message::new(
+            Route {
+                source: "demo".into(),
+                group: "demo".into(),
+                operation: op.into(),
+                resource: "greeting".into(),
+            },
+            Content::Json(serde_json::json!(text)),
+        )
+    };
+    let filter = Filter {
+        group: Some("demo".into()),
+        ..Filter::default()
+    };
+    let (mut down, mut up) = (edge.subscribe(filter.clone())?, cloud.subscribe(filter)?);
+    let started = Instant::now();
+    cloud
+        .publish(NODE, message("hello", "from the cloud"))
+        .await?;
+    next_message(&mut down).await?;
+    edge.publish(message("reply", "from the edge")).await?;
+    next_message(&mut up).await?;
+    Ok(format!(
+        "a message to the edge and one back, acknowledged, in {:?}; one connection carries tunnel and hub",
+        started.elapsed()
+    ))
+}
+
+async fn next_message(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => anyhow::bail!("no message within 5 s"),
+            Ok(None) => anyhow::bail!("subscription ended"),
+            Ok(Some(Event::Message { .. })) => return Ok(()),
+            Ok(Some(_)) => {}
+        }
+    }
 }
 
 async fn check_metrics(cloud: &CloudHandle, pki: &Pki) -> anyhow::Result<String> {
