@@ -98,6 +98,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         opts.registry.clone(),
     )
     .preauth(opts.preauth.clone(), "tunnel")
+    .window_metrics(opts.metrics.window())
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
         if let Some(o) = &ownership {

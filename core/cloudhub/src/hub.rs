@@ -296,7 +296,7 @@ impl CloudHub {
         let req = http::Request::connect(HUB_TARGET)
             .body(tether_tunnel::body_empty())
             .expect("static request");
-        let resp = match session.send(req, HUB_TARGET).await {
+        let mut resp = match session.send(req, HUB_TARGET).await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => {
                 warn!(status = %r.status(), "edge refused the hub stream");
@@ -308,8 +308,8 @@ impl CloudHub {
                 return;
             }
         };
-        let io = match hyper::upgrade::on(resp).await {
-            Ok(io) => hyper_util::rt::TokioIo::new(io),
+        let io = match tether_tunnel::upgrade::on(&mut resp).await {
+            Ok(io) => io,
             Err(e) => {
                 debug!(error = %e, "hub stream upgrade failed");
                 return;

@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
+use hyper::body::Frame;
+use std::task::{Context, Poll};
 
 /// Payload of each body chunk the edge hands to h2.
 const CHUNK: usize = 16 << 10;

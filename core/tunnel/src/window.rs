@@ -48,6 +48,7 @@ pub struct WindowGovernor {
     budget: u64,
     max_streams: u32,
     floor: u32,
+    max_window: u32,
     window: u32,
     streams: HashMap<u64, StreamFlow>,
 }
@@ -63,9 +64,17 @@ impl WindowGovernor {
             budget: u64::from(budget),
             max_streams,
             floor,
+            max_window: i32::MAX as u32,
             window: floor,
             streams: HashMap::new(),
         }
+    }
+
+    /// Caps the window however much room the budget has (the configured
+    /// `stream_window`); never below the floor.
+    pub fn with_max_window(mut self, max: u32) -> Self {
+        self.max_window = max.clamp(self.floor, i32::MAX as u32);
+        self
     }
 
     /// The stream window to announce now.
@@ -203,7 +212,7 @@ impl WindowGovernor {
             let held: u64 = self.streams.values().map(|s| s.reserved.max(w)).sum();
             held + free * u64::from(self.floor) <= self.budget
         };
-        let (mut lo, mut hi) = (u64::from(self.window), want.min(u64::from(i32::MAX as u32)));
+        let (mut lo, mut hi) = (u64::from(self.window), want.min(u64::from(self.max_window)));
         if !fits(lo) {
             return self.window;
         }
@@ -287,6 +296,17 @@ mod tests {
         let held = g.streams[&1].buffered();
         g.consumed(1, held);
         assert_eq!(g.streams[&1].reserved, u64::from(FLOOR));
+    }
+
+    #[test]
+    fn the_window_never_grows_past_its_cap() {
+        let cap = 4 * FLOOR;
+        let mut g = WindowGovernor::new(BUDGET, STREAMS, FLOOR).with_max_window(cap);
+        g.open(1).unwrap();
+        for _ in 0..20 {
+            round_trip(&mut g, 1, 5_000_000, true);
+        }
+        assert_eq!(g.window(), cap);
     }
 
     #[test]
