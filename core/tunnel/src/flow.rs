@@ -31,6 +31,7 @@ pub struct WindowMetrics {
     window: Gauge,
     peak: Gauge,
     reserved: Gauge,
+    buffered: Gauge,
     steps: Family<StepLabel, Counter>,
 }
 
@@ -51,6 +52,11 @@ impl WindowMetrics {
             "tunnel_window_reserved_bytes",
             "Receive budget reserved by open streams plus a floor share per free slot, summed over sessions",
             self.reserved.clone(),
+        );
+        registry.register(
+            "tunnel_window_buffered_bytes",
+            "Bytes received on streams and not yet taken by their readers, summed over sessions (as of the last round trip)",
+            self.buffered.clone(),
         );
         registry.register(
             "tunnel_window_steps",
@@ -85,6 +91,7 @@ struct State {
     /// What the metrics were last told, to apply deltas.
     shown_window: i64,
     shown_reserved: i64,
+    shown_buffered: i64,
     waker: Option<Waker>,
 }
 
@@ -108,6 +115,7 @@ impl Flow {
                 next_id: 0,
                 shown_window: 0,
                 shown_reserved: 0,
+                shown_buffered: 0,
                 waker: None,
             }),
             metrics,
@@ -211,10 +219,13 @@ impl Flow {
         let window = i64::from(st.governor.window());
         let reserved = i64::try_from(st.governor.reserved()).unwrap_or(i64::MAX);
         self.metrics.window.inc_by(window - st.shown_window);
+        let buffered = i64::try_from(st.governor.buffered()).unwrap_or(i64::MAX);
         self.metrics.reserved.inc_by(reserved - st.shown_reserved);
+        self.metrics.buffered.inc_by(buffered - st.shown_buffered);
         self.metrics.peak.inner().fetch_max(window, Ordering::Relaxed);
         st.shown_window = window;
         st.shown_reserved = reserved;
+        st.shown_buffered = buffered;
     }
 
     /// Takes this session's share out of the summed gauges.
@@ -222,6 +233,8 @@ impl Flow {
         let mut st = self.lock();
         self.metrics.window.dec_by(st.shown_window);
         self.metrics.reserved.dec_by(st.shown_reserved);
+        self.metrics.buffered.dec_by(st.shown_buffered);
+        st.shown_buffered = 0;
         st.shown_window = 0;
         st.shown_reserved = 0;
     }
