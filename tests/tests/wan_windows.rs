@@ -186,7 +186,10 @@ async fn a_stalled_reader_shrinks_the_window_and_another_stream_completes() {
             Ok(metric(&rig.cloud, "tunnel_window_bytes")? >= GROWN)
         })
         .await?;
-        let shrinks = metric(&rig.cloud, "tunnel_window_steps_total{direction=\"shrink\"}")?;
+        let shrinks = metric(
+            &rig.cloud,
+            "tunnel_window_steps_total{direction=\"shrink\"}",
+        )?;
 
         reading.store(false, Ordering::Relaxed);
         let stalled = reader.await?;
@@ -195,14 +198,19 @@ async fn a_stalled_reader_shrinks_the_window_and_another_stream_completes() {
         })
         .await?;
         ensure!(
-            metric(&rig.cloud, "tunnel_window_steps_total{direction=\"shrink\"}")? > shrinks,
+            metric(
+                &rig.cloud,
+                "tunnel_window_steps_total{direction=\"shrink\"}"
+            )? > shrinks,
             "the stall was not counted as a shrink"
         );
         // The stalled stream fills what it was granted; the session holds it
         // within its reservation and the budget.
-        wait_for("the stalled stream holds data", Duration::from_secs(10), || {
-            Ok(metric(&rig.cloud, "tunnel_window_buffered_bytes")? > 0)
-        })
+        wait_for(
+            "the stalled stream holds data",
+            Duration::from_secs(10),
+            || Ok(metric(&rig.cloud, "tunnel_window_buffered_bytes")? > 0),
+        )
         .await?;
         for _ in 0..10 {
             let held = metric(&rig.cloud, "tunnel_window_buffered_bytes")?;
@@ -225,7 +233,10 @@ async fn a_stalled_reader_shrinks_the_window_and_another_stream_completes() {
             metric(&rig.cloud, "tunnel_window_reserved_bytes")? <= budget,
             "budget exceeded"
         );
-        ensure!(read.load(Ordering::Relaxed) > 0, "the stalled reader read first");
+        ensure!(
+            read.load(Ordering::Relaxed) > 0,
+            "the stalled reader read first"
+        );
         drop(stalled);
         rig.stop().await;
         Ok(())

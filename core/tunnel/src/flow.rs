@@ -222,7 +222,10 @@ impl Flow {
         let buffered = i64::try_from(st.governor.buffered()).unwrap_or(i64::MAX);
         self.metrics.reserved.inc_by(reserved - st.shown_reserved);
         self.metrics.buffered.inc_by(buffered - st.shown_buffered);
-        self.metrics.peak.inner().fetch_max(window, Ordering::Relaxed);
+        self.metrics
+            .peak
+            .inner()
+            .fetch_max(window, Ordering::Relaxed);
         st.shown_window = window;
         st.shown_reserved = reserved;
         st.shown_buffered = buffered;

@@ -35,8 +35,14 @@ pub(crate) enum DriveError {
 
 enum Ping {
     /// Waiting to send the next PING; `since` is when the last pong came.
-    Idle { since: Instant, sleep: Pin<Box<Sleep>> },
-    InFlight { sent: Instant, deadline: Pin<Box<Sleep>> },
+    Idle {
+        since: Instant,
+        sleep: Pin<Box<Sleep>>,
+    },
+    InFlight {
+        sent: Instant,
+        deadline: Pin<Box<Sleep>>,
+    },
 }
 
 /// The connection future: resolves when the connection ends.

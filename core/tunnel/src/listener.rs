@@ -441,10 +441,10 @@ impl TunnelListener {
             timeout,
             H2Session::start_with_metrics(io, info, &self.limits, metrics),
         )
-            .await
-            .map_err(|_| AcceptError::Timeout("session"))?
-            .map_err(AcceptError::Session)
-            .map(Accepted::H2)
+        .await
+        .map_err(|_| AcceptError::Timeout("session"))?
+        .map_err(AcceptError::Session)
+        .map(Accepted::H2)
     }
 
     /// A KubeEdge edge: admit by certificate (ADR 0017), answer the upgrade,
