@@ -295,3 +295,40 @@ impl Drop for FlowTicket {
         self.flow.show(&mut st);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn gauges_sum_over_sessions_and_a_retired_session_leaves_them() {
+        let limits = TunnelLimits::default();
+        let metrics = WindowMetrics::default();
+        let a = Flow::new(&limits, metrics.clone());
+        let b = Flow::new(&limits, metrics.clone());
+        let floor = i64::from(limits.window_floor());
+        assert_eq!(metrics.window.get(), 2 * floor);
+        let slots = i64::from(limits.max_streams);
+        assert_eq!(metrics.reserved.get(), 2 * slots * floor);
+
+        // A stream whose reader keeps up and fills its window grows it.
+        let t = a.open().await.unwrap();
+        t.pulled(floor as usize);
+        let grown = a.tick().expect("the window grows");
+        assert!(i64::from(grown) > floor);
+        assert_eq!(metrics.window.get(), i64::from(grown) + floor);
+        assert_eq!(metrics.peak(), i64::from(grown));
+        assert_eq!(metrics.steps_of("grow").get(), 1);
+
+        // The last stream closing returns the session to the floor.
+        drop(t);
+        assert_eq!(a.wanted(), limits.window_floor());
+        assert_eq!(metrics.steps_of("shrink").get(), 1);
+        a.retire();
+        assert_eq!(metrics.window.get(), floor);
+        b.retire();
+        assert_eq!(metrics.window.get(), 0);
+        assert_eq!(metrics.reserved.get(), 0);
+        assert_eq!(metrics.buffered.get(), 0);
+    }
+}

@@ -1,7 +1,8 @@
 //! The multiplexed session: HTTP/2 over the WebSocket byte stream. The cloud
-//! holds an [`H2Session`] (h2 client) per node and sees it only through the
+//! holds an [`H2Session`] (h2's client, driven directly so its receive window
+//! can follow the link, ADR 0020) per node and sees it only through the
 //! [`NodeSession`] trait, so other session kinds can share the registry; the
-//! edge runs [`serve_edge_session`] (h2 server).
+//! edge runs [`serve_edge_session`] (hyper's h2 server, fixed windows).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
