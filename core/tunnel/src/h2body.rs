@@ -18,14 +18,19 @@ use crate::session::{Body, BoxError, StreamPermit};
 /// in the governor until it ends or is dropped.
 pub(crate) struct RecvBody {
     recv: h2::RecvStream,
-    ticket: FlowTicket,
+    /// None for the round-trip probe, which the governor does not count.
+    ticket: Option<FlowTicket>,
     _permit: StreamPermit,
     data_done: bool,
     done: bool,
 }
 
 impl RecvBody {
-    pub(crate) fn new(recv: h2::RecvStream, ticket: FlowTicket, permit: StreamPermit) -> Self {
+    pub(crate) fn new(
+        recv: h2::RecvStream,
+        ticket: Option<FlowTicket>,
+        permit: StreamPermit,
+    ) -> Self {
         Self {
             recv,
             ticket,
@@ -57,7 +62,9 @@ impl hyper::body::Body for RecvBody {
                         me.done = true;
                         return Poll::Ready(Some(Err(e.into())));
                     }
-                    me.ticket.pulled(n);
+                    if let Some(t) = &me.ticket {
+                        t.pulled(n);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => {

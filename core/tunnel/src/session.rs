@@ -331,13 +331,23 @@ impl Opener {
             head.extensions_mut().insert(p);
         }
         let gone = || *self.done.borrow();
-        let ticket = tokio::time::timeout(self.settle, self.flow.open())
-            .await
-            .map_err(|_| StreamError::Closed(node.clone()))?
-            .map_err(|_| StreamError::Busy {
-                node: node.clone(),
-                limit: self.max_streams,
-            })?;
+        // The round-trip probe's answer is a bodiless 204 from the edge
+        // itself that its caller drops at once, so it cannot hold window;
+        // admitting it would drop a grown window to the floor every
+        // keepalive interval (ADR 0020).
+        let probe = target == wire::PING_TARGET && kind == StreamKind::Http;
+        let ticket = if probe {
+            None
+        } else {
+            let open = tokio::time::timeout(self.settle, self.flow.open())
+                .await
+                .map_err(|_| StreamError::Closed(node.clone()))?
+                .map_err(|_| StreamError::Busy {
+                    node: node.clone(),
+                    limit: self.max_streams,
+                })?;
+            Some(open)
+        };
         let mut sender = sender
             .ready()
             .await
@@ -366,16 +376,18 @@ impl Opener {
             StreamKind::Http => (resp, false),
         };
         let (mut parts, mut recv) = resp.into_parts();
-        ticket.attach(recv.flow_control().clone());
-        let body = match send {
-            Some(send) if holds_stream => {
+        if let Some(t) = &ticket {
+            t.attach(recv.flow_control().clone());
+        }
+        let body = match (send, ticket) {
+            (Some(send), Some(ticket)) if holds_stream => {
                 parts.extensions.insert(permit);
                 parts
                     .extensions
                     .insert(H2Upgrade::new(H2Io::new(send, recv, ticket)));
                 body_empty()
             }
-            send => {
+            (send, ticket) => {
                 // A refused upgrade: nothing more to send on it.
                 if let Some(mut send) = send.filter(|_| streaming) {
                     let _ = send.send_data(Bytes::new(), true);
