@@ -50,6 +50,10 @@ pub struct WindowGovernor {
     floor: u32,
     max_window: u32,
     window: u32,
+    /// The window before the last tick's change: a change reaches the
+    /// sender half a round trip after it is sent, so the round trip that
+    /// follows a change was mostly sent under this one.
+    window_then: u32,
     streams: HashMap<u64, StreamFlow>,
 }
 
@@ -66,6 +70,7 @@ impl WindowGovernor {
             floor,
             max_window: i32::MAX as u32,
             window: floor,
+            window_then: floor,
             streams: HashMap::new(),
         }
     }
@@ -159,11 +164,15 @@ impl WindowGovernor {
 
     /// One measured round trip has passed. Shrinks to the floor when a reader
     /// stalled (consumed nothing while holding at least half a window);
-    /// grows towards twice what was delivered in the round trip when every
-    /// reader kept up and some stream used its whole window. Returns the new
-    /// window when it changed.
+    /// when every reader kept up and some stream used the whole window its
+    /// sender had, grows to twice what was delivered in the round trip or
+    /// twice the window now, whichever is more. (Growth is seen one round
+    /// trip late, so without the second term the window would double only
+    /// every other round trip.) Returns the new window when it changed.
     pub fn tick(&mut self) -> Option<u32> {
         let window = u64::from(self.window);
+        let sent_under = u64::from(self.window_then.min(self.window));
+        self.window_then = self.window;
         let mut stalled = false;
         let mut keeping_up = true;
         let mut blocked = false;
@@ -179,7 +188,7 @@ impl WindowGovernor {
             if s.buffered() > got {
                 keeping_up = false;
             }
-            if got >= window {
+            if got >= sent_under {
                 blocked = true;
             }
             s.received_then = s.received;
@@ -188,7 +197,7 @@ impl WindowGovernor {
         let next = if stalled {
             self.floor
         } else if keeping_up && blocked {
-            self.largest_fitting(delivered.saturating_mul(2).max(window))
+            self.largest_fitting(delivered.max(window).saturating_mul(2))
         } else {
             self.window
         };
@@ -296,6 +305,23 @@ mod tests {
         let held = g.streams[&1].buffered();
         g.consumed(1, held);
         assert_eq!(g.streams[&1].reserved, u64::from(FLOOR));
+    }
+
+    #[test]
+    fn growth_seen_a_round_trip_late_still_doubles_every_round_trip() {
+        let mut g = WindowGovernor::new(BUDGET, STREAMS, FLOOR);
+        g.open(1).unwrap();
+        // The sender learns of a change one round trip after it is made.
+        let mut senders = g.window();
+        for _ in 0..6 {
+            let now = g.window();
+            g.received(1, u64::from(senders));
+            g.consumed(1, u64::from(senders));
+            senders = now;
+            g.tick();
+            assert_eq!(g.window(), 2 * now);
+            assert!(g.reserved() <= u64::from(BUDGET));
+        }
     }
 
     #[test]
