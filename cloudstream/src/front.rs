@@ -363,7 +363,7 @@ impl KubeletFront {
         if !switched {
             return resp;
         }
-        let tunnel_side = hyper::upgrade::on(&mut resp);
+        let tunnel_side = tether_tunnel::upgrade::on(&mut resp);
         let permit = resp.extensions_mut().remove::<StreamPermit>();
         let shutdown = shutdown.clone();
         let (up_bytes, down_bytes) = (
@@ -380,7 +380,7 @@ impl KubeletFront {
                         return;
                     }
                 };
-                let (mut c, mut t) = (TokioIo::new(c), TokioIo::new(t));
+                let (mut c, mut t) = (TokioIo::new(c), t);
                 match tether_tunnel::splice(&mut c, &mut t, &shutdown).await {
                     Ok((up, down)) => {
                         up_bytes.inc_by(up);

@@ -117,6 +117,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         opts.registry.clone(),
     )
     .preauth(opts.preauth.clone(), "tunnel")
+    .window_metrics(opts.metrics.window())
     .on_event(move |ev| {
         metrics.tunnel_event(&ev);
         if let (TunnelEvent::Connected { info, .. }, Some(carry)) = (&ev, &carry_hub)

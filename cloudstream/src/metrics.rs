@@ -110,6 +110,7 @@ pub struct CloudMetrics {
     sessions_by_kind: Family<SessionKindLabel, Gauge>,
     kubeedge_refusals: Family<ReasonLabel, Counter>,
     kubeedge_streams_ended: Family<ReasonLabel, Counter>,
+    window: tether_tunnel::WindowMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +135,7 @@ impl Default for CloudMetrics {
             sessions_by_kind: Family::default(),
             kubeedge_refusals: Family::default(),
             kubeedge_streams_ended: Family::default(),
+            window: tether_tunnel::WindowMetrics::default(),
         }
     }
 }
@@ -209,7 +211,13 @@ impl CloudMetrics {
             "KubeEdge streams the cloud ended or refused, by reason: client_stalled, session_budget, response_timeout, bad_input, unknown_connection, unsupported",
             m.kubeedge_streams_ended.clone(),
         );
+        m.window.register(r);
         m
+    }
+
+    /// The stream-window families of the tunnel sessions (ADR 0020).
+    pub fn window(&self) -> tether_tunnel::WindowMetrics {
+        self.window.clone()
     }
 
     /// Counts a stream's flow-control stalls under `kind`.

@@ -190,7 +190,7 @@ impl NodeSession for PeerSession {
             .map_err(|e| failed(format!("TLS: {e}")))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
-                .map_err(StreamError::Tunnel)?;
+                .map_err(|e| StreamError::Tunnel(e.into()))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     debug!(error = %e, "peer connection ended");
@@ -199,7 +199,7 @@ impl NodeSession for PeerSession {
             let resp = sender
                 .send_request(req)
                 .await
-                .map_err(StreamError::Tunnel)?;
+                .map_err(|e| StreamError::Tunnel(e.into()))?;
             Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
         })
     }

@@ -415,7 +415,7 @@ impl CloudHub {
 const REOPEN_MIN: Duration = Duration::from_millis(100);
 const REOPEN_MAX: Duration = Duration::from_secs(10);
 
-type HubIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+type HubIo = tether_tunnel::upgrade::TunnelIo;
 
 /// Why a hub stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -425,7 +425,7 @@ enum HubStreamError {
     #[error("hub stream failed to open: {0}")]
     Stream(#[from] tether_tunnel::StreamError),
     #[error("hub stream upgrade failed: {0}")]
-    Upgrade(#[from] hyper::Error),
+    Upgrade(#[from] tether_tunnel::upgrade::UpgradeError),
 }
 
 /// Opens the `tether-hub` stream in `session`.
@@ -433,13 +433,11 @@ async fn open_hub_stream(session: &Arc<dyn NodeSession>) -> Result<HubIo, HubStr
     let req = http::Request::connect(HUB_TARGET)
         .body(tether_tunnel::body_empty())
         .expect("static request");
-    let resp = session.send(req, HUB_TARGET).await?;
+    let mut resp = session.send(req, HUB_TARGET).await?;
     if !resp.status().is_success() {
         return Err(HubStreamError::Refused(resp.status()));
     }
-    Ok(hyper_util::rt::TokioIo::new(
-        hyper::upgrade::on(resp).await?,
-    ))
+    Ok(tether_tunnel::upgrade::on(&mut resp).await?)
 }
 
 fn status(node: &str, c: &Channel) -> NodeStatus {

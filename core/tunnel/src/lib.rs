@@ -10,6 +10,9 @@
 mod backoff;
 mod cidr;
 mod dialer;
+mod flow;
+mod h2body;
+mod h2conn;
 pub mod kubeedge;
 mod limits;
 mod listener;
@@ -21,6 +24,7 @@ mod shutdown;
 mod splice;
 mod stall;
 pub mod trace;
+pub mod upgrade;
 mod window;
 pub mod wire;
 mod ws;
@@ -28,6 +32,7 @@ mod ws;
 pub use backoff::Backoff;
 pub use cidr::Cidr;
 pub use dialer::{DialError, EdgeTransport, RefusalHook, TunnelDialer};
+pub use flow::WindowMetrics;
 pub use limits::TunnelLimits;
 pub use listener::{AcceptError, KubeEdgeAccept, TunnelEvent, TunnelListener};
 pub use preauth::{

@@ -19,11 +19,13 @@ pub struct TunnelLimits {
     /// a "busy" error instead of queueing.
     pub max_streams: u32,
     /// Upper bound of the per-stream flow-control window in bytes (default
-    /// 2 MiB). The window used is the smaller of this and the stream's share of
-    /// `session_budget` (see [`TunnelLimits::effective_stream_window`]).
+    /// 16 MiB). A fixed window (the edge's) is the smaller of this and the
+    /// stream's share of `session_budget` (see
+    /// [`TunnelLimits::effective_stream_window`]); the cloud's governed window
+    /// (ADR 0020) grows up to this when the budget has room.
     pub stream_window: u32,
     /// Bytes one session may buffer across all its streams, both directions
-    /// together (default 16 MiB). Half bounds what peers may send us ahead of
+    /// together (default 32 MiB). Half bounds what peers may send us ahead of
     /// our readers (the connection window), half what we queue to send.
     pub session_budget: u32,
     /// Largest h2 frame a peer may send us (default 256 KiB).
@@ -52,8 +54,11 @@ impl Default for TunnelLimits {
     fn default() -> Self {
         Self {
             max_streams: 128,
-            stream_window: 2 << 20,
-            session_budget: 16 << 20,
+            stream_window: 16 << 20,
+            // Windows are credit, not allocations: an idle session costs
+            // nothing for it, and a busy one needs room for one stream to
+            // reach about twice the bandwidth-delay product (ADR 0020).
+            session_budget: 32 << 20,
             max_frame_size: 256 << 10,
             max_header_list_size: 64 << 10,
             max_send_buf: 1 << 20,
@@ -80,6 +85,15 @@ impl TunnelLimits {
     pub fn effective_stream_window(&self) -> u32 {
         let share = self.connection_window() / self.max_streams.max(1);
         share.min(self.stream_window).max(65_535)
+    }
+
+    /// The floor of a governed window (ADR 0020): half a stream's share of
+    /// the receive half, so the other half of the budget is a growth pool
+    /// that a stream whose reader keeps up may borrow.
+    pub fn window_floor(&self) -> u32 {
+        (self.connection_window() / self.max_streams.max(1) / 2)
+            .min(self.stream_window)
+            .max(16 << 10)
     }
 
     /// One stream's share of the send half, capped by `max_send_buf`: what h2

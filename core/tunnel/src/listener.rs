@@ -43,7 +43,7 @@ pub enum AcceptError {
     WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
     /// The h2 session could not start.
     #[error("session handshake failed: {0}")]
-    Session(#[source] hyper::Error),
+    Session(#[source] h2::Error),
     /// The upgrade request could not be read.
     #[error("upgrade request: {0}")]
     Request(String),
@@ -80,6 +80,7 @@ pub struct TunnelListener {
     admission: Option<Admission>,
     kubeedge: Option<KubeEdgeAccept>,
     refusal_log: RefusalLog,
+    window_metrics: crate::WindowMetrics,
 }
 
 /// What the listener needs to accept KubeEdge edges.
@@ -194,7 +195,14 @@ impl TunnelListener {
             admission: None,
             kubeedge: None,
             refusal_log: RefusalLog::default(),
+            window_metrics: crate::WindowMetrics::default(),
         }
+    }
+
+    /// Exports the stream windows of Tether sessions to `metrics` (ADR 0020).
+    pub fn window_metrics(mut self, metrics: crate::WindowMetrics) -> Self {
+        self.window_metrics = metrics;
+        self
     }
 
     /// Also accepts KubeEdge edges on `/v1/kubeedge/connect`. The TLS
@@ -439,11 +447,15 @@ impl TunnelListener {
             carries_hub,
         };
         let io = WsStream::new(ws, self.limits.ws_message_size);
-        tokio::time::timeout(timeout, H2Session::start(io, info, &self.limits))
-            .await
-            .map_err(|_| AcceptError::Timeout("session"))?
-            .map_err(AcceptError::Session)
-            .map(Accepted::H2)
+        let metrics = self.window_metrics.clone();
+        tokio::time::timeout(
+            timeout,
+            H2Session::start_with_metrics(io, info, &self.limits, metrics),
+        )
+        .await
+        .map_err(|_| AcceptError::Timeout("session"))?
+        .map_err(AcceptError::Session)
+        .map(Accepted::H2)
     }
 
     /// A KubeEdge edge: admit by certificate (ADR 0017), answer the upgrade,

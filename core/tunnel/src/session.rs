@@ -1,25 +1,28 @@
 //! The multiplexed session: HTTP/2 over the WebSocket byte stream. The cloud
-//! holds an [`H2Session`] (h2 client) per node and sees it only through the
+//! holds an [`H2Session`] (h2's client, driven directly so its receive window
+//! can follow the link, ADR 0020) per node and sees it only through the
 //! [`NodeSession`] trait, so other session kinds can share the registry; the
-//! edge runs [`serve_edge_session`] (h2 server).
+//! edge runs [`serve_edge_session`] (hyper's h2 server, fixed windows).
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::SendRequest;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, debug, info_span};
 
+use crate::flow::{Flow, WindowMetrics};
+use crate::h2body::RecvBody;
+use crate::h2conn::Driver;
+use crate::upgrade::{H2Io, H2Upgrade};
 use crate::wire::{self, StreamKind, WireError};
 use crate::{Shutdown, TunnelLimits, WsStream};
 
@@ -61,10 +64,11 @@ pub enum StreamError {
     /// The edge reset an upgrade stream, e.g. because it does not enable
     /// extended CONNECT.
     #[error("edge of node {0} refused the upgrade stream (extended CONNECT unsupported?): {1}")]
-    UpgradeRefused(String, #[source] hyper::Error),
-    /// The tunnel failed while carrying the stream.
+    UpgradeRefused(String, #[source] BoxError),
+    /// The tunnel failed while carrying the stream (an h2 error on Tether
+    /// sessions, a hyper error on KubeEdge sessions and replica forwarding).
     #[error("tunnel stream failed: {0}")]
-    Tunnel(#[source] hyper::Error),
+    Tunnel(#[source] BoxError),
 }
 
 /// Which protocol a session speaks.
@@ -126,7 +130,7 @@ pub trait NodeSession: Send + Sync + 'static {
     fn info(&self) -> &SessionInfo;
     /// Opens one stream carrying `req` to `target` on the edge (`kubelet` or an
     /// allow-listed `host:port`). Upgrades and CONNECT come back with a `101`
-    /// or `200` whose `hyper::upgrade::on` yields the byte stream.
+    /// or `200` whose [`crate::upgrade::on`] yields the byte stream.
     fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture;
     /// Stops new streams; in-flight ones finish, then the session closes.
     fn close(&self);
@@ -144,18 +148,22 @@ pub trait NodeSession: Send + Sync + 'static {
     }
 }
 
-/// The cloud end of an HTTP/2 tunnel session.
+/// The cloud end of an HTTP/2 tunnel session: h2's client driven directly,
+/// so the stream window can follow the link (ADR 0020).
 pub struct H2Session {
     info: SessionInfo,
-    send: Mutex<Option<SendRequest<Body>>>,
+    send: Mutex<Option<h2::client::SendRequest<Bytes>>>,
+    flow: Arc<Flow>,
     streams: Arc<Semaphore>,
     max_streams: u32,
+    /// Bounds the wait for a lowered window to be queued before a stream.
+    settle: std::time::Duration,
     done: watch::Receiver<bool>,
     io_dropped: watch::Receiver<bool>,
     kill: crate::KillSwitch,
     failed: Arc<std::sync::atomic::AtomicBool>,
-    /// Last probe round trip in microseconds; 0 = not measured yet.
-    rtt_micros: std::sync::atomic::AtomicU64,
+    /// Last measured round trip in microseconds; 0 = not measured yet.
+    rtt_micros: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -171,42 +179,65 @@ impl H2Session {
     /// connection task. The task ends when the peer goes away, keepalive
     /// fails, or after [`NodeSession::close`] once streams drain.
     pub async fn start<S>(
+        io: WsStream<S>,
+        info: SessionInfo,
+        limits: &TunnelLimits,
+    ) -> Result<Arc<Self>, h2::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start_with_metrics(io, info, limits, WindowMetrics::default()).await
+    }
+
+    /// [`H2Session::start`], exporting the window to `metrics`.
+    pub async fn start_with_metrics<S>(
         mut io: WsStream<S>,
         info: SessionInfo,
         limits: &TunnelLimits,
-    ) -> Result<Arc<Self>, hyper::Error>
+        metrics: WindowMetrics,
+    ) -> Result<Arc<Self>, h2::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io_dropped = io.watch_drop();
         let kill = io.kill_switch();
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(limits.effective_stream_window())
+        let flow = Flow::new(limits, metrics);
+        // The stream window starts at the governor's floor and follows it;
+        // the connection window is the whole receive budget, which the
+        // governor's invariant keeps every stream's window within.
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(flow.floor())
             .initial_connection_window_size(limits.connection_window())
             .max_frame_size(limits.max_frame_size)
             .max_header_list_size(limits.max_header_list_size)
-            .max_send_buf_size(limits.effective_send_buf())
+            .max_send_buffer_size(limits.effective_send_buf())
             .max_concurrent_streams(limits.max_streams)
-            .keep_alive_interval(limits.keepalive_interval)
-            .keep_alive_timeout(limits.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(io))
+            .handshake::<_, Bytes>(io)
             .await?;
+        let rtt_micros = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let driver = Driver::new(
+            conn,
+            flow.clone(),
+            limits.keepalive_interval,
+            limits.keepalive_timeout,
+            rtt_micros.clone(),
+        );
         let (done_tx, done) = watch::channel(false);
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failed_in_task = failed.clone();
+        let flow_in_task = flow.clone();
         let span =
             info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
         tokio::spawn(
             async move {
-                match conn.await {
+                match driver.await {
                     Ok(()) => debug!("session closed"),
                     Err(e) => {
                         failed_in_task.store(true, std::sync::atomic::Ordering::Release);
                         debug!(error = %e, "session ended");
                     }
                 }
+                flow_in_task.retire();
                 let _ = done_tx.send(true);
             }
             .instrument(span),
@@ -214,13 +245,15 @@ impl H2Session {
         Ok(Arc::new(Self {
             info,
             send: Mutex::new(Some(send)),
+            flow,
             streams: Arc::new(Semaphore::new(limits.max_streams as usize)),
             max_streams: limits.max_streams,
+            settle: limits.keepalive_timeout,
             done,
             io_dropped,
             kill,
             failed,
-            rtt_micros: std::sync::atomic::AtomicU64::new(0),
+            rtt_micros,
         }))
     }
 
@@ -236,6 +269,11 @@ impl H2Session {
         }
     }
 
+    /// The stream window the session wants announced now (ADR 0020).
+    pub fn window(&self) -> u32 {
+        self.flow.wanted()
+    }
+
     /// Resolves when the session is over and its transport released: after
     /// a graceful close, h2 GOAWAY, WebSocket close and TLS close_notify
     /// have been sent.
@@ -247,16 +285,131 @@ impl H2Session {
     }
 }
 
+/// Maps a failure to open or carry a stream to the side that failed.
+fn stream_error(e: h2::Error, node: &str, kind: &StreamKind, gone: bool) -> StreamError {
+    if gone || e.is_go_away() || e.is_io() {
+        StreamError::Closed(node.to_owned())
+    } else if matches!(kind, StreamKind::Upgrade(_)) {
+        // h2 does not check the peer's SETTINGS_ENABLE_CONNECT_PROTOCOL
+        // before sending; a peer without it resets the stream.
+        StreamError::UpgradeRefused(node.to_owned(), e.into())
+    } else {
+        StreamError::Tunnel(e.into())
+    }
+}
+
+/// What opening one stream needs from its session, owned so that the
+/// stream's future does not borrow the session.
+struct Opener {
+    node: String,
+    flow: Arc<Flow>,
+    max_streams: u32,
+    settle: std::time::Duration,
+    done: watch::Receiver<bool>,
+}
+
+impl Opener {
+    async fn open_stream(
+        self,
+        req: Request<Body>,
+        target: String,
+        sender: Option<h2::client::SendRequest<Bytes>>,
+        permit: Result<OwnedSemaphorePermit, tokio::sync::TryAcquireError>,
+    ) -> Result<Response<Body>, StreamError> {
+        let node = &self.node;
+        let sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
+        let permit = permit.map_err(|_| StreamError::Busy {
+            node: node.clone(),
+            limit: self.max_streams,
+        })?;
+        let kind = wire::classify(&req);
+        let req = wire::request_to_tunnel(req, &target)?;
+        let (mut parts, body) = req.into_parts();
+        let protocol = parts
+            .extensions
+            .remove::<hyper::ext::Protocol>()
+            .map(|p| h2::ext::Protocol::from(p.as_str()));
+        let mut head = Request::from_parts(parts, ());
+        if let Some(p) = protocol {
+            head.extensions_mut().insert(p);
+        }
+        let gone = || *self.done.borrow();
+        // The round-trip probe's answer is a bodiless 204 from the edge
+        // itself that its caller drops at once, so it cannot hold window;
+        // admitting it would drop a grown window to the floor every
+        // keepalive interval (ADR 0020).
+        let probe = target == wire::PING_TARGET && kind == StreamKind::Http;
+        let ticket = if probe {
+            None
+        } else {
+            let open = tokio::time::timeout(self.settle, self.flow.open())
+                .await
+                .map_err(|_| StreamError::Closed(node.clone()))?
+                .map_err(|_| StreamError::Busy {
+                    node: node.clone(),
+                    limit: self.max_streams,
+                })?;
+            Some(open)
+        };
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|e| stream_error(e, node, &kind, gone()))?;
+        let streaming = !matches!(kind, StreamKind::Http);
+        let end = !streaming && body.is_end_stream();
+        let (resp, send) = sender
+            .send_request(head, end)
+            .map_err(|e| stream_error(e, node, &kind, gone()))?;
+        let send = if streaming || end {
+            Some(send)
+        } else {
+            tokio::spawn(crate::h2body::pipe(body, send).in_current_span());
+            None
+        };
+        let resp = resp
+            .await
+            .map_err(|e| stream_error(e, node, &kind, gone()))?;
+        let permit = StreamPermit(Arc::new(permit));
+        let (resp, holds_stream) = match &kind {
+            StreamKind::Upgrade(p) => wire::upgraded_from_tunnel(resp, p),
+            StreamKind::Connect => {
+                let ok = resp.status().is_success();
+                (resp, ok)
+            }
+            StreamKind::Http => (resp, false),
+        };
+        let (mut parts, mut recv) = resp.into_parts();
+        if let Some(t) = &ticket {
+            t.attach(recv.flow_control().clone());
+        }
+        let body = match (send, ticket) {
+            (Some(send), Some(ticket)) if holds_stream => {
+                parts.extensions.insert(permit);
+                parts
+                    .extensions
+                    .insert(H2Upgrade::new(H2Io::new(send, recv, ticket)));
+                body_empty()
+            }
+            (send, ticket) => {
+                // A refused upgrade: nothing more to send on it.
+                if let Some(mut send) = send.filter(|_| streaming) {
+                    let _ = send.send_data(Bytes::new(), true);
+                }
+                RecvBody::new(recv, ticket, permit).boxed_unsync()
+            }
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
 impl NodeSession for H2Session {
     fn info(&self) -> &SessionInfo {
         &self.info
     }
 
     fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture {
-        let node = self.info.node.clone();
         let sender = self.send.lock().expect("session lock").clone();
         let permit = self.streams.clone().try_acquire_owned();
-        let limit = self.max_streams;
         let target = target.to_owned();
         // One span per tunnel stream, child of the caller's request span; the
         // edge's span becomes its child through the injected traceparent.
@@ -265,54 +418,18 @@ impl NodeSession for H2Session {
             tracing::Span::none()
         } else {
             info_span!(target: crate::trace::TARGET, "tunnel.stream",
-                node = %node, session.id = self.info.id, tunnel.target = %target)
+                node = %self.info.node, session.id = self.info.id, tunnel.target = %target)
         };
         let mut req = req;
         crate::trace::inject(&span, req.headers_mut());
-        Box::pin(
-            async move {
-                let mut sender = sender.ok_or_else(|| StreamError::Closed(node.clone()))?;
-                let permit = permit.map_err(|_| StreamError::Busy {
-                    node: node.clone(),
-                    limit,
-                })?;
-                let kind = wire::classify(&req);
-                let req = wire::request_to_tunnel(req, &target)?;
-                let resp = sender.send_request(req).await.map_err(|e| {
-                    if e.is_closed() || sender.is_closed() {
-                        StreamError::Closed(node.clone())
-                    } else if matches!(kind, StreamKind::Upgrade(_)) {
-                        // h2 does not check the peer's SETTINGS_ENABLE_CONNECT_PROTOCOL
-                        // before sending; a peer without it resets the stream.
-                        StreamError::UpgradeRefused(node.clone(), e)
-                    } else {
-                        StreamError::Tunnel(e)
-                    }
-                })?;
-                let permit = StreamPermit(Arc::new(permit));
-                let (resp, holds_stream) = match &kind {
-                    StreamKind::Upgrade(p) => wire::upgraded_from_tunnel(resp, p),
-                    StreamKind::Connect => {
-                        let ok = resp.status().is_success();
-                        (resp, ok)
-                    }
-                    StreamKind::Http => (resp, false),
-                };
-                let (mut parts, body) = resp.into_parts();
-                let body = if holds_stream {
-                    parts.extensions.insert(permit);
-                    body.map_err(BoxError::from).boxed_unsync()
-                } else {
-                    PermitBody {
-                        inner: body,
-                        _permit: permit,
-                    }
-                    .boxed_unsync()
-                };
-                Ok(Response::from_parts(parts, body))
-            }
-            .instrument(span),
-        )
+        let me = Opener {
+            node: self.info.node.clone(),
+            flow: self.flow.clone(),
+            max_streams: self.max_streams,
+            settle: self.settle,
+            done: self.done.clone(),
+        };
+        Box::pin(async move { me.open_stream(req, target, sender, permit).await }.instrument(span))
     }
 
     fn close(&self) {
@@ -331,13 +448,7 @@ impl NodeSession for H2Session {
     }
 
     fn is_closed(&self) -> bool {
-        *self.done.borrow()
-            || self
-                .send
-                .lock()
-                .expect("session lock")
-                .as_ref()
-                .is_none_or(|s| s.is_closed())
+        *self.done.borrow() || self.send.lock().expect("session lock").is_none()
     }
 
     fn record_rtt(&self, rtt: std::time::Duration) {
@@ -351,34 +462,6 @@ impl NodeSession for H2Session {
             0 => None,
             us => Some(std::time::Duration::from_micros(us)),
         }
-    }
-}
-
-/// A response body that holds its stream slot until it ends or is dropped.
-struct PermitBody {
-    inner: Incoming,
-    _permit: StreamPermit,
-}
-
-impl hyper::body::Body for PermitBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map_err(BoxError::from)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

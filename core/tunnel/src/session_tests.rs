@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
+use hyper::body::Frame;
+use std::task::{Context, Poll};
 
 /// Payload of each body chunk the edge hands to h2.
 const CHUNK: usize = 16 << 10;
@@ -81,6 +83,12 @@ async fn pair(
             let stalled = stalled.clone();
             async move {
                 let path = req.uri().path().to_owned();
+                if req.method() == http::Method::CONNECT {
+                    return echo_upgrade(req);
+                }
+                if path == "/echo" {
+                    return Response::new(req.into_body().map_err(BoxError::from).boxed_unsync());
+                }
                 let body = match path.strip_prefix("/bulk/") {
                     Some(n) => Counted {
                         pulled: Arc::new(AtomicU64::new(0)),
@@ -100,6 +108,18 @@ async fn pair(
         .await
         .expect("h2 handshake");
     (cloud, trigger)
+}
+
+/// Answers a CONNECT with 200 and echoes the stream's bytes back.
+fn echo_upgrade(mut req: Request<Incoming>) -> Response<Body> {
+    let up = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = up.await else { return };
+        let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+    });
+    Response::new(body_empty())
 }
 
 fn get(path: &str) -> Request<Body> {
@@ -183,4 +203,70 @@ fn default_budget_is_well_under_64_mib_and_shares_it_per_stream() {
     // ...and the send buffers fit the send half.
     assert!(streams * l.effective_send_buf() as u64 <= u64::from(l.session_budget) / 2);
     assert!(u64::from(l.connection_window()) <= u64::from(l.session_budget) / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_trailers_and_connect_streams_cross_the_direct_h2_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = async {
+        let limits = TunnelLimits::default();
+        let (cloud, trigger) = pair(&limits, Arc::new(AtomicU64::new(0))).await;
+
+        // A request body bigger than the window, then trailers, echoed back.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("42"));
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from(vec![1u8; 300_000]))),
+            Ok(Frame::data(Bytes::from(vec![2u8; 5]))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let req = Request::post("/echo")
+            .body(
+                http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+            )
+            .unwrap();
+        let resp = cloud.send(req, "kubelet").await.expect("echo stream");
+        let got = resp.into_body().collect().await.expect("echo body");
+        assert_eq!(
+            got.trailers().map(|t| t["x-sum"].clone()),
+            Some(http::HeaderValue::from_static("42"))
+        );
+        assert_eq!(got.to_bytes().len(), 300_005);
+
+        // A CONNECT stream: bytes both ways, half-close passes through.
+        let req = Request::connect("127.0.0.1:9").body(body_empty()).unwrap();
+        let mut resp = cloud
+            .send(req, "127.0.0.1:9")
+            .await
+            .expect("connect stream");
+        assert_eq!(resp.status(), 200);
+        let permit = resp.extensions_mut().remove::<StreamPermit>();
+        assert!(permit.is_some(), "the caller keeps the stream's slot");
+        let io = crate::upgrade::on(&mut resp)
+            .await
+            .expect("connect byte stream");
+        assert!(matches!(io, crate::upgrade::TunnelIo::H2(_)));
+        let (mut r, mut w) = tokio::io::split(io);
+        let sent: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let expect = sent.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(10_000) {
+                w.write_all(chunk).await?;
+            }
+            w.shutdown().await
+        });
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.expect("read echo");
+        writer.await.unwrap().expect("write");
+        assert!(back == expect, "bytes changed crossing the stream");
+        assert!(
+            crate::upgrade::on(&mut resp).await.is_err(),
+            "the stream is taken once"
+        );
+        drop(permit);
+        trigger.trigger();
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), body)
+        .await
+        .expect("test timed out");
 }

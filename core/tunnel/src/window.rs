@@ -48,7 +48,12 @@ pub struct WindowGovernor {
     budget: u64,
     max_streams: u32,
     floor: u32,
+    max_window: u32,
     window: u32,
+    /// The window before the last tick's change: a change reaches the
+    /// sender half a round trip after it is sent, so the round trip that
+    /// follows a change was mostly sent under this one.
+    window_then: u32,
     streams: HashMap<u64, StreamFlow>,
 }
 
@@ -63,9 +68,18 @@ impl WindowGovernor {
             budget: u64::from(budget),
             max_streams,
             floor,
+            max_window: i32::MAX as u32,
             window: floor,
+            window_then: floor,
             streams: HashMap::new(),
         }
+    }
+
+    /// Caps the window however much room the budget has (the configured
+    /// `stream_window`); never below the floor.
+    pub fn with_max_window(mut self, max: u32) -> Self {
+        self.max_window = max.clamp(self.floor, i32::MAX as u32);
+        self
     }
 
     /// The stream window to announce now.
@@ -150,11 +164,15 @@ impl WindowGovernor {
 
     /// One measured round trip has passed. Shrinks to the floor when a reader
     /// stalled (consumed nothing while holding at least half a window);
-    /// grows towards twice what was delivered in the round trip when every
-    /// reader kept up and some stream used its whole window. Returns the new
-    /// window when it changed.
+    /// when every reader kept up and some stream used the whole window its
+    /// sender had, grows to twice what was delivered in the round trip or
+    /// twice the window now, whichever is more. (Growth is seen one round
+    /// trip late, so without the second term the window would double only
+    /// every other round trip.) Returns the new window when it changed.
     pub fn tick(&mut self) -> Option<u32> {
         let window = u64::from(self.window);
+        let sent_under = u64::from(self.window_then.min(self.window));
+        self.window_then = self.window;
         let mut stalled = false;
         let mut keeping_up = true;
         let mut blocked = false;
@@ -170,7 +188,7 @@ impl WindowGovernor {
             if s.buffered() > got {
                 keeping_up = false;
             }
-            if got >= window {
+            if got >= sent_under {
                 blocked = true;
             }
             s.received_then = s.received;
@@ -179,7 +197,7 @@ impl WindowGovernor {
         let next = if stalled {
             self.floor
         } else if keeping_up && blocked {
-            self.largest_fitting(delivered.saturating_mul(2).max(window))
+            self.largest_fitting(delivered.max(window).saturating_mul(2))
         } else {
             self.window
         };
@@ -203,7 +221,7 @@ impl WindowGovernor {
             let held: u64 = self.streams.values().map(|s| s.reserved.max(w)).sum();
             held + free * u64::from(self.floor) <= self.budget
         };
-        let (mut lo, mut hi) = (u64::from(self.window), want.min(u64::from(i32::MAX as u32)));
+        let (mut lo, mut hi) = (u64::from(self.window), want.min(u64::from(self.max_window)));
         if !fits(lo) {
             return self.window;
         }
@@ -287,6 +305,34 @@ mod tests {
         let held = g.streams[&1].buffered();
         g.consumed(1, held);
         assert_eq!(g.streams[&1].reserved, u64::from(FLOOR));
+    }
+
+    #[test]
+    fn growth_seen_a_round_trip_late_still_doubles_every_round_trip() {
+        let mut g = WindowGovernor::new(BUDGET, STREAMS, FLOOR);
+        g.open(1).unwrap();
+        // The sender learns of a change one round trip after it is made.
+        let mut senders = g.window();
+        for _ in 0..6 {
+            let now = g.window();
+            g.received(1, u64::from(senders));
+            g.consumed(1, u64::from(senders));
+            senders = now;
+            g.tick();
+            assert_eq!(g.window(), 2 * now);
+            assert!(g.reserved() <= u64::from(BUDGET));
+        }
+    }
+
+    #[test]
+    fn the_window_never_grows_past_its_cap() {
+        let cap = 4 * FLOOR;
+        let mut g = WindowGovernor::new(BUDGET, STREAMS, FLOOR).with_max_window(cap);
+        g.open(1).unwrap();
+        for _ in 0..20 {
+            round_trip(&mut g, 1, 5_000_000, true);
+        }
+        assert_eq!(g.window(), cap);
     }
 
     #[test]

@@ -390,7 +390,7 @@ async fn open(
         .max_buf_size((shared.opts.max_header_bytes + (64 << 10)).max(8192))
         .handshake::<_, Body>(TokioIo::new(pipe))
         .await
-        .map_err(StreamError::Tunnel)?;
+        .map_err(|e| StreamError::Tunnel(e.into()))?;
     let task = tokio::spawn(
         async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -417,7 +417,7 @@ async fn open(
             if ended {
                 Err(StreamError::Closed(node))
             } else {
-                Err(StreamError::Tunnel(e))
+                Err(StreamError::Tunnel(e.into()))
             }
         }
         Err(_) => {
