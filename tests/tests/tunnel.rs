@@ -454,6 +454,47 @@ async fn stalled_reader_does_not_stall_another_stream() {
     .await;
 }
 
+/// The same, repeated on fresh sessions: the stalled reader makes the
+/// window governor lower the session's window (SETTINGS) while the other
+/// stream runs. h2 sends a stream's WINDOW_UPDATE only when its reader
+/// releases capacity, so a reader that had taken everything when the
+/// lower window was acknowledged waited forever; about one run in five
+/// deadlocked before the session nudged h2 each round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_shrink_beside_a_stalled_reader_never_deadlocks_the_other_stream() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for run in 0..8 {
+            let env = Env::start().await?;
+            let stalled = kubectl::get_streaming(
+                env.conn().await?,
+                NODE,
+                "/containerLogs/default/a/app?bytes=1073741824",
+            )
+            .await?;
+            ensure!(stalled.status() == 200);
+            const N: u64 = 32 << 20;
+            let resp = kubectl::get_streaming(
+                env.conn().await?,
+                NODE,
+                &format!("/containerLogs/default/b/app?bytes={N}"),
+            )
+            .await?;
+            let mut body = resp.into_body();
+            let mut v = LogVerifier::new(0);
+            read_log(&mut body, &mut v, u64::MAX)
+                .await
+                .with_context(|| {
+                    format!("run {run}: the other stream stopped at {}", v.offset())
+                })?;
+            ensure!(v.offset() == N, "run {run}: {} of {N} bytes", v.offset());
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_edge_fails_streams_promptly_and_leaves_the_registry() {
     bounded(async {

@@ -197,7 +197,14 @@ impl Flow {
             governor, tracks, ..
         } = &mut *st;
         for (id, t) in tracks.iter_mut() {
-            let Some(recv) = &t.recv else { continue };
+            let Some(recv) = &mut t.recv else { continue };
+            // h2 decides on a stream WINDOW_UPDATE only when its reader
+            // releases capacity. After the peer acknowledges a lower
+            // SETTINGS window, a stream whose reader has already taken
+            // everything would wait for an update no release will send (the
+            // edge, at its new window, sends nothing more): a deadlock. A
+            // zero release each round trip makes h2 look again.
+            let _ = recv.release_capacity(0);
             let arrived = t.consumed + recv.used_capacity() as u64;
             if arrived > t.reported {
                 governor.received(*id, arrived - t.reported);
