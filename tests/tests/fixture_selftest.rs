@@ -7,7 +7,7 @@ use std::time::Duration;
 use tether_tests::fixture::{
     self, FixtureKubelet, LOG_LINE_LEN, LogVerifier, MetricsKind, log_bytes, log_pattern_byte,
 };
-use tether_tests::kubectl;
+use tether_tests::{kubectl, spdy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -200,15 +200,165 @@ async fn port_forward_over_websocket_echoes() {
 }
 
 #[tokio::test]
-async fn spdy_upgrade_echoes_raw_bytes() {
+async fn exec_over_spdy_relays_stdio_and_exit_code() {
     bounded(async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
-        let headers = [
-            ("X-Stream-Protocol-Version", "v4.channel.k8s.io"),
-            ("X-Stream-Protocol-Version", "v3.channel.k8s.io"),
+        let script = "read x; echo out-$x; echo err >&2; exit 3";
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["sh", "-c", script], true);
+        let out = kubectl::exec_spdy(connect(&kubelet).await, &host, &path, b"hi\n").await?;
+        assert_eq!(out.stdout, b"out-hi\n");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.exit_code, 3);
+        assert_eq!(out.status["status"], "Failure");
+        assert_eq!(out.status["reason"], "NonZeroExitCode");
+        assert_eq!(out.status["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(
+            out.status["message"],
+            "command terminated with non-zero exit code: exit status 3"
+        );
+
+        // A large stdin through `cat` comes back whole and the exit is a Success.
+        let input = noise(3 << 20);
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["cat"], true);
+        let out = kubectl::exec_spdy(connect(&kubelet).await, &host, &path, &input).await?;
+        assert!(
+            out.stdout == input,
+            "cat echoed {} of {} bytes",
+            out.stdout.len(),
+            input.len()
+        );
+        assert_eq!(out.exit_code, 0);
+        assert_eq!(
+            out.status,
+            serde_json::json!({"metadata": {}, "status": "Success"})
+        );
+
+        // No stdin stream; and attach (to `cat`) the same way.
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["true"], false);
+        let out = kubectl::exec_spdy(connect(&kubelet).await, &host, &path, b"").await?;
+        assert_eq!((out.exit_code, out.stdout.len()), (0, 0));
+        let path = "/attach/default/web-0/nginx?stdin=true&stdout=true";
+        let out = kubectl::exec_spdy(connect(&kubelet).await, &host, path, b"attached\n").await?;
+        assert_eq!(out.stdout, b"attached\n");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spdy_exec_refuses_protocols_it_does_not_serve() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["true"], false);
+        let refused = kubectl::raw_upgrade(
+            connect(&kubelet).await,
+            &host,
+            &path,
+            "SPDY/3.1",
+            &[("X-Stream-Protocol-Version", "v3.channel.k8s.io")],
+        )
+        .await
+        .err()
+        .expect("v3 refused");
+        let text = format!("{refused:#}");
+        assert!(text.contains("403") && text.contains("negotiate"), "{text}");
+        Ok(())
+    })
+    .await;
+}
+
+/// Opens a SPDY exec by hand and returns the frame reader and writer.
+async fn spdy_session(
+    kubelet: &FixtureKubelet,
+) -> anyhow::Result<(
+    spdy::FrameReader<impl tokio::io::AsyncRead + Unpin>,
+    spdy::FrameWriter<impl tokio::io::AsyncWrite + Unpin>,
+)> {
+    let path = kubectl::exec_path("default", "web-0", "nginx", &["cat"], true);
+    let (_, io) = kubectl::raw_upgrade(
+        connect(kubelet).await,
+        &kubelet.addr.to_string(),
+        &path,
+        "SPDY/3.1",
+        &[("X-Stream-Protocol-Version", "v4.channel.k8s.io")],
+    )
+    .await?;
+    let (read, write) = tokio::io::split(io);
+    Ok((spdy::FrameReader::new(read), spdy::FrameWriter::new(write)?))
+}
+
+/// Reads frames until the connection ends; returns the GOAWAY status seen.
+async fn goaway_then_eof(
+    reader: &mut spdy::FrameReader<impl tokio::io::AsyncRead + Unpin>,
+) -> anyhow::Result<Option<u32>> {
+    let mut status = None;
+    for _ in 0..16 {
+        match reader.read_frame_within(kubectl::IO_TIMEOUT).await? {
+            Some(spdy::Frame::GoAway { status: s, .. }) => status = Some(s),
+            Some(_) => {}
+            None => return Ok(status),
+        }
+    }
+    anyhow::bail!("the fixture kept talking after bad input")
+}
+
+#[tokio::test]
+async fn bad_spdy_input_ends_the_session_with_a_protocol_error() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        // A data frame claiming 16 MiB - 1: refused from its head alone.
+        let (mut reader, mut writer) = spdy_session(&kubelet).await?;
+        writer.write_raw(&[0, 0, 0, 1, 0, 0xff, 0xff, 0xff]).await?;
+        assert_eq!(
+            goaway_then_eof(&mut reader).await?,
+            Some(spdy::GOAWAY_PROTOCOL_ERROR)
+        );
+        // A SYN_STREAM whose header block is not zlib.
+        let (mut reader, mut writer) = spdy_session(&kubelet).await?;
+        let garbage = [
+            0x80, 3, 0, 1, 0, 0, 0, 14, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef,
         ];
-        let path = "/exec/default/web-0/nginx?command=sh&stdin=true&stdout=true";
+        writer.write_raw(&garbage).await?;
+        assert_eq!(
+            goaway_then_eof(&mut reader).await?,
+            Some(spdy::GOAWAY_PROTOCOL_ERROR)
+        );
+        // A stream id that goes backwards.
+        let (mut reader, mut writer) = spdy_session(&kubelet).await?;
+        for stream_id in [3, 1] {
+            let headers = vec![("streamtype".to_owned(), "error".to_owned())];
+            let frame = spdy::Frame::SynStream {
+                stream_id,
+                associated_id: 0,
+                priority: 0,
+                flags: 0,
+                headers,
+            };
+            writer.write_frame(&frame).await?;
+        }
+        assert_eq!(
+            goaway_then_eof(&mut reader).await?,
+            Some(spdy::GOAWAY_PROTOCOL_ERROR)
+        );
+        // The fixture still serves.
+        let host = kubelet.addr.to_string();
+        let path = kubectl::exec_path("default", "web-0", "nginx", &["true"], false);
+        let out = kubectl::exec_spdy(connect(&kubelet).await, &host, &path, b"").await?;
+        assert_eq!(out.exit_code, 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spdy_port_forward_upgrade_echoes_raw_bytes() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let host = kubelet.addr.to_string();
+        let headers = [("X-Stream-Protocol-Version", "portforward.k8s.io")];
+        let path = "/portForward/default/web-0?ports=8080";
         let (parts, io) =
             kubectl::raw_upgrade(connect(&kubelet).await, &host, path, "SPDY/3.1", &headers)
                 .await?;
@@ -216,7 +366,7 @@ async fn spdy_upgrade_echoes_raw_bytes() {
         assert_eq!(parts.headers["upgrade"], "SPDY/3.1");
         assert_eq!(
             parts.headers["x-stream-protocol-version"],
-            "v4.channel.k8s.io"
+            "portforward.k8s.io"
         );
         assert_eq!(parts.headers["x-fixture"], "kubelet");
         let payload = noise(1 << 20);
