@@ -695,11 +695,9 @@ struct ExecRequest {
     v5: bool,
 }
 
-/// The command and streams an exec or attach asks for; the error is the kubelet's 400.
-fn exec_request(
-    query: &[(String, String)],
-    attach: bool,
-) -> Result<ExecRequest, Response<FixtureBody>> {
+/// The command and streams an exec or attach asks for; the error is the kubelet's 400
+/// message.
+fn exec_request(query: &[(String, String)], attach: bool) -> Result<ExecRequest, &'static str> {
     let argv: Vec<String> = if attach {
         vec!["cat".to_owned()]
     } else {
@@ -710,10 +708,7 @@ fn exec_request(
             .collect()
     };
     if argv.is_empty() {
-        return Err(text(
-            StatusCode::BAD_REQUEST,
-            "you must specify at least 1 command\n",
-        ));
+        return Err("you must specify at least 1 command\n");
     }
     let (mut stdin, mut stdout, mut stderr) = (
         query_bool(query, "stdin"),
@@ -740,7 +735,7 @@ fn exec_ws(
 ) -> Response<FixtureBody> {
     let mut exec = match exec_request(query, attach) {
         Ok(exec) => exec,
-        Err(resp) => return resp,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
     };
     let (resp, protocol, on_upgrade) = match websocket_handshake(&mut req, EXEC_PROTOCOLS) {
         Ok(parts) => parts,

@@ -621,7 +621,10 @@ impl Decoder {
                 }
             }
             TYPE_SETTINGS => {
-                if len < 4 || (len - 4) % 8 != 0 || p.clone().get_u32() as usize != (len - 4) / 8 {
+                if len < 4
+                    || !(len - 4).is_multiple_of(8)
+                    || p.clone().get_u32() as usize != (len - 4) / 8
+                {
                     return Err(bad_len);
                 }
                 p.advance(4);

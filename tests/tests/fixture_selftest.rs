@@ -260,8 +260,7 @@ async fn spdy_exec_refuses_protocols_it_does_not_serve() {
             &[("X-Stream-Protocol-Version", "v3.channel.k8s.io")],
         )
         .await
-        .err()
-        .expect("v3 refused");
+        .expect_err("v3 refused");
         let text = format!("{refused:#}");
         assert!(text.contains("403") && text.contains("negotiate"), "{text}");
         Ok(())
