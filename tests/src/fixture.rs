@@ -1,8 +1,10 @@
 //! A fake kubelet that Tether's integration tests and benchmark run against.
 //!
 //! [`FixtureKubelet`] serves the kubelet endpoints Tether has to carry (container logs
-//! with `follow`, exec/attach/port-forward over WebSocket, SPDY-style raw upgrades,
-//! multi-megabyte metrics, small JSON endpoints and error pages) over plain HTTP/1.1 or
+//! with `follow`, exec/attach over WebSocket and over SPDY/3.1 as the kubelet speaks
+//! them, port-forward over WebSocket, a raw echo for SPDY port-forward and
+//! `Upgrade: tether-echo`, multi-megabyte metrics, small JSON endpoints and error
+//! pages) over plain HTTP/1.1 or
 //! HTTPS on `127.0.0.1:0`. Every body is deterministic and has a public generator
 //! ([`log_fill`], [`LogVerifier`], [`metrics_body`]) so a test can check what came out
 //! of the tunnel byte for byte without the fixture ever buffering a large log.
