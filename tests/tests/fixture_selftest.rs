@@ -531,3 +531,181 @@ async fn drop_stops_the_fixture() {
     })
     .await;
 }
+
+/// A minimal apiserver in front of the fixture for a real `kubectl exec`: it
+/// answers the pod GET and splices `POST .../exec` onto the fixture's `/exec`
+/// upgrade, so kubectl's own SPDY/3.1 client (moby/spdystream) talks to the
+/// fixture's SPDY exec byte for byte.
+async fn apiserver_front(kubelet: &FixtureKubelet) -> anyhow::Result<std::net::SocketAddr> {
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let upstream = kubelet.addr;
+    let serve = move |mut req: Request<Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        // Discovery (kubectl asks before anything else), then the pod.
+        let body = match (req.method() == http::Method::GET, path.as_str()) {
+            (true, "/api") => Some(serde_json::json!({"kind": "APIVersions", "versions": ["v1"]})),
+            (true, "/apis") => {
+                Some(serde_json::json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []}))
+            }
+            (true, "/api/v1") => Some(serde_json::json!({
+                "kind": "APIResourceList", "groupVersion": "v1",
+                "resources": [
+                    {"name": "pods", "singularName": "pod", "namespaced": true, "kind": "Pod", "verbs": ["get"]},
+                    {"name": "pods/exec", "singularName": "", "namespaced": true, "kind": "PodExecOptions", "verbs": ["create", "get"]}
+                ]
+            })),
+            (true, "/api/v1/namespaces/default/pods/web-0") => Some(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-0", "namespace": "default"},
+                "spec": {"containers": [{"name": "nginx", "image": "nginx"}]},
+                "status": {"phase": "Running"}
+            })),
+            _ => None,
+        };
+        if let Some(body) = body {
+            *resp.body_mut() = Full::new(Bytes::from(body.to_string()));
+            resp.headers_mut()
+                .insert("content-type", "application/json".parse().expect("static"));
+            return Ok::<_, std::convert::Infallible>(resp);
+        }
+        let spdy = req
+            .headers()
+            .get("upgrade")
+            .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"SPDY/3.1"));
+        if path != "/api/v1/namespaces/default/pods/web-0/exec" || !spdy {
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            return Ok(resp);
+        }
+        // What the apiserver does: the kubelet's /exec path, the same query and
+        // protocol headers, and the kubelet's 101 passed back.
+        let versions: Vec<String> = req
+            .headers()
+            .get_all("x-stream-protocol-version")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        let headers: Vec<(&str, &str)> = versions
+            .iter()
+            .map(|v| ("X-Stream-Protocol-Version", v.as_str()))
+            .collect();
+        let target = format!("/exec/default/web-0/nginx?{query}");
+        let Ok(tcp) = tokio::net::TcpStream::connect(upstream).await else {
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            return Ok(resp);
+        };
+        let upgraded = kubectl::upgrade_with(
+            tcp,
+            http::Method::POST,
+            &upstream.to_string(),
+            &target,
+            "SPDY/3.1",
+            &headers,
+        )
+        .await;
+        let Ok((parts, mut kubelet_io)) = upgraded else {
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            return Ok(resp);
+        };
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        for name in ["connection", "upgrade", "x-stream-protocol-version"] {
+            if let Some(v) = parts.headers.get(name) {
+                resp.headers_mut().insert(name, v.clone());
+            }
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(client) = on_upgrade.await {
+                let mut client = TokioIo::new(client);
+                let splice = tokio::io::copy_bidirectional(&mut client, &mut kubelet_io);
+                let _ = tokio::time::timeout(TEST_TIMEOUT, splice).await;
+            }
+        });
+        Ok(resp)
+    };
+    tokio::spawn(async move {
+        // One connection per kubectl request; the test runs three.
+        for _ in 0..16 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let service = hyper::service::service_fn(serve);
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+/// Runs the real `kubectl exec` over SPDY (its WebSocket client turned off).
+async fn kubectl_exec(
+    server: std::net::SocketAddr,
+    stdin: &[u8],
+    command: &[&str],
+) -> anyhow::Result<std::process::Output> {
+    use anyhow::Context;
+    let dir = std::env::temp_dir().join(format!("tether-selftest-kubectl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, "")?;
+    let mut child = tokio::process::Command::new("kubectl")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .args(["--server", &format!("http://{server}"), "-n", "default"])
+        .arg(format!("--cache-dir={}", dir.join("cache").display()))
+        .args(["exec", "-i", "web-0", "-c", "nginx", "--"])
+        .args(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running kubectl (scripts/test.sh installs Debian's kubernetes-client)")?;
+    let mut pipe = child.stdin.take().context("stdin")?;
+    let input = stdin.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = pipe.write_all(&input).await;
+    });
+    let out = tokio::time::timeout(kubectl::IO_TIMEOUT * 2, child.wait_with_output())
+        .await
+        .context("kubectl exec timed out")??;
+    let _ = writer.await;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn real_kubectl_execs_over_spdy_against_the_fixture() {
+    bounded(async {
+        let kubelet = FixtureKubelet::start(None).await?;
+        let server = apiserver_front(&kubelet).await?;
+        let script = "read x; echo out-$x; echo err >&2; exit 3";
+        let out = kubectl_exec(server, b"hi\n", &["sh", "-c", script]).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.stdout, b"out-hi\n", "kubectl stderr: {stderr}");
+        assert!(stderr.starts_with("err\n"), "kubectl stderr: {stderr}");
+        assert_eq!(out.status.code(), Some(3), "kubectl stderr: {stderr}");
+
+        let input = noise(1 << 20);
+        let out = kubectl_exec(server, &input, &["cat"]).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubectl stderr: {stderr}");
+        assert!(
+            out.stdout == input,
+            "cat through kubectl returned {} of {} bytes",
+            out.stdout.len(),
+            input.len()
+        );
+        Ok(())
+    })
+    .await;
+}
