@@ -680,6 +680,7 @@ async fn kubectl_exec(
         .await
         .context("kubectl exec timed out")??;
     let _ = writer.await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
 }
 
