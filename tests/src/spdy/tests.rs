@@ -1,4 +1,6 @@
+use super::headers::decode_header_block;
 use super::*;
+use flate2::{Compress, Compression};
 
 fn hdrs(pairs: &[(&str, &str)]) -> Headers {
     pairs
