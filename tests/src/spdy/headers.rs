@@ -190,7 +190,7 @@ impl HeaderInflater {
                 if plain.len() >= MAX_HEADER_BLOCK {
                     return Err(SpdyError::HeaderBlock("over the size limit"));
                 }
-                plain.reserve(plain.len().min(MAX_HEADER_BLOCK - plain.len()));
+                plain.reserve_exact(plain.len().min(MAX_HEADER_BLOCK - plain.len()));
             }
             let done = (self.z.total_in() - start) as usize;
             match self

@@ -247,3 +247,19 @@ fn window_credit_announces_after_half_a_window() {
     assert_eq!(credit.consume(16 * 1024), Some(32 * 1024));
     assert_eq!(credit.consume(1), None);
 }
+
+#[test]
+fn a_block_that_inflates_past_the_limit_is_refused() {
+    // 1 MiB of zeros compresses to about a kilobyte: a small frame, a big block.
+    let plain = vec![0u8; 1 << 20];
+    let mut z = Compress::new(Compression::default(), true);
+    z.set_dictionary(&DICTIONARY).unwrap();
+    let mut block = Vec::with_capacity(64 * 1024);
+    z.compress_vec(&plain, &mut block, flate2::FlushCompress::Sync)
+        .unwrap();
+    assert!(z.total_in() as usize == plain.len() && block.len() < MAX_CONTROL_LEN);
+    assert!(matches!(
+        HeaderInflater::default().inflate(&block),
+        Err(SpdyError::HeaderBlock(_))
+    ));
+}
