@@ -1,8 +1,10 @@
 //! A fake kubelet that Tether's integration tests and benchmark run against.
 //!
 //! [`FixtureKubelet`] serves the kubelet endpoints Tether has to carry (container logs
-//! with `follow`, exec/attach/port-forward over WebSocket, SPDY-style raw upgrades,
-//! multi-megabyte metrics, small JSON endpoints and error pages) over plain HTTP/1.1 or
+//! with `follow`, exec/attach over WebSocket and over SPDY/3.1 as the kubelet speaks
+//! them, port-forward over WebSocket, a raw echo for SPDY port-forward and
+//! `Upgrade: tether-echo`, multi-megabyte metrics, small JSON endpoints and error
+//! pages) over plain HTTP/1.1 or
 //! HTTPS on `127.0.0.1:0`. Every body is deterministic and has a public generator
 //! ([`log_fill`], [`LogVerifier`], [`metrics_body`]) so a test can check what came out
 //! of the tunnel byte for byte without the fixture ever buffering a large log.
@@ -39,6 +41,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::debug;
+
+mod exec_spdy;
 
 /// Size of each chunk a streamed body is cut into.
 pub const CHUNK_SIZE: usize = 1024 * 1024;
@@ -237,7 +241,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Response<FixtureBo
             let attach = segments[0] == "attach";
             match upgrade.as_str() {
                 "websocket" => exec_ws(state, req, &query, attach),
-                "spdy/3.1" => raw_echo(state, req, "SPDY/3.1"),
+                "spdy/3.1" => exec_spdy::exec_spdy(state, req, &query, attach),
                 _ => text(StatusCode::BAD_REQUEST, "Upgrade request required\n"),
             }
         }
@@ -693,12 +697,9 @@ struct ExecRequest {
     v5: bool,
 }
 
-fn exec_ws(
-    state: &State,
-    mut req: Request<()>,
-    query: &[(String, String)],
-    attach: bool,
-) -> Response<FixtureBody> {
+/// The command and streams an exec or attach asks for; the error is the kubelet's 400
+/// message.
+fn exec_request(query: &[(String, String)], attach: bool) -> Result<ExecRequest, &'static str> {
     let argv: Vec<String> = if attach {
         vec!["cat".to_owned()]
     } else {
@@ -709,10 +710,7 @@ fn exec_ws(
             .collect()
     };
     if argv.is_empty() {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "you must specify at least 1 command\n",
-        );
+        return Err("you must specify at least 1 command\n");
     }
     let (mut stdin, mut stdout, mut stderr) = (
         query_bool(query, "stdin"),
@@ -722,18 +720,30 @@ fn exec_ws(
     if !(stdin || stdout || stderr) {
         (stdin, stdout, stderr) = (false, true, true);
     }
-    let (resp, protocol, on_upgrade) = match websocket_handshake(&mut req, EXEC_PROTOCOLS) {
-        Ok(parts) => parts,
-        Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
-    };
-    let v5 = protocol.as_deref() == Some("v5.channel.k8s.io");
-    let exec = ExecRequest {
+    Ok(ExecRequest {
         argv,
         stdin,
         stdout,
         stderr,
-        v5,
+        v5: false,
+    })
+}
+
+fn exec_ws(
+    state: &State,
+    mut req: Request<()>,
+    query: &[(String, String)],
+    attach: bool,
+) -> Response<FixtureBody> {
+    let mut exec = match exec_request(query, attach) {
+        Ok(exec) => exec,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, msg),
     };
+    let (resp, protocol, on_upgrade) = match websocket_handshake(&mut req, EXEC_PROTOCOLS) {
+        Ok(parts) => parts,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
+    };
+    exec.v5 = protocol.as_deref() == Some("v5.channel.k8s.io");
     state.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => run_exec(upgraded, exec).await,
@@ -746,27 +756,10 @@ fn exec_ws(
 async fn run_exec(upgraded: Upgraded, exec: ExecRequest) {
     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
     let (mut sink, source) = ws.split();
-    let piped = |on: bool| {
-        if on {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        }
-    };
-    let spawned = Command::new(&exec.argv[0])
-        .args(&exec.argv[1..])
-        .stdin(piped(exec.stdin))
-        .stdout(piped(exec.stdout))
-        .stderr(piped(exec.stderr))
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
+    let mut child = match spawn_exec(&exec) {
         Ok(child) => child,
         Err(error) => {
-            let message = serde_json::to_string(&error.to_string()).unwrap_or_default();
-            let status = format!(
-                r#"{{"metadata":{{}},"status":"Failure","message":{message},"reason":"InternalError","code":500}}"#
-            );
+            let status = internal_error_status(&error.to_string());
             let _ = sink.send(channel_message(3, status.as_bytes())).await;
             if let Ok(ws) = sink.reunite(source) {
                 close_gracefully(ws).await;
@@ -792,8 +785,10 @@ async fn run_exec(upgraded: Upgraded, exec: ExecRequest) {
     )));
 
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(BODY_CHANNEL_CAPACITY);
-    let stdout = pump_output(child.stdout.take(), 1, out_tx.clone());
-    let stderr = pump_output(child.stderr.take(), 2, out_tx);
+    let stdout = pump_output(child.stdout.take(), out_tx.clone(), |d| {
+        channel_message(1, d)
+    });
+    let stderr = pump_output(child.stderr.take(), out_tx, |d| channel_message(2, d));
     let relay = async {
         while let Some(msg) = out_rx.recv().await {
             sink.send(msg).await?;
@@ -812,13 +807,7 @@ async fn run_exec(upgraded: Upgraded, exec: ExecRequest) {
         _ = &mut input.0 => None,
     };
     let Some(status) = status else { return };
-    let status = if status == 0 {
-        r#"{"metadata":{},"status":"Success"}"#.to_owned()
-    } else {
-        format!(
-            r#"{{"metadata":{{}},"status":"Failure","message":"command terminated with non-zero exit code: exit status {status}","reason":"NonZeroExitCode","details":{{"causes":[{{"reason":"ExitCode","message":"{status}"}}]}}}}"#
-        )
-    };
+    let status = exit_status(status);
     if sink
         .send(channel_message(3, status.as_bytes()))
         .await
@@ -848,6 +837,44 @@ where
     let _ = ws.get_mut().shutdown().await;
 }
 
+/// Starts the exec's command with a pipe for each stream it asked for; the child is
+/// killed when dropped.
+fn spawn_exec(exec: &ExecRequest) -> std::io::Result<tokio::process::Child> {
+    let piped = |on: bool| {
+        if on {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
+    Command::new(&exec.argv[0])
+        .args(&exec.argv[1..])
+        .stdin(piped(exec.stdin))
+        .stdout(piped(exec.stdout))
+        .stderr(piped(exec.stderr))
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// The `Status` the kubelet reports for an exit code (v4 and later).
+fn exit_status(code: i32) -> String {
+    if code == 0 {
+        r#"{"metadata":{},"status":"Success"}"#.to_owned()
+    } else {
+        format!(
+            r#"{{"metadata":{{}},"status":"Failure","message":"command terminated with non-zero exit code: exit status {code}","reason":"NonZeroExitCode","details":{{"causes":[{{"reason":"ExitCode","message":"{code}"}}]}}}}"#
+        )
+    }
+}
+
+/// The `Status` the kubelet reports when the command could not run.
+fn internal_error_status(message: &str) -> String {
+    let message = serde_json::to_string(message).unwrap_or_default();
+    format!(
+        r#"{{"metadata":{{}},"status":"Failure","message":{message},"reason":"InternalError","code":500}}"#
+    )
+}
+
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     status
@@ -856,7 +883,9 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-async fn pump_output<R>(reader: Option<R>, channel: u8, tx: mpsc::Sender<Message>)
+/// Sends what `reader` produces into `tx`, each read wrapped by `wrap`, until EOF or
+/// until the receiver is gone.
+async fn pump_output<R, M>(reader: Option<R>, tx: mpsc::Sender<M>, wrap: impl Fn(&[u8]) -> M)
 where
     R: AsyncRead + Unpin,
 {
@@ -867,7 +896,7 @@ where
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if tx.send(channel_message(channel, &buf[..n])).await.is_err() {
+        if tx.send(wrap(&buf[..n])).await.is_err() {
             return;
         }
     }

@@ -11,14 +11,17 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{CONNECTION, HOST, UPGRADE};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::ClientRequestBuilder;
+
+use crate::spdy::{self, FLAG_FIN, Frame, FrameReader, FrameWriter, WindowCredit};
 
 /// Longest any single wait (handshake, next frame, next chunk) may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,6 +159,242 @@ where
     })
 }
 
+/// Runs an exec over SPDY/3.1 as kubectl does (client-go `tools/remotecommand`,
+/// protocol v5 or v4): `POST` with `Upgrade: SPDY/3.1`; then, one at a time and each
+/// awaiting its `SYN_REPLY`, a stream per `streamType`: `error` (whose write half is
+/// closed at once), `stdin` if the query asks for it, `stdout`, `stderr`. Sends
+/// `stdin` and a `FIN`, collects stdout and stderr until their `FIN` and parses the
+/// `Status` the error stream carries. Also ends at the server's `GOAWAY` or EOF.
+pub async fn exec_spdy<S>(
+    stream: S,
+    host: &str,
+    path_and_query: &str,
+    stdin: &[u8],
+) -> anyhow::Result<ExecOutput>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (parts, io) = upgrade_with(
+        stream,
+        Method::POST,
+        host,
+        path_and_query,
+        "SPDY/3.1",
+        &[
+            ("X-Stream-Protocol-Version", "v5.channel.k8s.io"),
+            ("X-Stream-Protocol-Version", "v4.channel.k8s.io"),
+        ],
+    )
+    .await?;
+    let protocol = parts
+        .headers
+        .get("x-stream-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    ensure!(
+        protocol == "v5.channel.k8s.io" || protocol == "v4.channel.k8s.io",
+        "server chose stream protocol {protocol:?}"
+    );
+    let (read, write) = tokio::io::split(io);
+    let mut reader = FrameReader::new(read);
+    let (tx, rx) = mpsc::channel(16);
+    let writer = tokio::spawn(spdy::write_frames(FrameWriter::new(write)?, rx, IO_TIMEOUT));
+
+    let query = path_and_query.split_once('?').map_or("", |(_, q)| q);
+    let asked = |key: &str| {
+        query
+            .split('&')
+            .any(|kv| matches!(kv.split_once('='), Some((k, "1" | "true" | "True")) if k == key))
+    };
+    let (want_out, want_err) = match (asked("stdout"), asked("stderr")) {
+        (false, false) if !asked("stdin") => (true, true),
+        other => other,
+    };
+    let kinds = [
+        ("error", true),
+        ("stdin", asked("stdin")),
+        ("stdout", want_out),
+        ("stderr", want_err),
+    ];
+    let mut exec = SpdyExec::default();
+    for (kind, _) in kinds.iter().filter(|(_, on)| *on) {
+        let stream_id = 2 * exec.streams.len() as u32 + 1;
+        let headers = vec![("streamtype".to_owned(), (*kind).to_owned())];
+        let frame = Frame::SynStream {
+            stream_id,
+            associated_id: 0,
+            priority: 0,
+            flags: 0,
+            headers,
+        };
+        bounded("SYN_STREAM", tx.send(frame)).await??;
+        exec.streams.push(SpdyStream {
+            id: stream_id,
+            kind,
+            open: true,
+            credit: WindowCredit::default(),
+        });
+        // Like client-go's CreateStream: the next stream waits for this reply.
+        loop {
+            let frame = bounded("SYN_REPLY", reader.read_frame())
+                .await??
+                .context("connection closed before SYN_REPLY")?;
+            if matches!(frame, Frame::SynReply { stream_id: id, .. } if id == stream_id) {
+                break;
+            }
+            ensure!(
+                exec.handle(frame, &tx).await?,
+                "session ended while opening the {kind} stream"
+            );
+        }
+    }
+    let stream_of = |kind: &str| exec.streams.iter().find(|s| s.kind == kind).map(|s| s.id);
+    let (error_id, stdin_id) = (stream_of("error"), stream_of("stdin"));
+    // Nothing is ever written to the error stream: close our half now.
+    if let Some(stream_id) = error_id {
+        let fin = Frame::Data {
+            stream_id,
+            flags: FLAG_FIN,
+            data: Bytes::new(),
+        };
+        bounded("error stream FIN", tx.send(fin)).await??;
+    }
+
+    // Like kubectl, a failed stdin copy is not an error: what counts is the output
+    // and the status.
+    let send_stdin = async {
+        let Some(stream_id) = stdin_id else {
+            return anyhow::Ok(());
+        };
+        let frames = stdin.chunks(FRAME_LIMIT).map(|chunk| (0, chunk));
+        for (flags, chunk) in frames.chain([(FLAG_FIN, &[][..])]) {
+            let frame = Frame::Data {
+                stream_id,
+                flags,
+                data: Bytes::copy_from_slice(chunk),
+            };
+            if !matches!(bounded("stdin", tx.send(frame)).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let collect = async {
+        while !exec.done() {
+            match bounded("exec output", reader.read_frame()).await? {
+                Ok(Some(frame)) => {
+                    if !exec.handle(frame, &tx).await? {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                // Like kubectl, a broken connection after the status does not matter.
+                Err(_) if !exec.status.is_empty() => break,
+                Err(e) => return Err(e).context("spdy exec stream"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::try_join!(send_stdin, collect)?;
+    drop(tx);
+    let _ = bounded("spdy writer", writer).await;
+    ensure!(
+        !exec.status.is_empty(),
+        "spdy exec ended without a status on the error stream"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&exec.status).context("status on the error stream is not JSON")?;
+    let exit_code = exit_code(&status);
+    Ok(ExecOutput {
+        stdout: exec.stdout,
+        stderr: exec.stderr,
+        status,
+        exit_code,
+    })
+}
+
+/// Most stdout, stderr and status bytes one SPDY exec collects.
+const MAX_EXEC_OUTPUT: usize = 64 << 20;
+
+/// One client stream of a SPDY exec.
+struct SpdyStream {
+    id: u32,
+    kind: &'static str,
+    /// The server has not ended its half yet.
+    open: bool,
+    credit: WindowCredit,
+}
+
+/// What a SPDY exec has received so far.
+#[derive(Default)]
+struct SpdyExec {
+    streams: Vec<SpdyStream>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Vec<u8>,
+    session_credit: WindowCredit,
+}
+
+impl SpdyExec {
+    /// True once the server ended every stream it writes to.
+    fn done(&self) -> bool {
+        self.streams.iter().all(|s| !s.open || s.kind == "stdin")
+    }
+
+    /// Takes in one frame from the server; false when the session is over.
+    async fn handle(&mut self, frame: Frame, tx: &mpsc::Sender<Frame>) -> anyhow::Result<bool> {
+        match frame {
+            Frame::Data {
+                stream_id,
+                flags,
+                data,
+            } => {
+                let stream = self
+                    .streams
+                    .iter_mut()
+                    .find(|s| s.id == stream_id)
+                    .with_context(|| format!("data on unknown stream {stream_id}"))?;
+                let sink = match stream.kind {
+                    "stdout" => &mut self.stdout,
+                    "stderr" => &mut self.stderr,
+                    "error" => &mut self.status,
+                    _ => bail!("data on the {} stream", stream.kind),
+                };
+                ensure!(
+                    sink.len() + data.len() <= MAX_EXEC_OUTPUT,
+                    "over {MAX_EXEC_OUTPUT} bytes on the {} stream",
+                    stream.kind
+                );
+                sink.extend_from_slice(&data);
+                if flags & FLAG_FIN != 0 {
+                    stream.open = false;
+                }
+                let updates = [
+                    stream.credit.consume(data.len()).map(|d| (stream_id, d)),
+                    self.session_credit.consume(data.len()).map(|d| (0, d)),
+                ];
+                for (stream_id, delta) in updates.into_iter().flatten() {
+                    let update = Frame::WindowUpdate { stream_id, delta };
+                    bounded("WINDOW_UPDATE", tx.send(update)).await??;
+                }
+            }
+            Frame::RstStream { stream_id, status } => {
+                if let Some(stream) = self.streams.iter_mut().find(|s| s.id == stream_id) {
+                    ensure!(
+                        stream.kind != "error" || !self.status.is_empty(),
+                        "error stream reset with status {status}"
+                    );
+                    stream.open = false;
+                }
+            }
+            Frame::Ping { id } => bounded("PING", tx.send(Frame::Ping { id })).await??,
+            Frame::GoAway { .. } => return Ok(false),
+            _ => {}
+        }
+        Ok(true)
+    }
+}
+
 fn exit_code(status: &serde_json::Value) -> i32 {
     if status["status"] == "Success" {
         return 0;
@@ -256,7 +495,24 @@ pub async fn raw_upgrade<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut request = Request::get(path)
+    upgrade_with(stream, Method::GET, host, path, upgrade, extra_headers).await
+}
+
+/// [`raw_upgrade`] with another method (kubectl upgrades exec to SPDY with `POST`).
+pub async fn upgrade_with<S>(
+    stream: S,
+    method: Method,
+    host: &str,
+    path: &str,
+    upgrade: &str,
+    extra_headers: &[(&str, &str)],
+) -> anyhow::Result<(http::response::Parts, TokioIo<Upgraded>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
         .header(HOST, host)
         .header(CONNECTION, "Upgrade")
         .header(UPGRADE, upgrade);

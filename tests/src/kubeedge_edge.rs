@@ -81,7 +81,12 @@
 //!   is (write errors ignored). Kubelet EOF or error ends it with
 //!   `REMOVE_CONNECT`. A cloud `REMOVE_CONNECT` stops draining the inbox and
 //!   ends the stream only when the pending kubelet read returns: a quiet
-//!   kubelet keeps it open, and one more `DATA` may follow.
+//!   kubelet keeps it open, and one more `DATA` may follow. Like the real
+//!   edge, the double never looks inside these bytes; behind it the fixture
+//!   kubelet speaks exec and attach over SPDY/3.1 (remotecommand v5/v4,
+//!   `crate::spdy`) and WebSocket, so tests prove the whole streaming
+//!   protocol through it (stdin, stdout, stderr, exit status), not only a
+//!   byte pipe.
 //!
 //! # What it changes or leaves out
 //!

@@ -9,4 +9,5 @@ pub mod kubectl;
 pub mod kubeedge_edge;
 pub mod ownership;
 pub mod slowloris;
+pub mod spdy;
 pub mod wan;

@@ -343,20 +343,7 @@ async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
             "attach not sent as EXEC_CONNECT"
         );
 
-        // SPDY: the fixture echoes the upgraded bytes; 1 MiB both ways.
-        let (parts, io) = kubectl::raw_upgrade(
-            env.conn().await?,
-            NODE,
-            "/exec/default/web/app?command=sh&stdin=1&stdout=1",
-            "SPDY/3.1",
-            &[("X-Stream-Protocol-Version", "v4.channel.k8s.io")],
-        )
-        .await?;
-        ensure!(parts.status == 101);
-        ensure!(parts.headers["x-stream-protocol-version"] == "v4.channel.k8s.io");
-        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i ^ (i >> 8)) as u8).collect();
-        let back = kubectl::echo_through(io, &big).await?;
-        ensure!(back == big, "spdy echo differs");
+        // SPDY exec: see `exec_over_spdy_round_trips_stdio_exit_status_and_one_mib`.
 
         // Port-forward is not carried to KubeEdge edges: a clear Status.
         let refused = kubectl::raw_upgrade(
@@ -377,6 +364,80 @@ async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
         );
         // Give the last stream's REMOVEs time to cross, then check that the
         // cloud never wrote to a connection the edge had ended.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let late = env.edge.as_ref().context("edge")?.late_messages();
+        ensure!(late == 0, "{late} messages after the edge's REMOVE");
+        Ok(())
+    })
+    .await;
+}
+
+/// kubectl's SPDY/3.1 exec (remotecommand v5/v4) end to end through a KubeEdge
+/// edge, which relays it as bytes: the same checks as the WebSocket exec, attach,
+/// and 1 MiB through `cat` byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_spdy_round_trips_stdio_exit_status_and_one_mib() {
+    bounded(async {
+        let env = Env::start().await?;
+        let path = kubectl::exec_path(
+            "default",
+            "web",
+            "app",
+            &["sh", "-c", "read x; echo out-$x; echo err >&2; exit 3"],
+            true,
+        );
+        let out = kubectl::exec_spdy(env.conn().await?, NODE, &path, b"hi\n").await?;
+        ensure!(out.stdout == b"out-hi\n", "stdout {:?}", out.stdout);
+        ensure!(out.stderr == b"err\n", "stderr {:?}", out.stderr);
+        ensure!(
+            out.exit_code == 3 && out.status["reason"] == "NonZeroExitCode",
+            "exit {} status {}",
+            out.exit_code,
+            out.status
+        );
+        let ok = kubectl::exec_spdy(
+            env.conn().await?,
+            NODE,
+            &kubectl::exec_path("default", "web", "app", &["true"], false),
+            b"",
+        )
+        .await?;
+        ensure!(ok.exit_code == 0 && ok.status["status"] == "Success");
+        let att = kubectl::exec_spdy(
+            env.conn().await?,
+            NODE,
+            "/attach/default/web/app?stdin=true&stdout=true",
+            b"attached\n",
+        )
+        .await?;
+        ensure!(att.stdout == b"attached\n", "attach {:?}", att.stdout);
+
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i ^ (i >> 8)) as u8).collect();
+        let started = Instant::now();
+        let cat = kubectl::exec_spdy(
+            env.conn().await?,
+            NODE,
+            &kubectl::exec_path("default", "web", "app", &["cat"], true),
+            &big,
+        )
+        .await?;
+        ensure!(
+            cat.stdout == big,
+            "cat returned {} of {} bytes (or other bytes)",
+            cat.stdout.len(),
+            big.len()
+        );
+        ensure!(cat.exit_code == 0, "cat status {}", cat.status);
+        println!(
+            "spdy exec through the kubeedge edge: 1 MiB stdin and stdout through cat in {:?}",
+            started.elapsed()
+        );
+        let c = env.edge.as_ref().context("edge")?.connects();
+        ensure!(
+            c.iter().any(|c| c.path.starts_with("/attach/")
+                && c.kind == tether_tests::kubeedge_edge::MessageType::ExecConnect),
+            "attach not sent as EXEC_CONNECT"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let late = env.edge.as_ref().context("edge")?.late_messages();
         ensure!(late == 0, "{late} messages after the edge's REMOVE");
