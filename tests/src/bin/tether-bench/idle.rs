@@ -339,14 +339,19 @@ pub(crate) async fn run_edges(args: EdgesArgs) -> anyhow::Result<()> {
         .context("start fixture kubelet")?;
     println!("base {}", rss_kib()?);
 
+    // One store for every edge's hub here: a store has a writer thread, and
+    // 18,000 of them exceed the process's thread limit. These edges send
+    // no messages, so sharing changes nothing the cloud sees; a real edge
+    // keeps its own store on its own machine.
+    let store = args.hub.then(Store::in_memory);
     let mut edges = Vec::with_capacity(args.count);
     for i in 0..args.count {
         let mut spec = EdgeSpec::new(&format!("idle-{i}"), fixture.addr);
         spec.limits = Some(limits.clone());
-        if args.hub {
+        if let Some(store) = &store {
             spec.hub = Some(EdgeHub::new(
                 EdgeHubConfig::default(),
-                Store::in_memory(),
+                store.clone(),
                 HubMetrics::default(),
             )?);
         }
