@@ -25,7 +25,8 @@
 //! requests); `connection` serves one connection by running `receive` (the
 //! reader: acks, defers, de-duplication, delivery) against `send` (the
 //! writer: window, resends, keepalives); `persist` records acks and
-//! delivered ids off the connection's path; `frame` is the wire framing.
+//! delivered ids off the connection's path; `frame` is the wire framing;
+//! `relay` hands the queue to another cloud replica that holds the peer.
 
 mod config;
 mod connection;
@@ -34,6 +35,7 @@ mod frame;
 mod persist;
 mod publish;
 mod receive;
+mod relay;
 mod send;
 mod state;
 #[cfg(test)]
@@ -42,6 +44,7 @@ mod tests;
 pub use config::ChannelConfig;
 pub use error::{ConnectionEnd, PublishError, RequestError};
 pub use frame::{read_raw_frame, write_raw_frame};
+pub use relay::Relayed;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};

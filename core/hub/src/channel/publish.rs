@@ -29,13 +29,31 @@ impl Channel {
         &self,
         messages: Vec<Message>,
     ) -> (Vec<String>, Option<PublishError>) {
+        let (admitted, refused) = self.admit(messages, Admission::Publish).await;
+        (admitted.ids, refused)
+    }
+
+    /// Validates, bounds and durably stores `messages` (a prefix of them),
+    /// then queues them for sending. A relayed batch skips the rate limit
+    /// (the replica that first accepted it applied it) and messages whose
+    /// id is already queued or was lately acknowledged here (a relay resent
+    /// after a lost answer); those count as accepted.
+    pub(super) async fn admit(
+        &self,
+        messages: Vec<Message>,
+        how: Admission,
+    ) -> (Admitted, Option<PublishError>) {
         let m = &self.inner.metrics;
-        let mut ready = Vec::with_capacity(messages.len());
+        let total = messages.len();
+        // (index in `messages`, message, frame)
+        let mut ready = Vec::with_capacity(total);
         let mut refused = None;
-        for mut message in messages {
+        let mut first_refused = total;
+        for (i, mut message) in messages.into_iter().enumerate() {
             if let Err(e) = message.prepare() {
                 m.refused("invalid");
                 refused = Some(e.into());
+                first_refused = i;
                 break;
             }
             let frame = message.to_json();
@@ -48,18 +66,28 @@ impl Channel {
                     }
                     .into(),
                 );
+                first_refused = i;
                 break;
             }
-            ready.push((message, frame));
+            ready.push((i, message, frame));
         }
         let first_seq = {
             let mut st = self.lock();
+            if how == Admission::Relayed {
+                let queued: std::collections::HashSet<&str> =
+                    st.pending.iter().map(|p| p.id.as_str()).collect();
+                ready.retain(|(_, msg, _)| {
+                    let id = msg.header.msg_id.as_str();
+                    !queued.contains(id) && !st.recently_acked.set.contains(id)
+                });
+            }
             let room = self
                 .inner
                 .cfg
                 .queue_capacity
                 .saturating_sub(st.pending.len() + st.reserved);
             if ready.len() > room {
+                first_refused = ready[room].0;
                 ready.truncate(room);
                 m.refused("queue_full");
                 refused = Some(PublishError::QueueFull {
@@ -67,9 +95,10 @@ impl Channel {
                     capacity: self.inner.cfg.queue_capacity,
                 });
             }
-            if let Some(b) = st.bucket.as_mut() {
+            if let (Some(b), Admission::Publish) = (st.bucket.as_mut(), how) {
                 let allowed = (0..ready.len()).take_while(|_| b.take()).count();
                 if allowed < ready.len() {
+                    first_refused = ready[allowed].0;
                     ready.truncate(allowed);
                     m.refused("rate_limited");
                     refused = Some(PublishError::RateLimited {
@@ -84,22 +113,34 @@ impl Channel {
             st.next_seq - ready.len() as u64
         };
         if ready.is_empty() {
-            return (Vec::new(), refused);
+            return (
+                Admitted {
+                    ids: Vec::new(),
+                    taken: first_refused,
+                },
+                refused,
+            );
         }
         let entries = ready
             .iter()
             .zip(first_seq..)
-            .map(|((_, frame), seq)| (seq, frame.clone()))
+            .map(|((_, _, frame), seq)| (seq, frame.clone()))
             .collect();
         let stored = self.inner.store.append(&self.inner.queue, entries).await;
         let mut st = self.lock();
         st.reserved -= ready.len();
         if let Err(e) = stored {
             self.inner.metrics.refused("store");
-            return (Vec::new(), Some(e.into()));
+            return (
+                Admitted {
+                    ids: Vec::new(),
+                    taken: 0,
+                },
+                Some(e.into()),
+            );
         }
         let mut ids = Vec::with_capacity(ready.len());
-        for ((message, frame), seq) in ready.into_iter().zip(first_seq..) {
+        for ((_, message, frame), seq) in ready.into_iter().zip(first_seq..) {
             // Concurrent publishers may finish storing out of seq order; keep
             // the queue sorted, but never ahead of what was already sent.
             let mut at = st.pending.len();
@@ -123,7 +164,13 @@ impl Channel {
         drop(st);
         m.queue_depth.inc_by(ids.len() as i64);
         self.inner.wake.notify_one();
-        (ids, refused)
+        (
+            Admitted {
+                ids,
+                taken: first_refused,
+            },
+            refused,
+        )
     }
 
     /// Sends `message` as a sync request and waits for the peer
@@ -154,4 +201,22 @@ impl Channel {
             }
         }
     }
+}
+
+/// Who hands messages to [`Channel::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Admission {
+    /// The application publishes.
+    Publish,
+    /// Another cloud replica hands over messages it accepted.
+    Relayed,
+}
+
+/// What [`Channel::admit`] took.
+pub(super) struct Admitted {
+    /// Ids of the messages stored and queued.
+    pub(super) ids: Vec<String>,
+    /// How many of the given messages were taken care of, from the front:
+    /// stored, or skipped as already known.
+    pub(super) taken: usize,
 }

@@ -1,0 +1,83 @@
+//! Relaying a queue to another replica: taken in order, removed only once
+//! handed over, admitted there with the same ids, a resent relay skipped,
+//! and nothing lost or doubled at the receiving peer.
+
+use std::time::Duration;
+
+use super::{link, msg, pair, value};
+use crate::channel::ChannelConfig;
+use crate::message::Message;
+
+#[tokio::test]
+async fn a_relayed_queue_arrives_once_in_order_through_the_other_replica() {
+    // `x` is the replica without the peer; `a` holds it, `b` is the peer.
+    let (x, _xrx, _, _) = pair(ChannelConfig::default());
+    let (a, _arx, b, mut brx) = pair(ChannelConfig {
+        rate: Some((0.001, 1.0)),
+        ..ChannelConfig::default()
+    });
+    for n in 0..10 {
+        x.publish(msg("r", n)).await.unwrap();
+    }
+    let first = x.relay_batch(4, usize::MAX);
+    assert_eq!(first.len(), 4);
+    let parse = |batch: &[crate::channel::Relayed]| -> Vec<Message> {
+        batch
+            .iter()
+            .map(|r| Message::from_json(&r.frame, usize::MAX).unwrap())
+            .collect()
+    };
+    // Admitted past the rate limit (burst 1), ids kept.
+    let (n, e) = a.accept_relayed(parse(&first)).await;
+    assert!(n == 4 && e.is_none(), "{n} {e:?}");
+    // The answer was lost: the same batch again is skipped, not doubled.
+    let (n, e) = a.accept_relayed(parse(&first)).await;
+    assert!(n == 4 && e.is_none(), "{n} {e:?}");
+    assert_eq!(a.queued(), 4);
+    let seqs: Vec<u64> = first.iter().map(|r| r.seq).collect();
+    x.relayed(&seqs).await;
+    assert_eq!(x.queued(), 6);
+    let rest = x.relay_batch(100, 1);
+    assert_eq!(rest.len(), 1, "the byte bound still takes one");
+    let rest = x.relay_batch(100, usize::MAX);
+    let (n, e) = a.accept_relayed(parse(&rest)).await;
+    assert!(n == 6 && e.is_none(), "{n} {e:?}");
+    x.relayed(&rest.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .await;
+    assert_eq!(x.queued(), 0);
+    assert!(x.relay_batch(100, usize::MAX).is_empty());
+    let recv = async {
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            got.push(value(brx.recv().await.unwrap()).1);
+        }
+        got
+    };
+    let got = tokio::select! {
+        got = recv => got,
+        _ = link(&a, &b, std::future::pending()) => unreachable!(),
+    };
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(brx.try_recv().is_err(), "a message arrived twice");
+}
+
+#[tokio::test]
+async fn a_full_queue_takes_a_prefix_of_a_relay() {
+    let (x, _xrx, _, _) = pair(ChannelConfig::default());
+    let (a, _arx, _, _) = pair(ChannelConfig {
+        queue_capacity: 3,
+        ..ChannelConfig::default()
+    });
+    for n in 0..5 {
+        x.publish(msg("r", n)).await.unwrap();
+    }
+    let batch: Vec<Message> = x
+        .relay_batch(10, usize::MAX)
+        .iter()
+        .map(|r| Message::from_json(&r.frame, usize::MAX).unwrap())
+        .collect();
+    let (taken, refused) = a.accept_relayed(batch).await;
+    assert_eq!(taken, 3);
+    assert!(refused.unwrap().to_string().starts_with("queue full"));
+}
