@@ -316,6 +316,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         hub_store,
         tether_hub::HubMetrics::register(&mut registry, "cloud"),
     )?;
+    let relay_metrics = tether_cloudhub::replicas::RelayMetrics::register(&mut registry);
     let hub_tcp = crate::bind(cfg.hub_addr, "the message hub").await?;
     let hub_addr = hub_tcp.local_addr()?;
     let mut hub_listener = hub.listener(
@@ -415,8 +416,25 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let (peers, ownership) = match (&cluster, &state) {
         (Some(c), Some(state)) => {
-            let (p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
+            let (mut p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
             let _ = sd_others.set(o.clone());
+            // Hub messages reach nodes held by other replicas (ADR 0021).
+            hub.link_replicas(
+                tether_cloudhub::replicas::ReplicaLinks {
+                    replica: p.replica.clone(),
+                    owner_of: tether_cloudstream::peer::hub_owner_of(o.clone()),
+                    client_tls: p.client_tls.clone(),
+                    server_name: rustls_pki_types::ServerName::try_from(
+                        tether_cloudstream::peer::PEER_SERVER_NAME,
+                    )?,
+                    metrics: relay_metrics,
+                },
+                shutdown.clone(),
+            );
+            p.hub = Some(tether_cloudhub::replicas::peer_handler(
+                hub.clone(),
+                cfg.hub.max_message_bytes,
+            ));
             (Some(p), Some(o))
         }
         (Some(_), None) => {
@@ -583,6 +601,7 @@ impl ClusterMode {
                 server_tls: ServerTls::new(Arc::new(server_tls)),
                 client_tls: Arc::new(client_tls),
                 ownership: ownership.clone(),
+                hub: None,
             },
             ownership,
         ))

@@ -85,6 +85,22 @@ pub struct PeerOptions {
     pub client_tls: Arc<rustls::ClientConfig>,
     /// Who holds which node.
     pub ownership: Arc<dyn Ownership>,
+    /// The message hub's routes on the peer listener (relayed messages and
+    /// forwarded sync requests, ADR 0021); None when no hub runs.
+    pub hub: Option<tether_cloudhub::api::Handler>,
+}
+
+/// The hub's view of the ownership records: the live replica, other than
+/// this one, holding a node's session.
+pub fn hub_owner_of(ownership: Arc<dyn Ownership>) -> tether_cloudhub::replicas::OwnerOf {
+    Arc::new(move |node: &str| {
+        ownership
+            .owner(node)
+            .map(|p| tether_cloudhub::replicas::PeerReplica {
+                replica: p.replica,
+                addr: p.addr,
+            })
+    })
 }
 
 /// What the front needs to forward.
