@@ -424,7 +424,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
                     replica: p.replica.clone(),
                     owner_of: tether_cloudstream::peer::hub_owner_of(o.clone()),
                     client_tls: p.client_tls.clone(),
-                    server_name: rustls_pki_types::ServerName::try_from(
+                    server_name: tether_cloudhub::replicas::ServerName::try_from(
                         tether_cloudstream::peer::PEER_SERVER_NAME,
                     )?,
                     metrics: relay_metrics,

@@ -16,6 +16,7 @@ mod serve;
 
 pub use client::PeerError;
 pub use metrics::{Outcome, RelayMetrics};
+pub use rustls_pki_types::ServerName;
 pub use serve::peer_handler;
 
 pub(crate) use relay::Relayer;
