@@ -8,5 +8,6 @@ pub mod harness;
 pub mod kubectl;
 pub mod kubeedge_edge;
 pub mod ownership;
+pub mod replicas;
 pub mod slowloris;
 pub mod wan;

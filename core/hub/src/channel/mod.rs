@@ -166,6 +166,7 @@ impl Channel {
                 waiters: HashMap::new(),
                 bucket,
                 recently_acked: Bounded::new(4096),
+                recently_relayed: Bounded::new(4096),
                 barriers: HashSet::new(),
                 rewind: false,
             }),

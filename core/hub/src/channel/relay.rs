@@ -62,7 +62,7 @@ impl Channel {
                     st.in_flight -= 1;
                 }
                 // A connection that came up meanwhile may still see an ack.
-                st.recently_acked.insert(p.id);
+                st.recently_relayed.insert(p.id);
                 removed.push(seq);
             }
         }

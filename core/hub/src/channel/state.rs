@@ -40,6 +40,10 @@ pub(super) struct State {
     pub(super) bucket: Option<Bucket>,
     /// Ids acknowledged lately: a resend makes the peer ack again.
     pub(super) recently_acked: Bounded<String>,
+    /// Ids lately handed to another replica: a connection's late ack of
+    /// one is no error. Kept apart from `recently_acked`, which a relay
+    /// coming back must not match (the message was not delivered here).
+    pub(super) recently_relayed: Bounded<String>,
     /// Resources with a deferred message in the peer's current pass: later
     /// messages of theirs are deferred too, so that nothing overtakes the
     /// deferred one. Cleared when the peer rewinds (resends from its oldest

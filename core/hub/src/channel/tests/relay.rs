@@ -81,3 +81,28 @@ async fn a_full_queue_takes_a_prefix_of_a_relay() {
     assert_eq!(taken, 3);
     assert!(refused.unwrap().to_string().starts_with("queue full"));
 }
+
+#[tokio::test]
+async fn a_message_relayed_away_and_back_is_taken_again() {
+    // The node was on `y`, moved to `x`: `x` relayed its message to `y`,
+    // and `y` now hands it back. It was never delivered, so it must not be
+    // skipped as known.
+    let (x, _xrx, _, _) = pair(ChannelConfig::default());
+    let (y, _yrx, _, _) = pair(ChannelConfig::default());
+    x.publish(msg("r", 1)).await.unwrap();
+    let parse = |batch: Vec<crate::channel::Relayed>| -> (Vec<u64>, Vec<Message>) {
+        let seqs = batch.iter().map(|r| r.seq).collect();
+        let msgs = batch
+            .iter()
+            .map(|r| Message::from_json(&r.frame, usize::MAX).unwrap())
+            .collect();
+        (seqs, msgs)
+    };
+    let (seqs, msgs) = parse(x.relay_batch(10, usize::MAX));
+    assert_eq!(y.accept_relayed(msgs).await.0, 1);
+    x.relayed(&seqs).await;
+    let (seqs, msgs) = parse(y.relay_batch(10, usize::MAX));
+    assert_eq!(x.accept_relayed(msgs).await.0, 1);
+    y.relayed(&seqs).await;
+    assert_eq!((x.queued(), y.queued()), (1, 0));
+}
