@@ -422,7 +422,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
             hub.link_replicas(
                 tether_cloudhub::replicas::ReplicaLinks {
                     replica: p.replica.clone(),
-                    owner_of: tether_cloudstream::peer::hub_owner_of(o.clone()),
+                    directory: tether_cloudstream::peer::hub_directory(o.clone()),
                     client_tls: p.client_tls.clone(),
                     server_name: tether_cloudhub::replicas::ServerName::try_from(
                         tether_cloudstream::peer::PEER_SERVER_NAME,
@@ -480,6 +480,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!(?drain, "shutting down");
     trigger.trigger();
     run.await?;
+    // The hub store is pod-local: hand what waits here to the other
+    // replicas before leaving (ADR 0021).
+    if let Some(h) = hub.hand_over(HAND_OVER_TIMEOUT).await {
+        match h.left {
+            0 => info!(handed = h.handed, "hub queues handed to other replicas"),
+            left => warn!(
+                handed = h.handed,
+                left, "hub messages left in this replica's store"
+            ),
+        }
+    }
     if let Some(o) = ownership {
         // Lease cleanup (node records, this replica's Lease) before the port.
         if !o.wait_stopped(Duration::from_secs(6)).await {
@@ -492,6 +503,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!("cloud stopped");
     Ok(())
 }
+
+/// How long shutdown spends handing hub queues to other replicas.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits for the tunnel-port release before leaving the
 /// entry behind (the same IP reclaims it on restart).

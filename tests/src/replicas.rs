@@ -102,7 +102,7 @@ impl HubReplica {
         hub.link_replicas(
             ReplicaLinks {
                 replica: id.to_owned(),
-                owner_of: tether_cloudstream::peer::hub_owner_of(board.view(id)),
+                directory: tether_cloudstream::peer::hub_directory(board.view(id)),
                 client_tls: pki.peer_tls(id)?.1,
                 server_name: ServerName::try_from(tether_cloudstream::peer::PEER_SERVER_NAME)?,
                 metrics: relay.clone(),
@@ -149,11 +149,16 @@ impl HubReplica {
         self.hub.disconnect(node);
     }
 
-    /// Stops the replica: the stream side drains, the hub's listener and
-    /// relay stop.
-    pub async fn stop(self) {
+    /// Stops the replica as `tether cloud` does at SIGTERM: the hub's
+    /// listener and relay stop, the stream side drains, then what is still
+    /// queued here is handed to the other replicas.
+    pub async fn stop(self) -> tether_cloudhub::replicas::HandOver {
         self.hub_stop.trigger();
         self.cloud.stop().await;
+        self.hub
+            .hand_over(Duration::from_secs(5))
+            .await
+            .unwrap_or_default()
     }
 }
 

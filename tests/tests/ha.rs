@@ -547,7 +547,7 @@ async fn hub_messages_for_a_node_on_a_dead_replica_wait_and_arrive_once_it_recon
             .context("session on b")?
             .info()
             .clone();
-        env.b.take().context("b")?.stop().await;
+        let _ = env.b.take().context("b")?.stop().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         env.board.view("cloud-b").claim(&info);
         ensure!(env.board.holder(NODE).as_deref() == Some("cloud-b"));
@@ -584,6 +584,55 @@ async fn hub_messages_for_a_node_on_a_dead_replica_wait_and_arrive_once_it_recon
         env.hub.point_to(env.a.hub_addr);
         let got = collect(&mut down, N as usize).await?;
         check_once(&got, &["down".to_owned()], N, true)?;
+        wait_drained(&env.a.hub).await?;
+        quiet(&mut down).await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .expect("test timed out")
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_messages_queued_on_a_stopping_replica_are_handed_to_another() {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut env = HubEnv::start("hubx-leave").await?;
+        let mut down = env.edge.hub.subscribe(Filter {
+            group: Some("app".into()),
+            ..Filter::default()
+        })?;
+        // The edge's hub channel is down (its link is out), so what b
+        // accepts for it waits in b's queue.
+        let nowhere = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await?
+            .local_addr()?;
+        env.hub.point_to(nowhere);
+        env.b().hub.disconnect(NODE);
+        for _ in 0..200 {
+            if !env.edge.hub.is_online() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        ensure!(!env.edge.hub.is_online(), "the hub channel stayed up");
+        const N: u64 = 100;
+        for n in 0..N {
+            env.b().hub.publish(NODE, hub_msg("app", "left", n)).await?;
+        }
+        ensure!(env.b().hub.node(NODE).context("b")?.queued == N as usize);
+        // b stops (a rolling update): its store is pod-local, so it hands
+        // the queue to a, the live replica, before it exits.
+        let handed = env.b.take().context("b")?.stop().await;
+        ensure!(
+            handed.handed == N as usize && handed.left == 0,
+            "{handed:?}"
+        );
+        ensure!(env.a.hub.node(NODE).context("a")?.queued == N as usize);
+        // The edge comes back through a: all of it, once, in order.
+        env.tunnel.point_to(env.a.cloud.tunnel_addr);
+        env.hub.point_to(env.a.hub_addr);
+        let got = collect(&mut down, N as usize).await?;
+        check_once(&got, &["left".to_owned()], N, true)?;
         wait_drained(&env.a.hub).await?;
         quiet(&mut down).await?;
         Ok::<_, anyhow::Error>(())

@@ -206,6 +206,14 @@ impl CloudHub {
         }
     }
 
+    /// At shutdown, after this replica's sessions closed: hands what is
+    /// queued here to the replicas holding the nodes, or else to any live
+    /// replica, within `within`. None when no replicas are linked.
+    pub async fn hand_over(&self, within: Duration) -> Option<crate::replicas::HandOver> {
+        let relay = self.inner.relay.get()?.clone();
+        Some(relay.hand_over(self, within).await)
+    }
+
     pub(crate) fn downgrade(&self) -> WeakHub {
         WeakHub(Arc::downgrade(&self.inner))
     }

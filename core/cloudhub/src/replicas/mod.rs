@@ -28,6 +28,18 @@ use std::sync::Arc;
 pub const PEER_PATH: &str = "/hub/v1/peer/";
 /// Header naming the replica that relayed or forwarded (logs).
 pub const FROM_HEADER: &str = "tether-relayed-by";
+/// Header of a relay from a replica that is leaving: the receiver takes
+/// the messages even if it would relay them on (it will, later).
+pub const HAND_OVER_HEADER: &str = "tether-hand-over";
+
+/// What a leaving replica did with its queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandOver {
+    /// Messages another replica took.
+    pub handed: usize,
+    /// Messages still queued here (no replica took them in time).
+    pub left: usize,
+}
 
 /// Another replica's peer listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,17 +50,22 @@ pub struct PeerReplica {
     pub addr: SocketAddr,
 }
 
-/// The live replica, other than this one, that holds a node's session (the
-/// ownership records; answered from memory). None when this replica holds
-/// it or no live replica does.
-pub type OwnerOf = Arc<dyn Fn(&str) -> Option<PeerReplica> + Send + Sync>;
+/// What the hub reads from the ownership records. Answers from memory; it
+/// is asked on every relay and publish.
+pub trait ReplicaDirectory: Send + Sync + 'static {
+    /// The live replica, other than this one, that holds `node`'s session.
+    /// None when this replica holds it or no live replica does.
+    fn owner_of(&self, node: &str) -> Option<PeerReplica>;
+    /// Every other live replica (where a leaving replica hands its queues).
+    fn live_replicas(&self) -> Vec<PeerReplica>;
+}
 
 /// What a hub needs to reach the other replicas.
 pub struct ReplicaLinks {
     /// This replica's id.
     pub replica: String,
-    /// Who holds which node.
-    pub owner_of: OwnerOf,
+    /// Who holds which node, and which replicas live.
+    pub directory: Arc<dyn ReplicaDirectory>,
     /// TLS toward peer listeners: this replica's client certificate.
     pub client_tls: Arc<rustls::ClientConfig>,
     /// The server name every peer listener's certificate carries.

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::client::PeerClient;
 use super::metrics::Outcome;
-use super::{FROM_HEADER, PEER_PATH, PeerReplica, ReplicaLinks};
+use super::{FROM_HEADER, HAND_OVER_HEADER, HandOver, PEER_PATH, PeerReplica, ReplicaLinks};
 use crate::hub::{CloudHub, HubError, WeakHub};
 
 /// How often every queue is checked for a remote holder.
@@ -89,7 +89,7 @@ impl Relayer {
 
     /// The live replica, other than this one, holding `node`.
     pub(crate) fn owner_of(&self, node: &str) -> Option<PeerReplica> {
-        (self.links.owner_of)(node)
+        self.links.directory.owner_of(node)
     }
 
     pub(crate) fn metrics(&self) -> &super::RelayMetrics {
@@ -168,7 +168,7 @@ impl Relayer {
             let Some(peer) = self.owner_of(node) else {
                 return;
             };
-            let (taken, refused) = self.post(&peer, node, &batch).await;
+            let (taken, refused) = self.post(&peer, node, &batch, false, RELAY_DEADLINE).await;
             let seqs: Vec<u64> = batch.iter().take(taken).map(|r| r.seq).collect();
             channel.relayed(&seqs).await;
             match refused {
@@ -203,17 +203,22 @@ impl Relayer {
         peer: &PeerReplica,
         node: &str,
         batch: &[Relayed],
+        hand_over: bool,
+        deadline: Duration,
     ) -> (usize, Option<RelayFailure>) {
         let mut body = BytesMut::with_capacity(batch.iter().map(|r| r.frame.len() + 1).sum());
         for r in batch {
             body.put_slice(&r.frame);
             body.put_u8(b'\n');
         }
-        let req = Request::post(format!("{PEER_PATH}nodes/{node}/messages"))
+        let mut req = Request::post(format!("{PEER_PATH}nodes/{node}/messages"))
             .header(header::HOST, "tether-peer")
             .header(header::CONTENT_TYPE, "application/x-ndjson")
-            .header(FROM_HEADER, &self.links.replica)
-            .body(Full::new(body.freeze()));
+            .header(FROM_HEADER, &self.links.replica);
+        if hand_over {
+            req = req.header(HAND_OVER_HEADER, "1");
+        }
+        let req = req.body(Full::new(body.freeze()));
         let req = match req {
             Ok(r) => r,
             Err(e) => {
@@ -226,7 +231,7 @@ impl Relayer {
                 );
             }
         };
-        match self.client.call(peer.addr, req, RELAY_DEADLINE, true).await {
+        match self.client.call(peer.addr, req, deadline, true).await {
             Err(e) => (0, Some(RelayFailure::Unreachable(e.to_string()))),
             Ok((status, answer)) => {
                 let v: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
@@ -290,6 +295,71 @@ impl Relayer {
             .map(str::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         Err(failed(Some(status), reason))
+    }
+
+    /// This replica is leaving (its sessions are closed): hands every
+    /// queue to the node's holder, or else to any live replica, which
+    /// keeps it until the node shows up somewhere. Bounded by `within`.
+    pub(crate) async fn hand_over(&self, hub: &CloudHub, within: Duration) -> HandOver {
+        let deadline = Instant::now() + within;
+        let replicas = self.links.directory.live_replicas();
+        let mut dead: HashSet<SocketAddr> = HashSet::new();
+        let mut out = HandOver::default();
+        for node in hub.relay_candidates() {
+            let Some(channel) = hub.existing_channel(&node) else {
+                continue;
+            };
+            loop {
+                let batch = channel.relay_batch(RELAY_BATCH, RELAY_BATCH_BYTES);
+                if batch.is_empty() {
+                    break;
+                }
+                let mut progress = false;
+                let targets: Vec<PeerReplica> = self
+                    .owner_of(&node)
+                    .into_iter()
+                    .chain(replicas.clone())
+                    .collect();
+                for peer in targets {
+                    if dead.contains(&peer.addr) {
+                        continue;
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let wait = left.min(RELAY_DEADLINE);
+                    let (taken, refused) = self.post(&peer, &node, &batch, true, wait).await;
+                    let seqs: Vec<u64> = batch.iter().take(taken).map(|r| r.seq).collect();
+                    channel.relayed(&seqs).await;
+                    out.handed += taken;
+                    match refused {
+                        None => self.links.metrics.batch(Outcome::Ok, taken),
+                        Some(RelayFailure::Refused(..)) => {
+                            self.links.metrics.batch(Outcome::Refused, taken)
+                        }
+                        Some(RelayFailure::Unreachable(_)) => {
+                            self.links.metrics.batch(Outcome::Unreachable, 0);
+                            dead.insert(peer.addr);
+                        }
+                    }
+                    if taken > 0 {
+                        progress = true;
+                        break;
+                    }
+                }
+                if !progress {
+                    break;
+                }
+            }
+        }
+        out.left = hub
+            .relay_candidates()
+            .iter()
+            .filter_map(|n| hub.existing_channel(n))
+            .map(|c| c.queued())
+            .sum();
+        out
     }
 
     fn waiting(&self, key: &Key) -> bool {

@@ -6,7 +6,8 @@
 //!   `200 {"accepted": n}`; a refusal says how many were taken, like a
 //!   publish batch. `409` when this replica holds no session of the node
 //!   and knows who does (relay there instead; this avoids ping-pong while
-//!   the ownership records settle).
+//!   the ownership records settle), unless the sender is leaving
+//!   (`tether-hand-over`): then this replica keeps them and relays later.
 //! - `POST /hub/v1/peer/nodes/<node>/request?timeout_ms=N`: a sync request
 //!   forwarded by another replica, answered here (never forwarded again).
 
@@ -74,7 +75,8 @@ async fn relayed(
     node: &str,
     max_message: usize,
 ) -> Response<Body> {
-    if let Some(holder) = hub.relays_elsewhere(node) {
+    let leaving = req.headers().contains_key(super::HAND_OVER_HEADER);
+    if let Some(holder) = hub.relays_elsewhere(node).filter(|_| !leaving) {
         return json(
             StatusCode::CONFLICT,
             serde_json::json!({"accepted": 0, "error": format!(
