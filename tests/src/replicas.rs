@@ -243,3 +243,95 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Two replicas with hubs (`cloud-a`, `cloud-b`), and an edge whose tunnel
+/// and hub sessions reach replica b through two Services.
+pub struct HubPair {
+    /// The ownership records both replicas share.
+    pub board: OwnershipBoard,
+    /// Replica `cloud-a`.
+    pub a: HubReplica,
+    /// Replica `cloud-b` (taken when a test stops it).
+    pub b: Option<HubReplica>,
+    /// The Service in front of the tunnel ports.
+    pub tunnel: Service,
+    /// The Service in front of the hub ports.
+    pub hub: Service,
+    /// The edge.
+    pub edge: HubEdge,
+    node: String,
+    _kubelet: crate::fixture::FixtureKubelet,
+    _dir: TempDir,
+}
+
+impl HubPair {
+    /// Starts both replicas and the edge `node`, held by b.
+    pub async fn start(name: &str, node: &str) -> anyhow::Result<Self> {
+        let pki = Pki::generate()?;
+        let dir = TempDir::new(name)?;
+        let kubelet = crate::fixture::FixtureKubelet::start(None).await?;
+        let board = OwnershipBoard::default();
+        let a = HubReplica::start(&pki, &board, "cloud-a", &dir.0).await?;
+        let b = HubReplica::start(&pki, &board, "cloud-b", &dir.0).await?;
+        let tunnel = Service::start(b.cloud.tunnel_addr).await?;
+        let hub = Service::start(b.hub_addr).await?;
+        let edge = HubEdge::start(&pki, node, kubelet.addr, &tunnel, &hub, &dir.0).await?;
+        let pair = Self {
+            board,
+            a,
+            b: Some(b),
+            tunnel,
+            hub,
+            edge,
+            node: node.to_owned(),
+            _kubelet: kubelet,
+            _dir: dir,
+        };
+        pair.wait_held_by("cloud-b").await?;
+        Ok(pair)
+    }
+
+    /// Replica b, while it runs.
+    pub fn b(&self) -> &HubReplica {
+        self.b.as_ref().expect("replica b runs")
+    }
+
+    fn replica(&self, id: &str) -> &HubReplica {
+        if id == "cloud-a" { &self.a } else { self.b() }
+    }
+
+    /// Waits (bounded) until replica `id` holds the node's record and its
+    /// hub channel.
+    pub async fn wait_held_by(&self, id: &str) -> anyhow::Result<()> {
+        let hub = &self.replica(id).hub;
+        for _ in 0..400 {
+            if self.board.holder(&self.node).as_deref() == Some(id)
+                && self.edge.hub.is_online()
+                && hub.node(&self.node).is_some_and(|s| s.online)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        anyhow::bail!(
+            "{} never held by {id}: record {:?}, hub online {:?}",
+            self.node,
+            self.board.holder(&self.node),
+            hub.node(&self.node).map(|s| s.online)
+        )
+    }
+
+    /// New sessions go to replica `id`; the node's sessions on the other
+    /// one are cut, so the edge reconnects to `id`.
+    pub async fn move_to(&self, id: &str) -> anyhow::Result<()> {
+        let (to, from) = if id == "cloud-a" {
+            (&self.a, self.b())
+        } else {
+            (self.b(), &self.a)
+        };
+        self.tunnel.point_to(to.cloud.tunnel_addr);
+        self.hub.point_to(to.hub_addr);
+        from.cut(&self.node);
+        self.wait_held_by(id).await
+    }
+}

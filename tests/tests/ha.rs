@@ -210,7 +210,7 @@ use tether_cloudhub::hub::CloudHub;
 use tether_cloudhub::replicas::Outcome;
 use tether_hub::dispatch::{Event, Filter};
 use tether_hub::{Content, Message, Route};
-use tether_tests::replicas::{HubEdge, HubReplica, TempDir};
+use tether_tests::replicas::HubPair;
 
 fn hub_msg(group: &str, resource: &str, n: u64) -> Message {
     Message::new(
@@ -222,81 +222,6 @@ fn hub_msg(group: &str, resource: &str, n: u64) -> Message {
         },
         Content::Json(serde_json::json!(n)),
     )
-}
-
-/// Two replicas with hubs, and an edge whose tunnel and hub sessions
-/// reach replica b through the Services.
-struct HubEnv {
-    board: OwnershipBoard,
-    a: HubReplica,
-    b: Option<HubReplica>,
-    tunnel: Service,
-    hub: Service,
-    edge: HubEdge,
-    _kubelet: FixtureKubelet,
-    _dir: TempDir,
-}
-
-impl HubEnv {
-    async fn start(name: &str) -> anyhow::Result<Self> {
-        let pki = Pki::generate()?;
-        let dir = TempDir::new(name)?;
-        let kubelet = FixtureKubelet::start(None).await?;
-        let board = OwnershipBoard::default();
-        let a = HubReplica::start(&pki, &board, "cloud-a", &dir.0).await?;
-        let b = HubReplica::start(&pki, &board, "cloud-b", &dir.0).await?;
-        let tunnel = Service::start(b.cloud.tunnel_addr).await?;
-        let hub = Service::start(b.hub_addr).await?;
-        let edge = HubEdge::start(&pki, NODE, kubelet.addr, &tunnel, &hub, &dir.0).await?;
-        let env = Self {
-            board,
-            a,
-            b: Some(b),
-            tunnel,
-            hub,
-            edge,
-            _kubelet: kubelet,
-            _dir: dir,
-        };
-        env.wait_held_by("cloud-b").await?;
-        Ok(env)
-    }
-
-    fn b(&self) -> &HubReplica {
-        self.b.as_ref().expect("replica b runs")
-    }
-
-    fn replica(&self, id: &str) -> &HubReplica {
-        if id == "cloud-a" { &self.a } else { self.b() }
-    }
-
-    /// Waits (bounded) until `id` holds the node's tunnel record and hub
-    /// channel.
-    async fn wait_held_by(&self, id: &str) -> anyhow::Result<()> {
-        wait_holder(&self.board, id).await?;
-        let hub = &self.replica(id).hub;
-        for _ in 0..400 {
-            if self.edge.hub.is_online() && hub.node(NODE).is_some_and(|s| s.online) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        anyhow::bail!("the node's hub channel never came up on {id}")
-    }
-
-    /// New sessions go to `id`; the current ones on the other replica are
-    /// cut, so the edge reconnects to `id`.
-    async fn move_to(&self, id: &str) -> anyhow::Result<()> {
-        let (to, from) = if id == "cloud-a" {
-            (&self.a, self.b())
-        } else {
-            (self.b(), &self.a)
-        };
-        self.tunnel.point_to(to.cloud.tunnel_addr);
-        self.hub.point_to(to.hub_addr);
-        from.cut(NODE);
-        self.wait_held_by(id).await
-    }
 }
 
 /// Collects `total` messages of a subscription: values by resource, in
@@ -409,7 +334,7 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_messages_published_on_one_replica_reach_the_node_held_by_the_other() {
     tokio::time::timeout(Duration::from_secs(120), async {
-        let env = HubEnv::start("hubx-relay").await?;
+        let env = HubPair::start("hubx-relay", NODE).await?;
         let mut down = env.edge.hub.subscribe(Filter {
             group: Some("app".into()),
             ..Filter::default()
@@ -465,7 +390,7 @@ async fn hub_messages_published_on_one_replica_reach_the_node_held_by_the_other(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_messages_survive_the_node_moving_between_replicas_mid_stream() {
     tokio::time::timeout(Duration::from_secs(180), async {
-        let env = HubEnv::start("hubx-move").await?;
+        let env = HubPair::start("hubx-move", NODE).await?;
         let mut down = env.edge.hub.subscribe(Filter::default())?;
         const PER: u64 = 400;
         let (on_a, on_b) = (names("a", 3), names("b", 3));
@@ -532,7 +457,7 @@ async fn hub_messages_survive_the_node_moving_between_replicas_mid_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_messages_for_a_node_on_a_dead_replica_wait_and_arrive_once_it_reconnects() {
     tokio::time::timeout(Duration::from_secs(120), async {
-        let mut env = HubEnv::start("hubx-dead").await?;
+        let mut env = HubPair::start("hubx-dead", NODE).await?;
         let mut down = env.edge.hub.subscribe(Filter {
             group: Some("app".into()),
             ..Filter::default()
@@ -596,7 +521,7 @@ async fn hub_messages_for_a_node_on_a_dead_replica_wait_and_arrive_once_it_recon
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_messages_queued_on_a_stopping_replica_are_handed_to_another() {
     tokio::time::timeout(Duration::from_secs(120), async {
-        let mut env = HubEnv::start("hubx-leave").await?;
+        let mut env = HubPair::start("hubx-leave", NODE).await?;
         let mut down = env.edge.hub.subscribe(Filter {
             group: Some("app".into()),
             ..Filter::default()

@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 14] = [
+pub(crate) const TARGETS: [(&str, Rule); 15] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -47,6 +47,7 @@ pub(crate) const TARGETS: [(&str, Rule); 14] = [
     ("wan_logs_ratio", Rule::AtLeast(0.8)),
     ("kubeedge_logs_ratio", Rule::AtLeast(0.5)),
     ("kubeedge_small_get_ratio_c64", Rule::AtLeast(0.5)),
+    ("hub_cross_replica_ok", Rule::Equals(1.0)),
 ];
 
 /// Every number measured so far, by key.
