@@ -173,6 +173,9 @@ impl CloudHub {
                 Arc::new(move |m: &Message| d.accepts(&peer, m))
             },
         )?;
+        if let Some(relay) = self.inner.relay.get() {
+            relay.install(&c);
+        }
         channels.insert(node.to_owned(), c.clone());
         Ok(c)
     }
@@ -202,7 +205,12 @@ impl CloudHub {
     pub fn link_replicas(&self, links: crate::replicas::ReplicaLinks, shutdown: Shutdown) {
         if self.inner.relay.get().is_none() {
             let relay = crate::replicas::Relayer::start(self, links, shutdown);
-            let _ = self.inner.relay.set(relay);
+            if self.inner.relay.set(relay.clone()).is_ok() {
+                let channels = self.inner.channels.lock().expect("hub lock");
+                for c in channels.values() {
+                    relay.install(c);
+                }
+            }
         }
     }
 
@@ -268,6 +276,15 @@ impl CloudHub {
             return None;
         }
         relay.owner_of(node)
+    }
+
+    /// Another replica now holds `node`'s hub session and asks for what
+    /// waits here (see `replicas::serve`).
+    pub(crate) async fn hand_to(&self, node: &str, to: &str) -> Result<usize, String> {
+        match self.inner.relay.get() {
+            Some(relay) => relay.clone().hand_to(self, node, to).await,
+            None => Err("this replica is not linked to others".to_owned()),
+        }
     }
 
     /// Admits messages another replica relays for `node` (ids kept; ids

@@ -41,6 +41,7 @@ pub struct RelayMetrics {
     sent: Counter,
     received: Counter,
     requests: Family<ResultLabel, Counter>,
+    pulls: Family<ResultLabel, Counter>,
 }
 
 impl RelayMetrics {
@@ -63,6 +64,11 @@ impl RelayMetrics {
             m.received.clone(),
         );
         registry.register(
+            "tether_hub_relay_pulls",
+            "Hand-overs asked of other replicas when a node's hub session arrives, by result",
+            m.pulls.clone(),
+        );
+        registry.register(
             "tether_hub_peer_requests",
             "Sync requests forwarded to the replica holding the node, by result",
             m.requests.clone(),
@@ -70,6 +76,7 @@ impl RelayMetrics {
         for o in [Outcome::Ok, Outcome::Refused, Outcome::Unreachable] {
             let _ = m.batches.get_or_create(&ResultLabel { result: o.label() });
             let _ = m.requests.get_or_create(&ResultLabel { result: o.label() });
+            let _ = m.pulls.get_or_create(&ResultLabel { result: o.label() });
         }
         m
     }
@@ -89,6 +96,14 @@ impl RelayMetrics {
 
     pub(crate) fn request(&self, outcome: Outcome) {
         self.requests
+            .get_or_create(&ResultLabel {
+                result: outcome.label(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn pull(&self, outcome: Outcome) {
+        self.pulls
             .get_or_create(&ResultLabel {
                 result: outcome.label(),
             })

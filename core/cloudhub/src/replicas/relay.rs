@@ -46,6 +46,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const MAX_BACKOFFS: usize = 16_384;
 /// Node hints queued for the relay loop at most; the sweep covers drops.
 const HINTS: usize = 1024;
+/// How long a new hub connection holds its sends while older queues of
+/// its node are pulled from the other replicas.
+const PULL_HOLD: Duration = Duration::from_secs(1);
+/// Pulls at a time (a reconnect storm waits, then sends unordered).
+const MAX_PULLS: usize = 16;
+/// How long a replica asked to hand a node over waits for its own stale
+/// session of that node to end.
+const STALE_SESSION_WAIT: Duration = Duration::from_millis(300);
 
 /// What waits after a failure: a peer that could not be reached, or one
 /// node a peer refused (its queue there is full, or it moved on).
@@ -68,6 +76,7 @@ pub(crate) struct Relayer {
     busy: Mutex<HashSet<String>>,
     backoff: Mutex<HashMap<Key, Backoff>>,
     slots: Arc<Semaphore>,
+    pulls: Arc<Semaphore>,
 }
 
 impl Relayer {
@@ -82,6 +91,7 @@ impl Relayer {
             busy: Mutex::new(HashSet::new()),
             backoff: Mutex::new(HashMap::new()),
             slots: Arc::new(Semaphore::new(MAX_RELAYS)),
+            pulls: Arc::new(Semaphore::new(MAX_PULLS)),
         });
         tokio::spawn(this.clone().run(hub.downgrade(), rx, shutdown));
         this
@@ -94,6 +104,128 @@ impl Relayer {
 
     pub(crate) fn metrics(&self) -> &super::RelayMetrics {
         &self.links.metrics
+    }
+
+    /// Makes every new connection of `channel` pull its node's older
+    /// queues from the other replicas before it sends (see
+    /// [`Channel::on_connect`]).
+    pub(crate) fn install(self: &Arc<Self>, channel: &Channel) {
+        let relay = Arc::downgrade(self);
+        channel.on_connect(
+            Arc::new(move |ch: &Channel| match relay.upgrade() {
+                Some(relay) => relay.pull(ch.clone()),
+                None => ch.release_hold(),
+            }),
+            PULL_HOLD,
+        );
+    }
+
+    /// Asks every other live replica to hand over what it holds for the
+    /// channel's node, then lets the channel send; all within
+    /// [`PULL_HOLD`], so a dead peer delays a reconnect by that at most.
+    fn pull(self: Arc<Self>, channel: Channel) {
+        tokio::spawn(async move {
+            let _release = ReleaseHold(channel.clone());
+            let node = channel.peer().to_owned();
+            let deadline = Instant::now() + PULL_HOLD;
+            let slot = tokio::time::timeout_at(deadline, self.pulls.clone().acquire_owned()).await;
+            let Ok(Ok(_slot)) = slot else {
+                self.links.metrics.pull(Outcome::Refused);
+                return;
+            };
+            // A batch this replica is still relaying to the old holder
+            // must land there before that holder hands the node over.
+            while self.busy.lock().expect("busy lock").contains(&node) && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut asks = tokio::task::JoinSet::new();
+            for peer in self.links.directory.live_replicas() {
+                let (this, node) = (self.clone(), node.clone());
+                asks.spawn(async move { this.ask_hand_over(&peer, &node, deadline).await });
+            }
+            let all = async { while asks.join_next().await.is_some() {} };
+            if tokio::time::timeout_at(deadline, all).await.is_err() {
+                self.links.metrics.pull(Outcome::Unreachable);
+            }
+        });
+    }
+
+    async fn ask_hand_over(&self, peer: &PeerReplica, node: &str, deadline: Instant) {
+        let req = Request::post(format!("{PEER_PATH}nodes/{node}/hand-over"))
+            .header(header::HOST, "tether-peer")
+            .header(FROM_HEADER, &self.links.replica)
+            .body(Full::new(Bytes::new()));
+        let Ok(req) = req else { return };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.client.call(peer.addr, req, wait, true).await {
+            Ok((status, _)) if status.is_success() => self.links.metrics.pull(Outcome::Ok),
+            Ok((status, body)) => {
+                self.links.metrics.pull(Outcome::Refused);
+                debug!(node, replica = %peer.replica, %status,
+                    answer = %String::from_utf8_lossy(&body), "hand-over refused");
+            }
+            Err(e) => {
+                self.links.metrics.pull(Outcome::Unreachable);
+                debug!(node, replica = %peer.replica, error = %e, "hand-over not asked");
+            }
+        }
+    }
+
+    /// Replica `to` holds `node` now and asks for what waits here: a stale
+    /// session of the node here is cut, then the queue is relayed to `to`
+    /// (with the hand-over mark: `to` takes it whatever its records say).
+    /// Returns how many messages it took.
+    pub(crate) async fn hand_to(
+        &self,
+        hub: &CloudHub,
+        node: &str,
+        to: &str,
+    ) -> Result<usize, String> {
+        let deadline = Instant::now() + PULL_HOLD;
+        let Some(peer) = self
+            .links
+            .directory
+            .live_replicas()
+            .into_iter()
+            .find(|p| p.replica == to)
+        else {
+            return Err(format!(
+                "replica {to:?} is not live in this replica's records"
+            ));
+        };
+        let Some(channel) = hub.existing_channel(node) else {
+            return Ok(0);
+        };
+        if channel.is_connected() {
+            // The node's hub session is on `to` now; this one is stale.
+            hub.disconnect(node);
+            let until = Instant::now() + STALE_SESSION_WAIT;
+            while channel.is_connected() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let mut handed = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let batch = channel.relay_batch(RELAY_BATCH, RELAY_BATCH_BYTES);
+            if batch.is_empty() || left.is_zero() {
+                return Ok(handed);
+            }
+            let (taken, refused) = self.post(&peer, node, &batch, true, left).await;
+            let seqs: Vec<u64> = batch.iter().take(taken).map(|r| r.seq).collect();
+            channel.relayed(&seqs).await;
+            handed += taken;
+            let outcome = match &refused {
+                None => Outcome::Ok,
+                Some(RelayFailure::Refused(..)) => Outcome::Refused,
+                Some(RelayFailure::Unreachable(_)) => Outcome::Unreachable,
+            };
+            self.links.metrics.batch(outcome, taken);
+            if refused.is_some() {
+                return Ok(handed);
+            }
+        }
     }
 
     /// A message was queued for `node` while no session of it is here.
@@ -393,6 +525,15 @@ impl Relayer {
             );
         }
         wait - jitter
+    }
+}
+
+/// Lets the channel send when the pull ends, however it ends.
+struct ReleaseHold(Channel);
+
+impl Drop for ReleaseHold {
+    fn drop(&mut self) {
+        self.0.release_hold();
     }
 }
 

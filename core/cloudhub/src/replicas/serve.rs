@@ -8,6 +8,10 @@
 //!   and knows who does (relay there instead; this avoids ping-pong while
 //!   the ownership records settle), unless the sender is leaving
 //!   (`tether-hand-over`): then this replica keeps them and relays later.
+//! - `POST /hub/v1/peer/nodes/<node>/hand-over`: the node's hub session
+//!   arrived at the calling replica (`tether-relayed-by`); a stale session
+//!   of it here is cut and this replica's queue for it is relayed there
+//!   now, so it goes out before anything newer. `200 {"handed": n}`.
 //! - `POST /hub/v1/peer/nodes/<node>/request?timeout_ms=N`: a sync request
 //!   forwarded by another replica, answered here (never forwarded again).
 
@@ -45,6 +49,18 @@ async fn route(hub: CloudHub, req: Request<Incoming>, max_message: usize) -> Res
         (Method::POST, ["nodes", node, "messages"]) => {
             let node = (*node).to_owned();
             relayed(hub, req, &node, max_message).await
+        }
+        (Method::POST, ["nodes", node, "hand-over"]) => {
+            let from = req
+                .headers()
+                .get(super::FROM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            match hub.hand_to(node, &from).await {
+                Ok(handed) => json(StatusCode::OK, serde_json::json!({"handed": handed})),
+                Err(e) => error(StatusCode::NOT_FOUND, &e),
+            }
         }
         (Method::POST, ["nodes", node, "request"]) => {
             let node = (*node).to_owned();

@@ -100,7 +100,14 @@ struct Inner {
     deliver: mpsc::Sender<Delivery>,
     accepts: Accepts,
     persist: mpsc::Sender<Persist>,
+    /// Called on every new connection, which holds its data frames for up
+    /// to the duration until [`Channel::release_hold`] (several replicas).
+    on_connect: std::sync::OnceLock<(ConnectHook, std::time::Duration)>,
 }
+
+/// Told when a new connection of the channel starts (see
+/// [`Channel::on_connect`]).
+pub type ConnectHook = Arc<dyn Fn(&Channel) + Send + Sync>;
 
 /// Whether the application takes a message now (a subscriber matches).
 pub type Accepts = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
@@ -132,6 +139,7 @@ impl Channel {
                     attempts: 0,
                     sent_at: None,
                     due: None,
+                    relayed: false,
                 }),
                 Err(e) => warn!(peer, seq, error = %e, "unreadable stored message skipped"),
             }
@@ -169,11 +177,13 @@ impl Channel {
                 recently_relayed: Bounded::new(4096),
                 barriers: HashSet::new(),
                 rewind: false,
+                hold_until: None,
             }),
             wake: Notify::new(),
             deliver,
             accepts,
             persist,
+            on_connect: std::sync::OnceLock::new(),
             cfg,
         });
         tokio::spawn(persister(

@@ -140,13 +140,29 @@ impl Channel {
             );
         }
         let mut ids = Vec::with_capacity(ready.len());
+        let relayed = how == Admission::Relayed;
         for ((_, message, frame), seq) in ready.into_iter().zip(first_seq..) {
-            // Concurrent publishers may finish storing out of seq order; keep
-            // the queue sorted, but never ahead of what was already sent.
-            let mut at = st.pending.len();
-            while at > st.in_flight && st.pending[at - 1].seq > seq {
-                at -= 1;
-            }
+            let at = if relayed {
+                // Accepted elsewhere before what waits here: first in line
+                // among the unsent, after earlier relayed ones.
+                let mut at = st.in_flight;
+                while at < st.pending.len() && st.pending[at].relayed {
+                    at += 1;
+                }
+                at
+            } else {
+                // Concurrent publishers may finish storing out of seq
+                // order; keep the queue sorted, but never ahead of what was
+                // already sent, nor of relayed messages.
+                let mut at = st.pending.len();
+                while at > st.in_flight
+                    && st.pending[at - 1].seq > seq
+                    && !st.pending[at - 1].relayed
+                {
+                    at -= 1;
+                }
+                at
+            };
             ids.push(message.header.msg_id.clone());
             st.pending.insert(
                 at,
@@ -158,6 +174,7 @@ impl Channel {
                     attempts: 0,
                     sent_at: None,
                     due: None,
+                    relayed,
                 },
             );
         }

@@ -73,6 +73,21 @@ impl Channel {
         }
     }
 
+    /// Calls `hook` on every new connection, whose data frames then wait
+    /// until [`Self::release_hold`] or for `hold` at most: the new holder
+    /// of a node pulls older queues from other replicas first, so they go
+    /// out ahead of what waits here. Set once; later calls are ignored.
+    pub fn on_connect(&self, hook: super::ConnectHook, hold: std::time::Duration) {
+        let _ = self.inner.on_connect.set((hook, hold));
+    }
+
+    /// Lets the current connection send (see [`Self::on_connect`]).
+    pub fn release_hold(&self) {
+        self.lock().hold_until = None;
+        self.inner.wake.notify_waiters();
+        self.inner.wake.notify_one();
+    }
+
     /// Admits messages another replica relays, keeping their ids, in one
     /// transaction: bounded by the queue, not by the rate limit (the
     /// replica that accepted them from the application applied it). Ids

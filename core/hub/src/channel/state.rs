@@ -22,6 +22,9 @@ pub(super) struct Pending {
     pub(super) sent_at: Option<Instant>,
     /// When to resend if not acknowledged.
     pub(super) due: Option<Instant>,
+    /// Handed over by another cloud replica: it was accepted there before
+    /// anything queued here and not yet sent, so it goes out first.
+    pub(super) relayed: bool,
 }
 
 /// Everything about the peer that changes, behind the channel's lock.
@@ -52,6 +55,9 @@ pub(super) struct State {
     pub(super) barriers: HashSet<String>,
     /// Send a `rewind` before the next data frame (after a go-back).
     pub(super) rewind: bool,
+    /// No data frames before this (a new connection waits while older
+    /// queues are pulled from other replicas); None when not held.
+    pub(super) hold_until: Option<Instant>,
 }
 
 /// A set remembering the newest `cap` items.
