@@ -304,7 +304,8 @@ impl HubPair {
     /// hub channel.
     pub async fn wait_held_by(&self, id: &str) -> anyhow::Result<()> {
         let hub = &self.replica(id).hub;
-        for _ in 0..400 {
+        // Bounded, with room for a loaded machine (debug builds, 2 cores).
+        for _ in 0..800 {
             if self.board.holder(&self.node).as_deref() == Some(id)
                 && self.edge.hub.is_online()
                 && hub.node(&self.node).is_some_and(|s| s.online)

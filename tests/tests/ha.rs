@@ -306,7 +306,7 @@ async fn publish_all(
 
 /// Waits (bounded) until nothing is queued for the node on `hub`.
 async fn wait_drained(hub: &CloudHub) -> anyhow::Result<()> {
-    for _ in 0..400 {
+    for _ in 0..800 {
         if hub.node(NODE).is_none_or(|s| s.queued == 0) {
             return Ok(());
         }

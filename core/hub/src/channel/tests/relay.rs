@@ -106,3 +106,34 @@ async fn a_message_relayed_away_and_back_is_taken_again() {
     y.relayed(&seqs).await;
     assert_eq!((x.queued(), y.queued()), (1, 0));
 }
+
+#[tokio::test]
+async fn a_new_connection_holds_until_released_and_relayed_messages_go_first() {
+    let (a, _arx, b, mut brx) = pair(ChannelConfig::default());
+    let connects = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = connects.clone();
+    a.on_connect(
+        std::sync::Arc::new(move |_: &crate::channel::Channel| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }),
+        Duration::from_secs(30),
+    );
+    // Queued here first, but accepted elsewhere later than the relayed one.
+    a.publish(msg("r", 2)).await.unwrap();
+    let (n, e) = a.accept_relayed(vec![msg("r", 1)]).await;
+    assert!(n == 1 && e.is_none(), "{n} {e:?}");
+    let recv = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(brx.try_recv().is_err(), "sent while held");
+        assert_eq!(connects.load(std::sync::atomic::Ordering::Relaxed), 1);
+        a.release_hold();
+        let first = value(brx.recv().await.unwrap());
+        let second = value(brx.recv().await.unwrap());
+        (first.1, second.1)
+    };
+    let got = tokio::select! {
+        got = recv => got,
+        _ = link(&a, &b, std::future::pending()) => unreachable!(),
+    };
+    assert_eq!(got, (1, 2));
+}
