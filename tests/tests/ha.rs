@@ -438,11 +438,22 @@ async fn hub_messages_survive_the_node_moving_between_replicas_mid_stream() {
             .values()
             .filter(|ns| ns.windows(2).any(|w| w[0] > w[1]))
             .count();
+        for (r, ns) in &got {
+            if let Some(i) = (1..ns.len()).find(|&i| ns[i] < ns[i - 1]) {
+                let lo = i.saturating_sub(3);
+                eprintln!("  {r}: late at {i}: {:?}", &ns[lo..(i + 4).min(ns.len())]);
+            }
+        }
+        let pulls = |r: &tether_tests::replicas::HubReplica| {
+            [Outcome::Ok, Outcome::Refused, Outcome::Unreachable].map(|o| r.relay.pulls(o))
+        };
         eprintln!(
-            "move: {total} messages exactly once; {reordered} of {} resources reordered by the moves; relayed a {} b {}",
+            "move: {total} messages exactly once; {reordered} of {} resources reordered by the moves; relayed a {} b {}; pulls ok/refused/late a {:?} b {:?}",
             all.len(),
             env.a.relay.sent(),
-            env.b().relay.sent()
+            env.b().relay.sent(),
+            pulls(&env.a),
+            pulls(&env.b())
         );
         wait_drained(&env.a.hub).await?;
         wait_drained(&env.b().hub).await?;

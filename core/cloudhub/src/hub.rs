@@ -280,7 +280,7 @@ impl CloudHub {
 
     /// Another replica now holds `node`'s hub session and asks for what
     /// waits here (see `replicas::serve`).
-    pub(crate) async fn hand_to(&self, node: &str, to: &str) -> Result<usize, String> {
+    pub(crate) async fn hand_to(&self, node: &str, to: &str) -> Result<(usize, usize), String> {
         match self.inner.relay.get() {
             Some(relay) => relay.clone().hand_to(self, node, to).await,
             None => Err("this replica is not linked to others".to_owned()),

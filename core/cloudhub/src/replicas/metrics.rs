@@ -115,6 +115,15 @@ impl RelayMetrics {
         self.sent.get()
     }
 
+    /// Hand-over pulls that ended with `outcome` so far.
+    pub fn pulls(&self, outcome: Outcome) -> u64 {
+        self.pulls
+            .get_or_create(&ResultLabel {
+                result: outcome.label(),
+            })
+            .get()
+    }
+
     /// Batches that ended with `outcome` so far.
     pub fn batches(&self, outcome: Outcome) -> u64 {
         self.batches

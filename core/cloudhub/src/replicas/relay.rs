@@ -51,9 +51,6 @@ const HINTS: usize = 1024;
 const PULL_HOLD: Duration = Duration::from_secs(1);
 /// Pulls at a time (a reconnect storm waits, then sends unordered).
 const MAX_PULLS: usize = 16;
-/// How long a replica asked to hand a node over waits for its own stale
-/// session of that node to end.
-const STALE_SESSION_WAIT: Duration = Duration::from_millis(300);
 
 /// What waits after a failure: a peer that could not be reached, or one
 /// node a peer refused (its queue there is full, or it moved on).
@@ -159,7 +156,17 @@ impl Relayer {
         let Ok(req) = req else { return };
         let wait = deadline.saturating_duration_since(Instant::now());
         match self.client.call(peer.addr, req, wait, true).await {
-            Ok((status, _)) if status.is_success() => self.links.metrics.pull(Outcome::Ok),
+            Ok((status, body)) if status.is_success() => {
+                // `left`: what the peer could not hand over in time.
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                match v["left"].as_u64() {
+                    Some(left) if left > 0 => {
+                        self.links.metrics.pull(Outcome::Unreachable);
+                        debug!(node, replica = %peer.replica, left, "hand-over cut short");
+                    }
+                    _ => self.links.metrics.pull(Outcome::Ok),
+                }
+            }
             Ok((status, body)) => {
                 self.links.metrics.pull(Outcome::Refused);
                 debug!(node, replica = %peer.replica, %status,
@@ -175,13 +182,14 @@ impl Relayer {
     /// Replica `to` holds `node` now and asks for what waits here: a stale
     /// session of the node here is cut, then the queue is relayed to `to`
     /// (with the hand-over mark: `to` takes it whatever its records say).
-    /// Returns how many messages it took.
+    /// Returns how many messages `to` took, and how many are left here
+    /// (the deadline passed or `to` refused; the sweep relays them later).
     pub(crate) async fn hand_to(
         &self,
         hub: &CloudHub,
         node: &str,
         to: &str,
-    ) -> Result<usize, String> {
+    ) -> Result<(usize, usize), String> {
         let deadline = Instant::now() + PULL_HOLD;
         let Some(peer) = self
             .links
@@ -195,22 +203,19 @@ impl Relayer {
             ));
         };
         let Some(channel) = hub.existing_channel(node) else {
-            return Ok(0);
+            return Ok((0, 0));
         };
         if channel.is_connected() {
             // The node's hub session is on `to` now; this one is stale.
+            // Its queue goes now, whether or not it has wound down yet.
             hub.disconnect(node);
-            let until = Instant::now() + STALE_SESSION_WAIT;
-            while channel.is_connected() && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         }
         let mut handed = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let batch = channel.relay_batch(RELAY_BATCH, RELAY_BATCH_BYTES);
+            let batch = channel.hand_over_batch(RELAY_BATCH, RELAY_BATCH_BYTES);
             if batch.is_empty() || left.is_zero() {
-                return Ok(handed);
+                return Ok((handed, channel.queued()));
             }
             let (taken, refused) = self.post(&peer, node, &batch, true, left).await;
             let seqs: Vec<u64> = batch.iter().take(taken).map(|r| r.seq).collect();
@@ -223,7 +228,7 @@ impl Relayer {
             };
             self.links.metrics.batch(outcome, taken);
             if refused.is_some() {
-                return Ok(handed);
+                return Ok((handed, channel.queued()));
             }
         }
     }

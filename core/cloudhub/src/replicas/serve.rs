@@ -11,7 +11,8 @@
 //! - `POST /hub/v1/peer/nodes/<node>/hand-over`: the node's hub session
 //!   arrived at the calling replica (`tether-relayed-by`); a stale session
 //!   of it here is cut and this replica's queue for it is relayed there
-//!   now, so it goes out before anything newer. `200 {"handed": n}`.
+//!   now, so it goes out before anything newer. `200 {"handed": n,
+//!   "left": m}` (`left`: not handed over within the deadline).
 //! - `POST /hub/v1/peer/nodes/<node>/request?timeout_ms=N`: a sync request
 //!   forwarded by another replica, answered here (never forwarded again).
 
@@ -58,7 +59,10 @@ async fn route(hub: CloudHub, req: Request<Incoming>, max_message: usize) -> Res
                 .unwrap_or_default()
                 .to_owned();
             match hub.hand_to(node, &from).await {
-                Ok(handed) => json(StatusCode::OK, serde_json::json!({"handed": handed})),
+                Ok((handed, left)) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"handed": handed, "left": left}),
+                ),
                 Err(e) => error(StatusCode::NOT_FOUND, &e),
             }
         }

@@ -35,9 +35,8 @@ impl Channel {
 
     /// Validates, bounds and durably stores `messages` (a prefix of them),
     /// then queues them for sending. A relayed batch skips the rate limit
-    /// (the replica that first accepted it applied it) and messages whose
-    /// id is already queued or was lately acknowledged here (a relay resent
-    /// after a lost answer); those count as accepted.
+    /// (the replica that first accepted it applied it) and messages the
+    /// peer lately acknowledged here; those count as accepted.
     pub(super) async fn admit(
         &self,
         messages: Vec<Message>,
@@ -74,12 +73,13 @@ impl Channel {
         let first_seq = {
             let mut st = self.lock();
             if how == Admission::Relayed {
-                let queued: std::collections::HashSet<&str> =
-                    st.pending.iter().map(|p| p.id.as_str()).collect();
-                ready.retain(|(_, msg, _)| {
-                    let id = msg.header.msg_id.as_str();
-                    !queued.contains(id) && !st.recently_acked.set.contains(id)
-                });
+                // Only what the peer acknowledged here is skipped. A copy
+                // still queued here is queued again: the sender removes
+                // its copy once this answers, and two replicas relaying
+                // copies to each other at once would otherwise each skip
+                // and each remove, and lose the message. The peer drops
+                // the second copy by id.
+                ready.retain(|(_, msg, _)| !st.recently_acked.set.contains(&msg.header.msg_id));
             }
             let room = self
                 .inner

@@ -27,8 +27,19 @@ impl Channel {
     /// Empty when the queue is empty or a connection is up (it sends them
     /// itself).
     pub fn relay_batch(&self, max: usize, max_bytes: usize) -> Vec<Relayed> {
+        self.batch(max, max_bytes, false)
+    }
+
+    /// Like [`Self::relay_batch`], even while a connection is served here:
+    /// the peer is known to be connected elsewhere now, so this connection
+    /// is stale. Whatever it still delivers, the peer drops as duplicates.
+    pub fn hand_over_batch(&self, max: usize, max_bytes: usize) -> Vec<Relayed> {
+        self.batch(max, max_bytes, true)
+    }
+
+    fn batch(&self, max: usize, max_bytes: usize, stale_connection: bool) -> Vec<Relayed> {
         let st = self.lock();
-        if st.connected {
+        if st.connected && !stale_connection {
             return Vec::new();
         }
         let mut bytes = 0;
@@ -91,8 +102,9 @@ impl Channel {
     /// Admits messages another replica relays, keeping their ids, in one
     /// transaction: bounded by the queue, not by the rate limit (the
     /// replica that accepted them from the application applied it). Ids
-    /// already queued here or lately acknowledged are skipped. Returns how
-    /// many, from the front, are taken care of, and why the rest were not.
+    /// the peer lately acknowledged here are skipped; ids still queued
+    /// here are queued again (see `admit`). Returns how many, from the
+    /// front, are taken care of, and why the rest were not.
     pub async fn accept_relayed(&self, messages: Vec<Message>) -> (usize, Option<PublishError>) {
         let (admitted, refused) = self.admit(messages, Admission::Relayed).await;
         (admitted.taken, refused)

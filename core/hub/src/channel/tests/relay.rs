@@ -30,10 +30,11 @@ async fn a_relayed_queue_arrives_once_in_order_through_the_other_replica() {
     // Admitted past the rate limit (burst 1), ids kept.
     let (n, e) = a.accept_relayed(parse(&first)).await;
     assert!(n == 4 && e.is_none(), "{n} {e:?}");
-    // The answer was lost: the same batch again is skipped, not doubled.
+    // The answer was lost: the same batch again is queued again (the
+    // peer drops the copies by id).
     let (n, e) = a.accept_relayed(parse(&first)).await;
     assert!(n == 4 && e.is_none(), "{n} {e:?}");
-    assert_eq!(a.queued(), 4);
+    assert_eq!(a.queued(), 8);
     let seqs: Vec<u64> = first.iter().map(|r| r.seq).collect();
     x.relayed(&seqs).await;
     assert_eq!(x.queued(), 6);
@@ -60,6 +61,31 @@ async fn a_relayed_queue_arrives_once_in_order_through_the_other_replica() {
     assert_eq!(got, (0..10).collect::<Vec<_>>());
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(brx.try_recv().is_err(), "a message arrived twice");
+}
+
+#[tokio::test]
+async fn copies_relayed_across_at_once_are_both_kept() {
+    // `x` and `y` each hold a copy of one message (a relay whose answer
+    // was lost) and relay it to each other at the same moment: each must
+    // keep the copy it gets, since each removes its own.
+    let (x, _xrx, _, _) = pair(ChannelConfig::default());
+    let (y, _yrx, _, _) = pair(ChannelConfig::default());
+    x.publish(msg("r", 1)).await.unwrap();
+    let from_x = x.relay_batch(10, usize::MAX);
+    let copy = |b: &[crate::channel::Relayed]| -> Vec<Message> {
+        b.iter()
+            .map(|r| Message::from_json(&r.frame, usize::MAX).unwrap())
+            .collect()
+    };
+    assert_eq!(y.accept_relayed(copy(&from_x)).await.0, 1);
+    let from_y = y.relay_batch(10, usize::MAX);
+    assert_eq!(y.accept_relayed(copy(&from_x)).await.0, 1);
+    assert_eq!(x.accept_relayed(copy(&from_y)).await.0, 1);
+    x.relayed(&from_x.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .await;
+    y.relayed(&from_y.iter().map(|r| r.seq).collect::<Vec<_>>())
+        .await;
+    assert!(x.queued() + y.queued() >= 1, "the message was lost");
 }
 
 #[tokio::test]
