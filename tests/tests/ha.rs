@@ -453,7 +453,7 @@ async fn hub_messages_survive_the_node_moving_between_replicas_mid_stream() {
             env.a.relay.sent(),
             env.b().relay.sent(),
             pulls(&env.a),
-            pulls(&env.b())
+            pulls(env.b())
         );
         wait_drained(&env.a.hub).await?;
         wait_drained(&env.b().hub).await?;
