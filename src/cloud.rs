@@ -316,6 +316,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
         hub_store,
         tether_hub::HubMetrics::register(&mut registry, "cloud"),
     )?;
+    let relay_metrics = tether_cloudhub::replicas::RelayMetrics::register(&mut registry);
     let hub_tcp = crate::bind(cfg.hub_addr, "the message hub").await?;
     let hub_addr = hub_tcp.local_addr()?;
     let mut hub_listener = hub.listener(
@@ -415,8 +416,25 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     };
     let (peers, ownership) = match (&cluster, &state) {
         (Some(c), Some(state)) => {
-            let (p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
+            let (mut p, o) = c.peers(&cfg, state.ca(), shutdown.clone()).await?;
             let _ = sd_others.set(o.clone());
+            // Hub messages reach nodes held by other replicas (ADR 0021).
+            hub.link_replicas(
+                tether_cloudhub::replicas::ReplicaLinks {
+                    replica: p.replica.clone(),
+                    directory: tether_cloudstream::peer::hub_directory(o.clone()),
+                    client_tls: p.client_tls.clone(),
+                    server_name: tether_cloudhub::replicas::ServerName::try_from(
+                        tether_cloudstream::peer::PEER_SERVER_NAME,
+                    )?,
+                    metrics: relay_metrics,
+                },
+                shutdown.clone(),
+            );
+            p.hub = Some(tether_cloudhub::replicas::peer_handler(
+                hub.clone(),
+                cfg.hub.max_message_bytes,
+            ));
             (Some(p), Some(o))
         }
         (Some(_), None) => {
@@ -463,6 +481,17 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!(?drain, "shutting down");
     trigger.trigger();
     run.await?;
+    // The hub store is pod-local: hand what waits here to the other
+    // replicas before leaving (ADR 0021).
+    if let Some(h) = hub.hand_over(HAND_OVER_TIMEOUT).await {
+        match h.left {
+            0 => info!(handed = h.handed, "hub queues handed to other replicas"),
+            left => warn!(
+                handed = h.handed,
+                left, "hub messages left in this replica's store"
+            ),
+        }
+    }
     if let Some(o) = ownership {
         // Lease cleanup (node records, this replica's Lease) before the port.
         if !o.wait_stopped(Duration::from_secs(6)).await {
@@ -475,6 +504,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<()> {
     info!("cloud stopped");
     Ok(())
 }
+
+/// How long shutdown spends handing hub queues to other replicas.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits for the tunnel-port release before leaving the
 /// entry behind (the same IP reclaims it on restart).
@@ -584,6 +616,7 @@ impl ClusterMode {
                 server_tls: ServerTls::new(Arc::new(server_tls)),
                 client_tls: Arc::new(client_tls),
                 ownership: ownership.clone(),
+                hub: None,
             },
             ownership,
         ))

@@ -71,6 +71,9 @@ pub(crate) struct KubeletFront {
     /// their node and target in headers, and are served from local
     /// sessions only (never forwarded again).
     pub(crate) peer_mode: bool,
+    /// The hub's routes on a peer listener (messages relayed between
+    /// replicas, ADR 0021).
+    pub(crate) hub_peer: Option<tether_cloudhub::api::Handler>,
     /// Networks a CONNECT naming no node is dialled to directly.
     pub(crate) egress_passthrough: Vec<crate::egress::Cidr>,
 }
@@ -263,6 +266,21 @@ impl KubeletFront {
                 "ServiceUnavailable",
                 "tether cloud is shutting down",
             );
+        }
+        if self.peer_mode
+            && req
+                .uri()
+                .path()
+                .starts_with(tether_cloudhub::replicas::PEER_PATH)
+        {
+            return match &self.hub_peer {
+                Some(hub) => hub(req).await,
+                None => status_response(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "this replica runs no message hub",
+                ),
+            };
         }
         // A request another replica forwarded names its node and target.
         let forwarded = if self.peer_mode {

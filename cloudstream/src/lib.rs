@@ -177,6 +177,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
             pod_locator: None,
             forwarder: None,
             peer_mode: true,
+            hub_peer: p.hub,
             egress_passthrough: Vec::new(),
         };
         tokio::spawn(peer_front.run(shutdown.clone()));
@@ -200,6 +201,7 @@ pub async fn run(opts: CloudOptions, shutdown: Shutdown) {
         pod_locator: opts.pod_locator,
         forwarder,
         peer_mode: false,
+        hub_peer: None,
         egress_passthrough: opts.egress_passthrough,
     };
     let (t, ()) = tokio::join!(tunnel.run(shutdown.clone()), front.run(shutdown));

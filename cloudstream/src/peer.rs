@@ -58,6 +58,19 @@ pub trait Ownership: Send + Sync + 'static {
     fn owner_of_ip(&self, ip: IpAddr) -> Option<(String, PeerAddr)>;
     /// Every node held by another live replica.
     fn remote_nodes(&self) -> Vec<HeldNode>;
+    /// Every other live replica. The default finds those holding a node;
+    /// record stores that know replicas without nodes say so.
+    fn live_replicas(&self) -> Vec<PeerAddr> {
+        let mut peers: Vec<PeerAddr> = Vec::new();
+        for held in self.remote_nodes() {
+            if let Some(p) = self.owner(&held.node)
+                && !peers.contains(&p)
+            {
+                peers.push(p);
+            }
+        }
+        peers
+    }
 }
 
 /// Header naming the node a forwarded request is for.
@@ -85,6 +98,35 @@ pub struct PeerOptions {
     pub client_tls: Arc<rustls::ClientConfig>,
     /// Who holds which node.
     pub ownership: Arc<dyn Ownership>,
+    /// The message hub's routes on the peer listener (relayed messages and
+    /// forwarded sync requests, ADR 0021); None when no hub runs.
+    pub hub: Option<tether_cloudhub::api::Handler>,
+}
+
+/// The hub's view of the ownership records (ADR 0021).
+pub fn hub_directory(
+    ownership: Arc<dyn Ownership>,
+) -> Arc<dyn tether_cloudhub::replicas::ReplicaDirectory> {
+    Arc::new(HubDirectory(ownership))
+}
+
+struct HubDirectory(Arc<dyn Ownership>);
+
+fn hub_peer(p: PeerAddr) -> tether_cloudhub::replicas::PeerReplica {
+    tether_cloudhub::replicas::PeerReplica {
+        replica: p.replica,
+        addr: p.addr,
+    }
+}
+
+impl tether_cloudhub::replicas::ReplicaDirectory for HubDirectory {
+    fn owner_of(&self, node: &str) -> Option<tether_cloudhub::replicas::PeerReplica> {
+        self.0.owner(node).map(hub_peer)
+    }
+
+    fn live_replicas(&self) -> Vec<tether_cloudhub::replicas::PeerReplica> {
+        self.0.live_replicas().into_iter().map(hub_peer).collect()
+    }
 }
 
 /// What the front needs to forward.

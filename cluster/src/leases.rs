@@ -446,6 +446,26 @@ impl Ownership for LeaseOwnership {
     fn owner(&self, node: &str) -> Option<PeerAddr> {
         self.inner.owner_at(node, Timestamp::now())
     }
+
+    fn live_replicas(&self) -> Vec<PeerAddr> {
+        let now = Timestamp::now();
+        self.inner
+            .store
+            .state()
+            .into_iter()
+            .filter_map(|lease| {
+                let id = lease
+                    .metadata
+                    .name
+                    .as_deref()?
+                    .strip_prefix(REPLICA_LEASE_PREFIX)?;
+                if id == self.inner.replica {
+                    return None;
+                }
+                self.inner.replica_at(id, now)
+            })
+            .collect()
+    }
 }
 
 impl Inner {
@@ -461,9 +481,14 @@ impl Inner {
         if holder == self.replica {
             return None;
         }
-        let replica = self.cached(&replica_lease_name(holder).ok()?)?;
+        self.replica_at(holder, now)
+    }
+
+    /// Replica `id`'s peer listener, if its replica Lease is live at `now`.
+    fn replica_at(&self, id: &str, now: Timestamp) -> Option<PeerAddr> {
+        let replica = self.cached(&replica_lease_name(id).ok()?)?;
         let spec = replica.spec.as_ref()?;
-        if spec.holder_identity.as_deref() != Some(holder) || expired(spec, now) {
+        if spec.holder_identity.as_deref() != Some(id) || expired(spec, now) {
             return None;
         }
         let addr = replica
@@ -474,7 +499,7 @@ impl Inner {
             .parse()
             .ok()?;
         Some(PeerAddr {
-            replica: holder.to_owned(),
+            replica: id.to_owned(),
             addr,
         })
     }

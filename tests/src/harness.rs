@@ -197,6 +197,9 @@ pub struct CloudSpec {
     /// Run as one of several replicas: this replica's id and its view of
     /// the ownership records. A peer listener starts on loopback.
     pub replica: Option<(String, Arc<dyn tether_cloudstream::peer::Ownership>)>,
+    /// With `replica`: the message hub's routes on the peer listener
+    /// (`tether_cloudhub::replicas::peer_handler`).
+    pub peer_hub: Option<tether_cloudhub::api::Handler>,
     /// Networks the front's CONNECT may reach directly (egress passthrough).
     pub egress_passthrough: Vec<tether_cloudstream::egress::Cidr>,
     /// Bounds of connections still handshaking; defaults if None.
@@ -315,6 +318,7 @@ impl CloudHandle {
                         server_tls: ServerTls::new(server_tls),
                         client_tls,
                         ownership,
+                        hub: spec.peer_hub.clone(),
                     }),
                     Some(addr),
                 )

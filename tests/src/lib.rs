@@ -8,6 +8,7 @@ pub mod harness;
 pub mod kubectl;
 pub mod kubeedge_edge;
 pub mod ownership;
+pub mod replicas;
 pub mod slowloris;
 pub mod spdy;
 pub mod wan;

@@ -104,6 +104,18 @@ impl Ownership for View {
         Some((node, peer))
     }
 
+    fn live_replicas(&self) -> Vec<PeerAddr> {
+        let b = self.board.lock();
+        b.replicas
+            .iter()
+            .filter(|(id, (_, alive))| *alive && **id != self.me)
+            .map(|(id, (addr, _))| PeerAddr {
+                replica: id.clone(),
+                addr: *addr,
+            })
+            .collect()
+    }
+
     fn owner(&self, node: &str) -> Option<PeerAddr> {
         let b = self.board.lock();
         let holder = b.owners.get(node).filter(|h| **h != self.me)?;

@@ -103,6 +103,8 @@ pub fn hub_error(e: &HubError) -> Response<Body> {
             StatusCode::TOO_MANY_REQUESTS
         }
         HubError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // The holder's own answer, or 502 when it could not be reached.
+        HubError::Peer { status, .. } => status.unwrap_or(StatusCode::BAD_GATEWAY),
     };
     refusal(status, &e.to_string())
 }

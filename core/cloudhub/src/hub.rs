@@ -4,7 +4,7 @@
 //! bounded queues with rate limits, and subscriptions to what edges send up.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use tether_hub::dispatch::{Dispatcher, Event, Filter, TooManySubscribers};
@@ -75,6 +75,19 @@ pub enum HubError {
     /// The store failed.
     #[error("message store: {0}")]
     Store(#[from] StoreError),
+    /// The replica holding the node refused a forwarded sync request, or
+    /// could not be reached (`status` None).
+    #[error("node {node} is held by replica {replica}: {reason}")]
+    Peer {
+        /// The node.
+        node: String,
+        /// The replica holding it.
+        replica: String,
+        /// Its answer's status, if it answered.
+        status: Option<http::StatusCode>,
+        /// What it said, or why it could not be reached.
+        reason: String,
+    },
 }
 
 /// One node's state, for the API.
@@ -106,6 +119,17 @@ struct Inner {
     /// Hub streams carried in stream-tunnel sessions: session id and the
     /// signal that cuts the stream ([`CloudHub::disconnect`]).
     carried: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
+    /// Relaying to the replica holding a node (several replicas).
+    relay: OnceLock<Arc<crate::replicas::Relayer>>,
+}
+
+/// A hub reference that does not keep the hub alive (its relay loop).
+pub(crate) struct WeakHub(Weak<Inner>);
+
+impl WeakHub {
+    pub(crate) fn upgrade(&self) -> Option<CloudHub> {
+        self.0.upgrade().map(|inner| CloudHub { inner })
+    }
 }
 
 impl CloudHub {
@@ -124,6 +148,7 @@ impl CloudHub {
                 dispatcher,
                 sessions: SessionRegistry::default(),
                 carried: Mutex::new(HashMap::new()),
+                relay: OnceLock::new(),
             }),
         };
         for q in store.queues()? {
@@ -152,6 +177,9 @@ impl CloudHub {
                 Arc::new(move |m: &Message| d.accepts(&peer, m))
             },
         )?;
+        if let Some(relay) = self.inner.relay.get() {
+            relay.install(&c);
+        }
         channels.insert(node.to_owned(), c.clone());
         Ok(c)
     }
@@ -175,10 +203,111 @@ impl CloudHub {
         Ok(self.channel(node)?)
     }
 
+    /// Reaches nodes whose sessions other replicas hold (ADR 0021): what
+    /// is queued here for them is relayed to their holder, and sync
+    /// requests are forwarded. Call once; later calls are ignored.
+    pub fn link_replicas(&self, links: crate::replicas::ReplicaLinks, shutdown: Shutdown) {
+        if self.inner.relay.get().is_none() {
+            let relay = crate::replicas::Relayer::start(self, links, shutdown);
+            if self.inner.relay.set(relay.clone()).is_ok() {
+                let channels = self.inner.channels.lock().expect("hub lock");
+                for c in channels.values() {
+                    relay.install(c);
+                }
+            }
+        }
+    }
+
+    /// At shutdown, after this replica's sessions closed: hands what is
+    /// queued here to the replicas holding the nodes, or else to any live
+    /// replica, within `within`. None when no replicas are linked.
+    pub async fn hand_over(&self, within: Duration) -> Option<crate::replicas::HandOver> {
+        let relay = self.inner.relay.get()?.clone();
+        Some(relay.hand_over(self, within).await)
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakHub {
+        WeakHub(Arc::downgrade(&self.inner))
+    }
+
     /// Queues `message` for `node` (online or not) and returns its id once
     /// stored. Errors: bad message, queue full, rate limited, store failure.
+    /// With several replicas, a node held by another one gets it relayed.
     pub async fn publish(&self, node: &str, message: Message) -> Result<String, HubError> {
-        Ok(self.channel_for_publish(node)?.publish(message).await?)
+        let channel = self.channel_for_publish(node)?;
+        let id = channel.publish(message).await?;
+        self.hint_relay(node, &channel);
+        Ok(id)
+    }
+
+    fn hint_relay(&self, node: &str, channel: &Channel) {
+        if let Some(relay) = self.inner.relay.get()
+            && !channel.is_connected()
+        {
+            relay.hint(node);
+        }
+    }
+
+    /// The channel of `node`, if it has one.
+    pub(crate) fn existing_channel(&self, node: &str) -> Option<Channel> {
+        self.inner
+            .channels
+            .lock()
+            .expect("hub lock")
+            .get(node)
+            .cloned()
+    }
+
+    /// Nodes with messages queued here and no session here.
+    pub(crate) fn relay_candidates(&self) -> Vec<String> {
+        let channels = self.inner.channels.lock().expect("hub lock");
+        channels
+            .iter()
+            .filter(|(_, c)| !c.is_connected() && c.queued() > 0)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The replica a relayed message for `node` should go to instead of
+    /// this one: set when no session of the node is here and another live
+    /// replica holds it.
+    pub(crate) fn relays_elsewhere(&self, node: &str) -> Option<crate::replicas::PeerReplica> {
+        let relay = self.inner.relay.get()?;
+        if self
+            .existing_channel(node)
+            .is_some_and(|c| c.is_connected())
+        {
+            return None;
+        }
+        relay.owner_of(node)
+    }
+
+    /// Another replica now holds `node`'s hub session and asks for what
+    /// waits here (see `replicas::serve`).
+    pub(crate) async fn hand_to(&self, node: &str, to: &str) -> Result<(usize, usize), String> {
+        match self.inner.relay.get() {
+            Some(relay) => relay.clone().hand_to(self, node, to).await,
+            None => Err("this replica is not linked to others".to_owned()),
+        }
+    }
+
+    /// Admits messages another replica relays for `node` (ids kept; ids
+    /// already queued skipped); how many were taken, from the front.
+    pub(crate) async fn accept_relayed(
+        &self,
+        node: &str,
+        batch: Vec<Message>,
+    ) -> (usize, Option<HubError>) {
+        if let Some(relay) = self.inner.relay.get() {
+            relay.metrics().received(batch.len());
+        }
+        match self.channel_for_publish(node) {
+            Ok(c) => {
+                let (taken, e) = c.accept_relayed(batch).await;
+                (taken, e.map(HubError::from))
+            }
+            Err(e) => (0, Some(e)),
+        }
     }
 
     /// Queues the longest acceptable prefix of `batch` for `node` in one
@@ -191,14 +320,37 @@ impl CloudHub {
         match self.channel_for_publish(node) {
             Ok(c) => {
                 let (ids, e) = c.publish_batch(batch).await;
+                if !ids.is_empty() {
+                    self.hint_relay(node, &c);
+                }
                 (ids, e.map(HubError::from))
             }
             Err(e) => (Vec::new(), Some(e)),
         }
     }
 
-    /// Sends a sync request to `node` and waits for its response.
+    /// Sends a sync request to `node` and waits for its response. When
+    /// another replica holds the node, the request is forwarded there and
+    /// its answer returned; if that replica cannot be reached, the request
+    /// fails ([`HubError::Peer`]) and nothing is queued.
     pub async fn request(
+        &self,
+        node: &str,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<Message, HubError> {
+        if let Some(relay) = self.inner.relay.get()
+            && let Some(peer) = self.relays_elsewhere(node)
+        {
+            let mut message = message;
+            message.prepare().map_err(tether_hub::PublishError::from)?;
+            return relay.request(&peer, node, &message, timeout).await;
+        }
+        self.request_here(node, message, timeout).await
+    }
+
+    /// A sync request through this replica's own channel of `node`.
+    pub(crate) async fn request_here(
         &self,
         node: &str,
         message: Message,

@@ -7,6 +7,7 @@ mod attempts;
 mod bootstrap;
 mod files;
 pub mod hub;
+pub mod replicas;
 mod revocation;
 mod tokens;
 

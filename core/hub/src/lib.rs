@@ -12,7 +12,8 @@ mod metrics;
 pub mod store;
 
 pub use channel::{
-    Accepts, Channel, ChannelConfig, ConnectionEnd, Delivery, PublishError, RequestError,
+    Accepts, Channel, ChannelConfig, ConnectHook, ConnectionEnd, Delivery, PublishError, Relayed,
+    RequestError,
 };
 pub use message::{BadMessage, Content, Header, Message, Route};
 pub use metrics::HubMetrics;

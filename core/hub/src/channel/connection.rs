@@ -6,6 +6,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::{Channel, ConnectionEnd};
 
@@ -17,6 +18,7 @@ impl Channel {
     where
         IO: AsyncRead + AsyncWrite,
     {
+        let hook = self.inner.on_connect.get().cloned();
         let generation = {
             let mut st = self.lock();
             st.generation += 1;
@@ -24,10 +26,14 @@ impl Channel {
             st.connected = true;
             st.barriers.clear();
             st.rewind = false;
+            st.hold_until = hook.as_ref().map(|(_, hold)| Instant::now() + *hold);
             st.generation
         };
         // Wake a previous connection's writer so it sees it was replaced.
         self.inner.wake.notify_waiters();
+        if let Some((hook, _)) = hook {
+            hook(self);
+        }
         self.inner.metrics.online.inc();
         let _guard = ConnectionGuard {
             channel: self,

@@ -25,7 +25,8 @@
 //! requests); `connection` serves one connection by running `receive` (the
 //! reader: acks, defers, de-duplication, delivery) against `send` (the
 //! writer: window, resends, keepalives); `persist` records acks and
-//! delivered ids off the connection's path; `frame` is the wire framing.
+//! delivered ids off the connection's path; `frame` is the wire framing;
+//! `relay` hands the queue to another cloud replica that holds the peer.
 
 mod config;
 mod connection;
@@ -34,6 +35,7 @@ mod frame;
 mod persist;
 mod publish;
 mod receive;
+mod relay;
 mod send;
 mod state;
 #[cfg(test)]
@@ -42,6 +44,7 @@ mod tests;
 pub use config::ChannelConfig;
 pub use error::{ConnectionEnd, PublishError, RequestError};
 pub use frame::{read_raw_frame, write_raw_frame};
+pub use relay::Relayed;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -97,7 +100,14 @@ struct Inner {
     deliver: mpsc::Sender<Delivery>,
     accepts: Accepts,
     persist: mpsc::Sender<Persist>,
+    /// Called on every new connection, which holds its data frames for up
+    /// to the duration until [`Channel::release_hold`] (several replicas).
+    on_connect: std::sync::OnceLock<(ConnectHook, std::time::Duration)>,
 }
+
+/// Told when a new connection of the channel starts (see
+/// [`Channel::on_connect`]).
+pub type ConnectHook = Arc<dyn Fn(&Channel) + Send + Sync>;
 
 /// Whether the application takes a message now (a subscriber matches).
 pub type Accepts = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
@@ -129,6 +139,7 @@ impl Channel {
                     attempts: 0,
                     sent_at: None,
                     due: None,
+                    relayed: false,
                 }),
                 Err(e) => warn!(peer, seq, error = %e, "unreadable stored message skipped"),
             }
@@ -163,13 +174,16 @@ impl Channel {
                 waiters: HashMap::new(),
                 bucket,
                 recently_acked: Bounded::new(4096),
+                recently_relayed: Bounded::new(4096),
                 barriers: HashSet::new(),
                 rewind: false,
+                hold_until: None,
             }),
             wake: Notify::new(),
             deliver,
             accepts,
             persist,
+            on_connect: std::sync::OnceLock::new(),
             cfg,
         });
         tokio::spawn(persister(

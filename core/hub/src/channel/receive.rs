@@ -166,7 +166,7 @@ impl Channel {
             let mut st = self.lock();
             // Acks come in send order, so the front almost always matches.
             let Some(i) = st.pending.iter().position(|p| p.id == id) else {
-                return st.recently_acked.set.contains(id);
+                return st.recently_acked.set.contains(id) || st.recently_relayed.set.contains(id);
             };
             let p = st.pending.remove(i).expect("index from position");
             st.recently_acked.insert(p.id.clone());

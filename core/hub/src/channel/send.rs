@@ -96,6 +96,10 @@ impl Channel {
         if st.generation != generation {
             return Err(ConnectionEnd::Replaced);
         }
+        if st.hold_until.is_some_and(|t| t > Instant::now()) {
+            // Released (with a wake-up) once older queues are pulled in.
+            return Ok((None, None));
+        }
         loop {
             let i = st.in_flight;
             if i >= st.pending.len() || i >= cfg.window {

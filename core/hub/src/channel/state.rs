@@ -22,6 +22,9 @@ pub(super) struct Pending {
     pub(super) sent_at: Option<Instant>,
     /// When to resend if not acknowledged.
     pub(super) due: Option<Instant>,
+    /// Handed over by another cloud replica: it was accepted there before
+    /// anything queued here and not yet sent, so it goes out first.
+    pub(super) relayed: bool,
 }
 
 /// Everything about the peer that changes, behind the channel's lock.
@@ -40,6 +43,10 @@ pub(super) struct State {
     pub(super) bucket: Option<Bucket>,
     /// Ids acknowledged lately: a resend makes the peer ack again.
     pub(super) recently_acked: Bounded<String>,
+    /// Ids lately handed to another replica: a connection's late ack of
+    /// one is no error. Kept apart from `recently_acked`, which a relay
+    /// coming back must not match (the message was not delivered here).
+    pub(super) recently_relayed: Bounded<String>,
     /// Resources with a deferred message in the peer's current pass: later
     /// messages of theirs are deferred too, so that nothing overtakes the
     /// deferred one. Cleared when the peer rewinds (resends from its oldest
@@ -48,6 +55,9 @@ pub(super) struct State {
     pub(super) barriers: HashSet<String>,
     /// Send a `rewind` before the next data frame (after a go-back).
     pub(super) rewind: bool,
+    /// No data frames before this (a new connection waits while older
+    /// queues are pulled from other replicas); None when not held.
+    pub(super) hold_until: Option<Instant>,
 }
 
 /// A set remembering the newest `cap` items.

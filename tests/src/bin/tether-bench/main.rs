@@ -20,6 +20,7 @@ mod exec;
 mod figures;
 mod hub;
 mod hub_load;
+mod hub_replicas;
 mod idle;
 mod iptables;
 mod kubeedge;
@@ -359,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     if plan.wants(Figure::Hub) {
         hub::figures(&plan, &mut report).await?;
+        hub_replicas::figure(&plan, &mut report).await?;
     }
 
     if plan.wants(Figure::Iptables) {

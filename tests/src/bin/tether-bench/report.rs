@@ -32,7 +32,7 @@ impl Rule {
 }
 
 /// The targets the project holds the tunnel to.
-pub(crate) const TARGETS: [(&str, Rule); 17] = [
+pub(crate) const TARGETS: [(&str, Rule); 18] = [
     ("logs_throughput_ratio", Rule::AtLeast(0.6)),
     ("small_get_ratio_c64", Rule::AtLeast(0.5)),
     ("exec_rtt_p99_added_ms", Rule::AtMost(1.0)),
@@ -50,6 +50,7 @@ pub(crate) const TARGETS: [(&str, Rule); 17] = [
     ("complete_edge_kib", Rule::AtMost(48.0)),
     ("storm_reconnect_s", Rule::AtMost(60.0)),
     ("storm_request_p99_ms", Rule::AtMost(1000.0)),
+    ("hub_cross_replica_ok", Rule::Equals(1.0)),
 ];
 
 /// Every number measured so far, by key.

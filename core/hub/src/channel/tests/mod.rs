@@ -5,6 +5,7 @@
 mod delivery;
 mod liveness;
 mod refusals;
+mod relay;
 
 use std::sync::Arc;
 
