@@ -291,11 +291,13 @@ async fn serves_logs_metrics_and_exec_then_obeys_close() {
     conn.send(&wire::encode(99, MessageType::Data, b"lost"))
         .await;
 
-    // Exec: the kubelet's own 101 comes back as DATA, then bytes both ways.
+    // An upgrade through the exec path: the kubelet's own 101 comes back as
+    // DATA, then bytes both ways. (The fixture's raw SPDY echo is on its
+    // port-forward path; its SPDY exec speaks the real protocol.)
     let exec = connect_json(
         8,
-        "/exec/default/web-0/nginx",
-        "command=sh\\u0026input=1",
+        "/portForward/default/web-0",
+        "",
         "POST",
         r#"{"Connection":["Upgrade"],"Upgrade":["SPDY/3.1"]}"#,
     );
