@@ -51,11 +51,12 @@ pub struct PreAuthLimits {
     /// connection gets a deadline between half of this and all of it.
     #[serde(with = "crate::limits::secs")]
     pub handshake_timeout: Duration,
-    /// TLS handshakes past their ClientHello that may compute at once,
-    /// across the process (default 16). The rest wait their turn, within
-    /// their deadline, so a reconnect storm cannot crowd out the sessions
-    /// already up: their keepalives and requests share the cores with at
-    /// most this many handshakes.
+    /// TLS handshakes past their ClientHello that may compute at once, per
+    /// listener (default 16). The rest wait their turn, within their
+    /// deadline, so a reconnect storm cannot crowd out the sessions already
+    /// up: their keepalives and requests share the cores with at most this
+    /// many handshakes. Per listener, so the apiserver's connections to the
+    /// front never queue behind a storm of edges on the tunnel port.
     pub max_handshaking: usize,
 }
 
@@ -211,8 +212,9 @@ struct Gate {
     limits: PreAuthLimits,
     metrics: PreAuthMetrics,
     pool: Mutex<Pool>,
-    /// Turns to compute a TLS handshake ([`PreAuthLimits::max_handshaking`]).
-    handshaking: tokio::sync::Semaphore,
+    /// Turns to compute a TLS handshake ([`PreAuthLimits::max_handshaking`]),
+    /// one pool per listener.
+    handshaking: Mutex<HashMap<&'static str, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Who is pending. `waiting` holds the sequence numbers of connections that
@@ -278,12 +280,24 @@ impl Pool {
     }
 }
 
+impl Gate {
+    /// The handshake turns of `listener`.
+    fn turns(&self, listener: &'static str) -> Arc<tokio::sync::Semaphore> {
+        self.handshaking
+            .lock()
+            .expect("handshake turns lock")
+            .entry(listener)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limits.max_handshaking)))
+            .clone()
+    }
+}
+
 impl PreAuthGate {
     /// The budget of one process; give every listener a clone.
     pub fn new(limits: PreAuthLimits, metrics: PreAuthMetrics) -> Self {
         Self {
             inner: Arc::new(Gate {
-                handshaking: tokio::sync::Semaphore::new(limits.max_handshaking),
+                handshaking: Mutex::new(HashMap::new()),
                 limits,
                 metrics,
                 pool: Mutex::new(Pool::default()),
@@ -452,10 +466,10 @@ impl PreAuthTicket {
         let config = config(&start.client_hello());
         // The key exchange and signature are the expensive part: wait for a
         // turn (within the deadline) so a storm of them is paced.
+        let turns = self.gate.turns(self.listener);
         let turn = self.guard(async {
-            self.gate
-                .handshaking
-                .acquire()
+            turns
+                .acquire_owned()
                 .await
                 .map_err(|_| std::io::Error::other("handshake semaphore closed"))
         });
@@ -557,6 +571,23 @@ mod tests {
             .guard(std::future::pending::<Result<(), std::io::Error>>())
             .await;
         assert!(matches!(r, Err(PreAuthError::Timeout(_))));
+    }
+
+    #[tokio::test]
+    async fn each_listener_has_its_own_handshake_turns() {
+        let g = gate(100, 100);
+        let tunnel = g.inner.turns("tunnel");
+        let _all: Vec<_> = (0..16)
+            .map(|_| tunnel.clone().try_acquire_owned().expect("a turn"))
+            .collect();
+        assert!(
+            g.inner.turns("tunnel").try_acquire().is_err(),
+            "tunnel turns all taken"
+        );
+        assert!(
+            g.inner.turns("front").try_acquire().is_ok(),
+            "the front does not wait behind the tunnel's storm"
+        );
     }
 
     #[test]
