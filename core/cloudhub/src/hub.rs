@@ -578,6 +578,8 @@ enum HubStreamError {
     Stream(#[from] tether_tunnel::StreamError),
     #[error("hub stream upgrade failed: {0}")]
     Upgrade(#[from] tether_tunnel::upgrade::UpgradeError),
+    #[error("edge did not answer the hub stream within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Opens the `tether-hub` stream in `session`.
@@ -585,12 +587,21 @@ async fn open_hub_stream(session: &Arc<dyn NodeSession>) -> Result<HubIo, HubStr
     let req = http::Request::connect(HUB_TARGET)
         .body(tether_tunnel::body_empty())
         .expect("static request");
-    let mut resp = session.send(req, HUB_TARGET).await?;
-    if !resp.status().is_success() {
-        return Err(HubStreamError::Refused(resp.status()));
-    }
-    Ok(tether_tunnel::upgrade::on(&mut resp).await?)
+    // An edge that never answers must not hold the stream slot forever.
+    let open = async {
+        let mut resp = session.send(req, HUB_TARGET).await?;
+        if !resp.status().is_success() {
+            return Err(HubStreamError::Refused(resp.status()));
+        }
+        Ok(tether_tunnel::upgrade::on(&mut resp).await?)
+    };
+    tokio::time::timeout(HUB_OPEN_TIMEOUT, open)
+        .await
+        .map_err(|_| HubStreamError::Timeout(HUB_OPEN_TIMEOUT))?
 }
+
+/// How long the edge has to answer the hub stream.
+const HUB_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn status(node: &str, c: &Channel) -> NodeStatus {
     NodeStatus {
