@@ -93,6 +93,11 @@ struct State {
     shown_reserved: i64,
     shown_buffered: i64,
     waker: Option<Waker>,
+    /// Bytes arrived or were taken since the last tick.
+    moved: bool,
+    /// The last tick saw no bytes move: the driver pings at the keepalive
+    /// interval, not once per round trip.
+    quiet: bool,
 }
 
 /// The shared receive flow of one session.
@@ -117,6 +122,8 @@ impl Flow {
                 shown_reserved: 0,
                 shown_buffered: 0,
                 waker: None,
+                moved: false,
+                quiet: true,
             }),
             metrics,
             announced: watch::channel(floor).0,
@@ -139,9 +146,13 @@ impl Flow {
         self.lock().governor.window()
     }
 
-    /// True while any stream is open.
+    /// True while bytes move on some open stream: the governor then ticks
+    /// once per round trip. An open stream that carries nothing (the hub's
+    /// stream, an idle `logs -f`) does not count, or every idle session
+    /// would ping a hundred times a second.
     pub(crate) fn busy(&self) -> bool {
-        !self.lock().tracks.is_empty()
+        let st = self.lock();
+        !st.quiet && !st.tracks.is_empty()
     }
 
     /// The driver wants to hear about window changes.
@@ -192,11 +203,9 @@ impl Flow {
     /// One measured round trip: bring the governor up to date with what h2
     /// received, tick it, and return the window when it changed.
     pub(crate) fn tick(&self) -> Option<u32> {
-        let mut st = self.lock();
-        let State {
-            governor, tracks, ..
-        } = &mut *st;
-        for (id, t) in tracks.iter_mut() {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for (id, t) in st.tracks.iter_mut() {
             let Some(recv) = &mut t.recv else { continue };
             // h2 decides on a stream WINDOW_UPDATE only when its reader
             // releases capacity. After the peer acknowledges a lower
@@ -207,17 +216,19 @@ impl Flow {
             let _ = recv.release_capacity(0);
             let arrived = t.consumed + recv.used_capacity() as u64;
             if arrived > t.reported {
-                governor.received(*id, arrived - t.reported);
+                st.governor.received(*id, arrived - t.reported);
                 t.reported = arrived;
+                st.moved = true;
             }
         }
-        let before = governor.window();
-        let change = governor.tick();
+        st.quiet = !std::mem::take(&mut st.moved);
+        let before = st.governor.window();
+        let change = st.governor.tick();
         if let Some(w) = change {
             let step = if w > before { "grow" } else { "shrink" };
             self.metrics.steps_of(step).inc();
         }
-        self.show(&mut st);
+        self.show(st);
         change
     }
 
@@ -286,6 +297,16 @@ impl FlowTicket {
             t.reported = t.consumed;
         }
         governor.consumed(self.id, n as u64);
+        if n > 0 {
+            st.moved = true;
+            if std::mem::take(&mut st.quiet) {
+                // Bytes move again: the driver goes back to a tick per
+                // round trip now, not at its next keepalive.
+                if let Some(w) = st.waker.take() {
+                    w.wake();
+                }
+            }
+        }
     }
 }
 
@@ -306,6 +327,45 @@ impl Drop for FlowTicket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_open_stream_that_carries_nothing_lets_the_driver_rest() {
+        let flow = Flow::new(&TunnelLimits::default(), WindowMetrics::default());
+        assert!(!flow.busy(), "no stream, no fast ticks");
+        // A long-lived stream that carries nothing, such as the hub's.
+        let quiet = flow.open().await.unwrap();
+        assert!(!flow.busy(), "an open stream alone is not traffic");
+        let _ = flow.tick();
+        assert!(!flow.busy());
+
+        // Bytes taken wake the driver into a tick per round trip at once.
+        let woken = Arc::new(WakeCount::default());
+        flow.register(&Waker::from(woken.clone()));
+        quiet.pulled(1024);
+        assert!(flow.busy());
+        assert_eq!(woken.0.load(Ordering::Relaxed), 1);
+        quiet.pulled(1024);
+        assert_eq!(
+            woken.0.load(Ordering::Relaxed),
+            1,
+            "one wake per quiet spell"
+        );
+
+        // A round trip with movement keeps it busy; one without rests it.
+        let _ = flow.tick();
+        assert!(flow.busy());
+        let _ = flow.tick();
+        assert!(!flow.busy());
+    }
+
+    #[derive(Default)]
+    struct WakeCount(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for WakeCount {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 
     #[tokio::test]
     async fn gauges_sum_over_sessions_and_a_retired_session_leaves_them() {
