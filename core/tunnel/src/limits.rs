@@ -136,15 +136,21 @@ impl TunnelLimits {
 
     /// WebSocket settings: small idle read buffer that grows with traffic, no
     /// write batching inside tungstenite (the adapter batches until h2 flushes).
+    /// tungstenite zero-fills its whole read buffer, so every idle session
+    /// keeps all of it resident; bulk reads go in chunks of this size out of
+    /// rustls' plaintext (a memory copy each), which costs little.
     pub fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(4 << 10)
+            .read_buffer_size(WS_READ_CHUNK)
             .write_buffer_size(0)
             .max_write_buffer_size(4 * (self.ws_message_size + 1024))
             .max_message_size(Some(self.ws_max_incoming))
             .max_frame_size(Some(self.ws_max_incoming))
     }
 }
+
+/// tungstenite's read buffer (and largest single read) per session.
+const WS_READ_CHUNK: usize = 1 << 10;
 
 pub(crate) mod secs {
     use std::time::Duration;

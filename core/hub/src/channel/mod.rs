@@ -99,7 +99,10 @@ struct Inner {
     wake: Notify,
     deliver: mpsc::Sender<Delivery>,
     accepts: Accepts,
-    persist: mpsc::Sender<Persist>,
+    /// The persister's queue while one runs: started by the first thing to
+    /// record and ended after a quiet spell, so an idle channel (nearly all
+    /// of them) holds neither a task nor a queue.
+    persist: Mutex<Option<mpsc::Sender<Persist>>>,
     /// Called on every new connection, which holds its data frames for up
     /// to the duration until [`Channel::release_hold`] (several replicas).
     on_connect: std::sync::OnceLock<(ConnectHook, std::time::Duration)>,
@@ -149,7 +152,6 @@ impl Channel {
             seen.insert(id);
         }
         metrics.queue_depth.inc_by(pending.len() as i64);
-        let (persist, persist_rx) = mpsc::channel(4096);
         let bucket = cfg.rate.map(|(qps, burst)| Bucket {
             qps,
             burst,
@@ -182,17 +184,10 @@ impl Channel {
             wake: Notify::new(),
             deliver,
             accepts,
-            persist,
+            persist: Mutex::new(None),
             on_connect: std::sync::OnceLock::new(),
             cfg,
         });
-        tokio::spawn(persister(
-            store,
-            queue.to_owned(),
-            peer.to_owned(),
-            inner.cfg.seen_limit,
-            persist_rx,
-        ));
         Ok(Self { inner })
     }
 
@@ -213,5 +208,40 @@ impl Channel {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().expect("channel lock")
+    }
+}
+
+impl Inner {
+    /// Hands `p` to the persister, starting one if none runs. Waits while
+    /// the persister's queue is full: bounded backpressure, no task pile.
+    async fn persist(&self, mut p: Persist) {
+        // A persister that ended its quiet spell just now refuses `p`; the
+        // next one takes it. Two tries always suffice: a new persister
+        // stays at least its idle period.
+        for _ in 0..2 {
+            let tx = self.persister();
+            match tx.send(p).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => p = back,
+            }
+        }
+        warn!(peer = %self.peer, "persister unavailable; a delivery record is lost (a resend is still dropped by the peer)");
+    }
+
+    fn persister(&self) -> mpsc::Sender<Persist> {
+        let mut slot = self.persist.lock().expect("persist lock");
+        if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(persister(
+            self.store.clone(),
+            self.queue.clone(),
+            self.peer.to_string(),
+            self.cfg.seen_limit,
+            rx,
+        ));
+        *slot = Some(tx.clone());
+        tx
     }
 }

@@ -32,9 +32,18 @@ pub(super) async fn persister(
     // failure is not sent again after a restart. Bounded: beyond it the
     // oldest are given up (the peer's seen set still drops a resend).
     let (mut seen, mut acked): (Vec<String>, Vec<u64>) = (Vec::new(), Vec::new());
+    let mut closed_retries = CLOSED_RETRIES;
     loop {
         let got = if seen.is_empty() && acked.is_empty() {
-            rx.recv_many(&mut batch, 256).await
+            match tokio::time::timeout(PERSIST_IDLE, rx.recv_many(&mut batch, 256)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    // Quiet: stop taking, then record what raced the close
+                    // (the loop ends when the queue is empty and closed).
+                    rx.close();
+                    rx.recv_many(&mut batch, 256).await
+                }
+            }
         } else {
             tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => n,
@@ -42,7 +51,13 @@ pub(super) async fn persister(
             }
         };
         if got == 0 {
-            break;
+            // Closed and empty. Records a failed write left are tried again
+            // for a while (a full disk recovers), not forever.
+            if (seen.is_empty() && acked.is_empty()) || closed_retries == 0 {
+                break;
+            }
+            closed_retries -= 1;
+            tokio::time::sleep(PERSIST_RETRY).await;
         }
         for p in batch.drain(..) {
             match p {
@@ -79,6 +94,11 @@ pub(super) async fn persister(
     }
 }
 
+/// A persister with nothing to record for this long ends; the channel
+/// starts another when it next has something.
+const PERSIST_IDLE: Duration = Duration::from_secs(30);
+/// Retries of what a failed write left once the queue is closed (a minute).
+const CLOSED_RETRIES: u32 = 120;
 /// How often the persister writes again what a failed write left.
 const PERSIST_RETRY: Duration = Duration::from_millis(500);
 /// Most acknowledgements (and seen ids) kept for writing again.

@@ -185,7 +185,7 @@ impl Channel {
         self.inner.wake.notify_one();
         // A persister behind by its whole queue slows this reader down, as
         // recording delivered ids does: bounded backpressure, no task pile.
-        let _ = self.inner.persist.send(Persist::Acked(p.seq)).await;
+        self.inner.persist(Persist::Acked(p.seq)).await;
         true
     }
 
@@ -241,7 +241,7 @@ impl Channel {
             Verdict::Duplicate => m.drop("duplicate"),
             Verdict::Stale => {
                 m.drop("stale");
-                let _ = self.inner.persist.send(Persist::Seen(id.clone())).await;
+                self.inner.persist(Persist::Seen(id.clone())).await;
             }
             Verdict::Respond(w) => {
                 let _ = w.send(msg);
@@ -273,7 +273,7 @@ impl Channel {
 
     async fn remember(&self, id: &str) {
         self.lock().seen.insert(id.to_owned());
-        let _ = self.inner.persist.send(Persist::Seen(id.to_owned())).await;
+        self.inner.persist(Persist::Seen(id.to_owned())).await;
     }
 
     /// A numeric resourceversion older than the newest delivered one for the

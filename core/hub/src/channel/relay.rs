@@ -80,7 +80,7 @@ impl Channel {
         self.inner.metrics.queue_depth.dec_by(removed.len() as i64);
         self.inner.wake.notify_one();
         for seq in removed {
-            let _ = self.inner.persist.send(Persist::Acked(seq)).await;
+            self.inner.persist(Persist::Acked(seq)).await;
         }
     }
 

@@ -157,7 +157,7 @@ impl Channel {
             "message not acknowledged within its retry budget; reported failed");
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let _ = inner.persist.send(Persist::Acked(p.seq)).await;
+            inner.persist(Persist::Acked(p.seq)).await;
             let _ = inner
                 .deliver
                 .send(Delivery::Failed {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{link, msg, pair, value, yes};
+use crate::channel::persist::Persist;
 use crate::channel::{Channel, ChannelConfig, Delivery, RequestError};
 use crate::message::Content;
 use crate::metrics::HubMetrics;
@@ -249,4 +250,59 @@ async fn a_subscriber_arriving_mid_stream_sees_every_message_in_order() {
         "out of order: {:?}",
         &got[..20]
     );
+}
+
+/// An idle channel holds no persister: one starts with the first record,
+/// ends after its quiet spell, and the next record starts another.
+#[tokio::test(start_paused = true)]
+async fn the_persister_starts_on_demand_and_ends_when_quiet() {
+    let store = Store::in_memory();
+    let (tx, _rx) = mpsc::channel(8);
+    let ch = Channel::open(
+        "p",
+        "q",
+        ChannelConfig::default(),
+        store.clone(),
+        HubMetrics::default(),
+        tx,
+        yes(),
+    )
+    .unwrap();
+    let running = |ch: &Channel| {
+        ch.inner
+            .persist
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|tx| !tx.is_closed())
+    };
+    assert!(!running(&ch), "an idle channel has no persister");
+
+    let recorded = |store: &Store, id: &str| store.load_seen("p").unwrap().contains(&id.to_owned());
+    ch.inner.persist(Persist::Seen("first".into())).await;
+    assert!(running(&ch));
+    // The store's writer is a thread: wait in real steps, bounded.
+    for _ in 0..200 {
+        if recorded(&store, "first") {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(recorded(&store, "first"));
+
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    tokio::task::yield_now().await;
+    assert!(!running(&ch), "a quiet persister ends");
+
+    ch.inner.persist(Persist::Seen("second".into())).await;
+    assert!(running(&ch), "the next record starts another");
+    for _ in 0..200 {
+        if recorded(&store, "second") {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(recorded(&store, "second"));
 }
