@@ -482,8 +482,7 @@ impl CloudHub {
     /// after a pause; a hub fault never closes the tunnel, whose kubelet
     /// streams are not the hub's to end.
     pub async fn serve_tunnel_session(&self, session: Arc<dyn NodeSession>, shutdown: Shutdown) {
-        let info = session.info().clone();
-        let node: Arc<str> = info.node.as_str().into();
+        let (id, node): (u64, Arc<str>) = (session.info().id, session.info().node.as_str().into());
         let channel = match self.channel(&node) {
             Ok(c) => c,
             Err(e) => {
@@ -496,7 +495,7 @@ impl CloudHub {
             .carried
             .lock()
             .expect("hub lock")
-            .insert(node.to_string(), (info.id, cut.clone()));
+            .insert(node.to_string(), (id, cut.clone()));
         let mut pause = REOPEN_MIN;
         while !session.is_closed() && !shutdown.is_triggered() {
             // Boxed: opening is transient; the task lives as long as the session.
@@ -524,7 +523,7 @@ impl CloudHub {
             pause = (pause * 2).min(REOPEN_MAX);
         }
         let mut carried = self.inner.carried.lock().expect("hub lock");
-        if carried.get(&*node).is_some_and(|(id, _)| *id == info.id) {
+        if carried.get(&*node).is_some_and(|(held, _)| *held == id) {
             carried.remove(&*node);
         }
     }

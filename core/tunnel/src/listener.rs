@@ -325,9 +325,11 @@ impl TunnelListener {
                 return;
             }
         };
+        // Borrowed, not cloned: this task waits for the session's whole life,
+        // and a copy of the info would be held by every edge's task.
         let node_session = session.node_session();
-        let info = node_session.info().clone();
-        let old = self.registry.insert(node_session);
+        let info = node_session.info();
+        let old = self.registry.insert(node_session.clone());
         let replaced = old.is_some();
         // KubeEdge edges redial every 2 s: two edges configured with one node
         // name replace each other forever. Say so (once a minute).

@@ -74,8 +74,8 @@ impl Channel {
                 _ = &mut woken => {}
                 _ = retry => self.go_back(generation),
                 _ = keepalive.tick() => {
-                    let k = Message::control("keepalive", "", Content::None);
-                    if let Err(e) = write_frame(&mut wr, &k.to_json()).await {
+                    let k = Message::control("keepalive", "", Content::None).to_json();
+                    if let Err(e) = write_frame(&mut wr, &k).await {
                         return e.into();
                     }
                     dirty = true;
