@@ -102,6 +102,18 @@ async fn start_cloud(
     Ok((cloud, hub))
 }
 
+/// The cloud's settled RSS after one pass of the heap trimmer that `tether
+/// cloud` runs every 5 s (ADR 0015) and the cloud in this process lacks.
+/// Without it the figure would count heap that the connect burst freed
+/// and glibc kept (at 18,000 edges, thousands of handshakes that timed out
+/// and were retried), which the shipped process gives back.
+async fn trimmed_rss() -> anyhow::Result<u64> {
+    tokio::task::spawn_blocking(tether_metrics_adapter::trim_if_worth_it)
+        .await
+        .context("trim task")?;
+    settled_rss().await
+}
+
 /// Polls until `count` edges are complete or `limit` passes; returns how
 /// many were.
 async fn wait_complete(
@@ -153,7 +165,7 @@ pub(crate) async fn complete_edges(
             .await,
         "warm-up session never left the registry"
     );
-    let cloud_before_kib = settled_rss().await?;
+    let cloud_before_kib = trimmed_rss().await?;
     let mut child = idle::spawn_child(
         &pki,
         count,
@@ -171,7 +183,7 @@ pub(crate) async fn complete_edges(
         if n == 0 {
             bail!("no edge became complete within {register_timeout:?}");
         }
-        let cloud_after_kib = settled_rss().await?;
+        let cloud_after_kib = trimmed_rss().await?;
         let edge_after_kib = child.rss().await?;
         let mut report = CompleteReport {
             wanted: count,
