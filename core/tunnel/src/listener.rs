@@ -19,6 +19,7 @@ use tether_pki::{Identity, IdentityError};
 
 use crate::kubeedge::upgrade::{Replay, is_kubeedge_path, parse_head, read_head};
 use crate::kubeedge::{KUBEEDGE_PATH, KubeEdgeOptions, KubeEdgeSession, KubeEdgeTrust, Refusal};
+use crate::session::SessionRun;
 use crate::{
     H2Session, NODE_HEADER, NodeSession, PROTOCOL_VERSION, PreAuthError, PreAuthGate,
     PreAuthLimits, PreAuthMetrics, ServerTls, SessionInfo, SessionRegistry, Shutdown, TUNNEL_PATH,
@@ -144,6 +145,16 @@ pub enum TunnelEvent<'a> {
         reason: &'static str,
     },
 }
+
+/// The transport under an accepted Tether session.
+type TetherIo = WsStream<Replay<tokio_rustls::server::TlsStream<TcpStream>>>;
+
+/// A Tether session's connection, run by the listener's task for that edge
+/// rather than a task of its own: one task per edge fewer (ADR 0022's
+/// memory budget). KubeEdge sessions run their own tasks.
+/// Boxed: moved out of the handshake's result into the wait below, a
+/// connection inline would take two slots of this task's state.
+type Run = Option<Box<SessionRun<TetherIo>>>;
 
 /// A session the listener accepted, of either kind.
 enum Accepted {
@@ -312,7 +323,7 @@ impl TunnelListener {
         // and done with once the session runs; inline it would stay in this
         // task for the session's whole life (about 12 KiB per edge).
         let session = Box::pin(self.handshake(tcp, peer, ticket)).await;
-        let session = match session {
+        let (session, run) = match session {
             Ok(s) => s,
             Err(e) => {
                 match &e {
@@ -343,13 +354,17 @@ impl TunnelListener {
                 "a new session replaced one that had just connected; two edges may share this node name (logged once a minute)");
         }
         info!(node = %info.node, session.id = info.id, kind = info.kind.label(), replaced, "edge connected");
-        self.emit(TunnelEvent::Connected {
-            info: &info,
-            replaced,
-        });
-        tokio::select! {
-            _ = session.closed() => {}
-            _ = shutdown.drained() => {}
+        self.emit(TunnelEvent::Connected { info, replaced });
+        match run {
+            // Dropped at the drain deadline: the connection goes with it.
+            Some(run) => tokio::select! {
+                () = run => {}
+                _ = shutdown.drained() => {}
+            },
+            None => tokio::select! {
+                _ = session.closed() => {}
+                _ = shutdown.drained() => {}
+            },
         }
         let removed = self.registry.remove(&info.node, info.id);
         let reason = if shutdown.is_triggered() {
@@ -360,10 +375,7 @@ impl TunnelListener {
             session.end_reason()
         };
         info!(node = %info.node, session.id = info.id, reason, "edge disconnected");
-        self.emit(TunnelEvent::Disconnected {
-            info: &info,
-            reason,
-        });
+        self.emit(TunnelEvent::Disconnected { info, reason });
     }
 
     #[allow(clippy::result_large_err)] // tungstenite's upgrade callback signature
@@ -372,7 +384,7 @@ impl TunnelListener {
         tcp: TcpStream,
         peer: SocketAddr,
         ticket: crate::PreAuthTicket,
-    ) -> Result<Accepted, AcceptError> {
+    ) -> Result<(Accepted, Run), AcceptError> {
         let timeout = self.limits.handshake_timeout;
         let _ = tcp.set_nodelay(true);
         let mut tls = ticket.accept_tls(tcp, |_| self.tls.current()).await?;
@@ -387,7 +399,8 @@ impl TunnelListener {
                 .await
                 .map_err(|_| AcceptError::Timeout("upgrade request"))??;
             if is_kubeedge_path(&head) {
-                return self.kubeedge_handshake(tls, head, ke, peer).await;
+                let session = self.kubeedge_handshake(tls, head, ke, peer).await?;
+                return Ok((session, None));
             }
             let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
             if !ke.trust.is_tether(chain) {
@@ -452,12 +465,12 @@ impl TunnelListener {
         let metrics = self.window_metrics.clone();
         tokio::time::timeout(
             timeout,
-            H2Session::start_with_metrics(io, info, &self.limits, metrics),
+            H2Session::handshake(io, info, &self.limits, metrics),
         )
         .await
         .map_err(|_| AcceptError::Timeout("session"))?
         .map_err(AcceptError::Session)
-        .map(Accepted::H2)
+        .map(|(session, run)| (Accepted::H2(session), Some(Box::new(run))))
     }
 
     /// A KubeEdge edge: admit by certificate (ADR 0017), answer the upgrade,

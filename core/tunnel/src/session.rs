@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -191,11 +192,28 @@ impl H2Session {
 
     /// [`H2Session::start`], exporting the window to `metrics`.
     pub async fn start_with_metrics<S>(
-        mut io: WsStream<S>,
+        io: WsStream<S>,
         info: SessionInfo,
         limits: &TunnelLimits,
         metrics: WindowMetrics,
     ) -> Result<Arc<Self>, h2::Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (session, run) = Self::handshake(io, info, limits, metrics).await?;
+        tokio::spawn(run);
+        Ok(session)
+    }
+
+    /// The h2 client handshake; the caller runs the returned connection
+    /// future (the listener, inside the task that already waits for the
+    /// session, so an edge costs one task and not two).
+    pub(crate) async fn handshake<S>(
+        mut io: WsStream<S>,
+        info: SessionInfo,
+        limits: &TunnelLimits,
+        metrics: WindowMetrics,
+    ) -> Result<(Arc<Self>, SessionRun<WsStream<S>>), h2::Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -224,25 +242,14 @@ impl H2Session {
         );
         let (done_tx, done) = watch::channel(false);
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let failed_in_task = failed.clone();
-        let flow_in_task = flow.clone();
-        let span =
-            info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer);
-        tokio::spawn(
-            async move {
-                match driver.await {
-                    Ok(()) => debug!("session closed"),
-                    Err(e) => {
-                        failed_in_task.store(true, std::sync::atomic::Ordering::Release);
-                        debug!(error = %e, "session ended");
-                    }
-                }
-                flow_in_task.retire();
-                let _ = done_tx.send(true);
-            }
-            .instrument(span),
-        );
-        Ok(Arc::new(Self {
+        let run = SessionRun {
+            driver,
+            span: info_span!("session", node = %info.node, session.id = info.id, peer.addr = %info.peer),
+            failed: failed.clone(),
+            flow: flow.clone(),
+            done: Some(done_tx),
+        };
+        let session = Arc::new(Self {
             info,
             send: Mutex::new(Some(send)),
             flow,
@@ -254,7 +261,8 @@ impl H2Session {
             kill,
             failed,
             rtt_micros,
-        }))
+        });
+        Ok((session, run))
     }
 
     /// Why the connection ended: `revoked` (terminated), `error` (transport
@@ -282,6 +290,57 @@ impl H2Session {
         let _ = done.wait_for(|d| *d).await;
         let mut io = self.io_dropped.clone();
         let _ = io.wait_for(|d| *d).await;
+    }
+}
+
+/// The connection of an [`H2Session`]: resolves when the connection ends,
+/// and then marks the session done (with why) and takes its window out of
+/// the metrics. Dropping it unfinished also ends the session: the
+/// connection goes with it, and [`H2Session::closed`] resolves.
+pub(crate) struct SessionRun<T> {
+    driver: Driver<T>,
+    span: tracing::Span,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    flow: Arc<Flow>,
+    done: Option<watch::Sender<bool>>,
+}
+
+impl<T> Future for SessionRun<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let Some(done) = this.done.as_ref() else {
+            return Poll::Ready(());
+        };
+        let _entered = this.span.enter();
+        let end = ready!(Pin::new(&mut this.driver).poll(cx));
+        match end {
+            Ok(()) => debug!("session closed"),
+            Err(e) => {
+                this.failed
+                    .store(true, std::sync::atomic::Ordering::Release);
+                debug!(error = %e, "session ended");
+            }
+        }
+        this.flow.retire();
+        let _ = done.send(true);
+        this.done = None;
+        Poll::Ready(())
+    }
+}
+
+impl<T> Drop for SessionRun<T> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            // Dropped before the connection ended (the listener's drain
+            // deadline): the session is over all the same.
+            self.flow.retire();
+            let _ = done.send(true);
+        }
     }
 }
 
