@@ -541,6 +541,7 @@ where
         let handler = handler.clone();
         async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
     });
+    let peer_closed = io.peer_closed();
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -555,7 +556,7 @@ where
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        r = conn.as_mut() => return r,
+        r = conn.as_mut() => return closed_by_peer_is_ok(r, peer_closed()),
         _ = shutdown.triggered() => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -563,6 +564,25 @@ where
         r = conn => r,
         _ = shutdown.drained() => Ok(()),
     }
+}
+
+/// hyper reports a connection the cloud ended with GOAWAY(NO_ERROR) as
+/// failed, or as a broken pipe when the edge's own GOAWAY found the
+/// transport already closed. That is how a cloud closes its sessions when it
+/// stops (a rolling update): a clean close, not a lost tunnel to warn about.
+/// `ws_closed`: the cloud's WebSocket close arrived.
+fn closed_by_peer_is_ok(r: Result<(), hyper::Error>, ws_closed: bool) -> Result<(), hyper::Error> {
+    use std::error::Error as _;
+    let Err(e) = r else { return r };
+    let h2 = e.source().and_then(|s| s.downcast_ref::<h2::Error>());
+    let clean = match h2.and_then(h2::Error::reason) {
+        // A GOAWAY or reset with an error code is a fault, whoever sent it.
+        Some(reason) if reason != h2::Reason::NO_ERROR => false,
+        Some(_) => h2.is_some_and(|h| h.is_go_away() && h.is_remote()) || ws_closed,
+        // An I/O error (the edge's GOAWAY after the cloud's close).
+        None => ws_closed,
+    };
+    if clean { Ok(()) } else { Err(e) }
 }
 
 #[cfg(test)]

@@ -66,6 +66,19 @@ async fn pair(
     limits: &TunnelLimits,
     stalled: Arc<AtomicU64>,
 ) -> (Arc<H2Session>, crate::ShutdownTrigger) {
+    let (cloud, trigger, _edge) = pair_with_edge(limits, stalled).await;
+    (cloud, trigger)
+}
+
+/// [`pair`], with the edge session's task.
+async fn pair_with_edge(
+    limits: &TunnelLimits,
+    stalled: Arc<AtomicU64>,
+) -> (
+    Arc<H2Session>,
+    crate::ShutdownTrigger,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
     let (a, b) = tokio::io::duplex(PIPE);
@@ -76,7 +89,7 @@ async fn pair(
     );
     let (trigger, shutdown) = Shutdown::new(std::time::Duration::from_secs(1));
     let edge_limits = limits.clone();
-    tokio::spawn(serve_edge_session(
+    let edge = tokio::spawn(serve_edge_session(
         WsStream::new(eb, limits.ws_message_size),
         edge_limits,
         move |req: Request<Incoming>| {
@@ -107,7 +120,7 @@ async fn pair(
     let cloud = H2Session::start(WsStream::new(ca, limits.ws_message_size), info(), limits)
         .await
         .expect("h2 handshake");
-    (cloud, trigger)
+    (cloud, trigger, edge)
 }
 
 /// Answers a CONNECT with 200 and echoes the stream's bytes back.
@@ -269,4 +282,28 @@ async fn bodies_trailers_and_connect_streams_cross_the_direct_h2_session() {
     tokio::time::timeout(std::time::Duration::from_secs(30), body)
         .await
         .expect("test timed out");
+}
+
+/// A stopping cloud closes its sessions with GOAWAY(NO_ERROR) while the
+/// hub's long-lived stream is open: the edge sees a clean close (it logs
+/// "tunnel closed by cloud"), not a lost tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_closing_the_session_is_a_clean_close_for_the_edge() {
+    let limits = TunnelLimits::default();
+    let (cloud, _trigger, edge) = pair_with_edge(&limits, Arc::new(AtomicU64::new(0))).await;
+    let req = Request::connect("127.0.0.1:9").body(body_empty()).unwrap();
+    let mut resp = cloud
+        .send(req, "127.0.0.1:9")
+        .await
+        .expect("connect stream");
+    let io = crate::upgrade::on(&mut resp)
+        .await
+        .expect("connect byte stream");
+    cloud.close();
+    drop((io, resp));
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), edge)
+        .await
+        .expect("the edge's session ends")
+        .expect("edge task");
+    assert!(end.is_ok(), "a clean close, got {end:?}");
 }

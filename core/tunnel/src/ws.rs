@@ -27,6 +27,8 @@ pub struct WsStream<S> {
     closed: bool,
     on_drop: Option<tokio::sync::watch::Sender<bool>>,
     kill: KillSwitch,
+    /// Set when the peer sent its WebSocket close: it ended the session.
+    peer_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Aborts a [`WsStream`] from outside: its reads and writes fail at once,
@@ -105,7 +107,15 @@ where
             closed: false,
             on_drop: None,
             kill: KillSwitch::default(),
+            peer_closed: Default::default(),
         }
+    }
+
+    /// True from when the peer's WebSocket close arrives: the session ended
+    /// by the peer's choice, whatever error the layers above report after.
+    pub fn peer_closed(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let flag = self.peer_closed.clone();
+        move || flag.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A handle that aborts this stream.
@@ -200,7 +210,12 @@ where
                         "text message on a binary tunnel",
                     )));
                 }
-                Some(Ok(Message::Close(_))) | None => this.read_eof = true,
+                Some(Ok(Message::Close(_))) => {
+                    this.peer_closed
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    this.read_eof = true
+                }
+                None => this.read_eof = true,
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
                     this.read_eof = true
                 }
