@@ -465,10 +465,7 @@ impl CloudHub {
                 return;
             }
         };
-        let never = Arc::new(tokio::sync::Notify::new());
-        let end = self
-            .run_channel(&node, &channel, io, &shutdown, &never)
-            .await;
+        let end = self.run_channel(&node, &channel, io, &shutdown, None).await;
         // A replaced connection is not an outage: the newer one is up.
         if !matches!(end, ConnectionEnd::Replaced) {
             session.close();
@@ -501,7 +498,9 @@ impl CloudHub {
             // Boxed: opening is transient; the task lives as long as the session.
             let end = match Box::pin(open_hub_stream(&session)).await {
                 Ok(io) => {
-                    let end = self.run_channel(&node, &channel, io, &shutdown, &cut).await;
+                    let end = self
+                        .run_channel(&node, &channel, io, &shutdown, Some(&cut))
+                        .await;
                     if matches!(end, ConnectionEnd::Replaced | ConnectionEnd::Shutdown) {
                         break;
                     }
@@ -536,7 +535,7 @@ impl CloudHub {
         channel: &Channel,
         io: HubIo,
         shutdown: &Shutdown,
-        cut: &tokio::sync::Notify,
+        cut: Option<&tokio::sync::Notify>,
     ) -> ConnectionEnd {
         info!("hub channel up");
         self.inner
@@ -548,7 +547,13 @@ impl CloudHub {
         let end = tokio::select! {
             end = channel.serve(io) => end,
             _ = shutdown.triggered() => ConnectionEnd::Shutdown,
-            _ = cut.notified() => ConnectionEnd::Cut,
+            // Only a hub stream inside a tunnel is cut on its own.
+            _ = async {
+                match cut {
+                    Some(cut) => cut.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => ConnectionEnd::Cut,
         };
         info!(reason = %end, "hub channel down");
         // A replaced connection is not an outage: the newer one is up.
