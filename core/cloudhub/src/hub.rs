@@ -479,7 +479,8 @@ impl CloudHub {
     /// after a pause; a hub fault never closes the tunnel, whose kubelet
     /// streams are not the hub's to end.
     pub async fn serve_tunnel_session(&self, session: Arc<dyn NodeSession>, shutdown: Shutdown) {
-        let (id, node): (u64, Arc<str>) = (session.info().id, session.info().node.as_str().into());
+        let id = session.info().id;
+        let node: Arc<str> = session.info().node.as_str().into();
         let channel = match self.channel(&node) {
             Ok(c) => c,
             Err(e) => {

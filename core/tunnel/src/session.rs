@@ -313,10 +313,10 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        let Some(done) = this.done.as_ref() else {
+        if this.done.is_none() {
             return Poll::Ready(());
-        };
-        let _entered = this.span.enter();
+        }
+        let entered = this.span.enter();
         let end = ready!(Pin::new(&mut this.driver).poll(cx));
         match end {
             Ok(()) => debug!("session closed"),
@@ -326,21 +326,27 @@ where
                 debug!(error = %e, "session ended");
             }
         }
-        this.flow.retire();
-        let _ = done.send(true);
-        this.done = None;
+        drop(entered);
+        this.finish();
         Poll::Ready(())
+    }
+}
+
+impl<T> SessionRun<T> {
+    /// Marks the session done, once.
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            self.flow.retire();
+            let _ = done.send(true);
+        }
     }
 }
 
 impl<T> Drop for SessionRun<T> {
     fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            // Dropped before the connection ended (the listener's drain
-            // deadline): the session is over all the same.
-            self.flow.retire();
-            let _ = done.send(true);
-        }
+        // Dropped before the connection ended (the listener's drain
+        // deadline): the session is over all the same.
+        self.finish();
     }
 }
 

@@ -214,7 +214,7 @@ impl Channel {
 impl Inner {
     /// Hands `p` to the persister, starting one if none runs. Waits while
     /// the persister's queue is full: bounded backpressure, no task pile.
-    async fn persist(&self, mut p: Persist) {
+    async fn persist(self: &Arc<Self>, mut p: Persist) {
         // A persister that ended its quiet spell just now refuses `p`; the
         // next one takes it. Two tries always suffice: a new persister
         // stays at least its idle period.
@@ -228,19 +228,31 @@ impl Inner {
         warn!(peer = %self.peer, "persister unavailable; a delivery record is lost (a resend is still dropped by the peer)");
     }
 
-    fn persister(&self) -> mpsc::Sender<Persist> {
+    fn persister(self: &Arc<Self>) -> mpsc::Sender<Persist> {
         let mut slot = self.persist.lock().expect("persist lock");
         if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(persister(
+        let run = persister(
             self.store.clone(),
             self.queue.clone(),
             self.peer.to_string(),
             self.cfg.seen_limit,
             rx,
-        ));
+        );
+        let channel = Arc::downgrade(self);
+        tokio::spawn(async move {
+            run.await;
+            // Ended after its quiet spell: let its queue go too, unless a
+            // newer persister already took the slot.
+            if let Some(inner) = channel.upgrade() {
+                let mut slot = inner.persist.lock().expect("persist lock");
+                if slot.as_ref().is_some_and(mpsc::Sender::is_closed) {
+                    *slot = None;
+                }
+            }
+        });
         *slot = Some(tx.clone());
         tx
     }
