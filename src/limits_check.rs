@@ -83,6 +83,18 @@ pub(crate) fn tunnel(l: &TunnelLimits) -> anyhow::Result<()> {
     secs(l.keepalive_interval, 0.05, 3600.0, &f("keepalive_interval"))?;
     secs(l.keepalive_timeout, 0.05, 3600.0, &f("keepalive_timeout"))?;
     secs(l.handshake_timeout, 0.1, 300.0, &f("handshake_timeout"))?;
+    within(
+        l.reconnect_rate <= 1_000_000,
+        &f("reconnect_rate"),
+        "0..=1000000 (0: no pacing)",
+        l.reconnect_rate,
+    )?;
+    within(
+        l.reconnect_burst <= 10_000_000,
+        &f("reconnect_burst"),
+        "0..=10000000",
+        l.reconnect_burst,
+    )?;
     // The library's own check, in case it knows more.
     l.validate()
         .map_err(|e| anyhow::anyhow!("config field `limits`: {e}"))

@@ -154,16 +154,21 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                     if started.elapsed() >= HEALTHY_SESSION {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay();
+                    // A stopping cloud spreads its edges' return (ADR 0023):
+                    // its delay comes on top of the backoff, never instead.
+                    let asked = result.as_ref().ok().and_then(|end| end.reconnect_after);
+                    let delay = backoff.next_delay() + asked.unwrap_or_default();
                     status.backoff(
                         delay,
                         Some(match &result {
-                            Ok(()) => "tunnel closed by the cloud".to_owned(),
+                            Ok(_) => "tunnel closed by the cloud".to_owned(),
                             Err(e) => format!("tunnel lost: {}", error_chain(e)),
                         }),
                     );
                     match result {
-                        Ok(()) => info!(retry_in = ?delay, "tunnel closed by cloud"),
+                        Ok(_) => {
+                            info!(retry_in = ?delay, cloud_asked = ?asked, "tunnel closed by cloud")
+                        }
                         Err(e) => warn!(error = %e, retry_in = ?delay, "tunnel lost"),
                     }
                     State::Backoff(delay)

@@ -628,6 +628,88 @@ async fn edge_reconnects_after_cloud_restart() {
     .await;
 }
 
+/// ADR 0023: a stopping cloud tells each edge when to come back, the first
+/// `reconnect_burst` at once and the rest `1 / reconnect_rate` apart, and the
+/// real agents wait that long on top of their backoff. Here burst 1 and one
+/// a second for 4 edges: asked back after 0, 0, 1 and 2 s, so the k-th edge
+/// back cannot be back before that. Without pacing all four return within
+/// their 50 ms to 1 s backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_cloud_spreads_its_edges_return() {
+    bounded(async {
+        let pki = Pki::generate()?;
+        let fixture = FixtureKubelet::start(None).await?;
+        let limits = tether_tunnel::TunnelLimits {
+            reconnect_rate: 1,
+            reconnect_burst: 1,
+            ..Default::default()
+        };
+        let spec = || CloudSpec {
+            limits: Some(limits.clone()),
+            ..CloudSpec::default()
+        };
+        let cloud = CloudHandle::start(&pki, spec()).await?;
+        let nodes: Vec<String> = (0..4).map(|i| format!("paced-{i}")).collect();
+        let mut edges = Vec::new();
+        for node in &nodes {
+            edges.push(EdgeHandle::start(
+                &pki,
+                cloud.tunnel_addr,
+                EdgeSpec::new(node, fixture.addr),
+            )?);
+        }
+        ensure!(
+            cloud
+                .registry
+                .wait_until(Duration::from_secs(10), |r| r.all().len() == nodes.len())
+                .await,
+            "the edges never all connected"
+        );
+        let tunnel_addr = cloud.tunnel_addr;
+        let stopped = std::time::Instant::now();
+        cloud.stop().await;
+        let cloud = CloudHandle::start(
+            &pki,
+            CloudSpec {
+                tunnel_addr: Some(tunnel_addr),
+                ..spec()
+            },
+        )
+        .await?;
+        // When each edge is first seen back; bounded by count and time.
+        let mut back: Vec<Option<Duration>> = vec![None; nodes.len()];
+        for _ in 0..1_000 {
+            for (node, t) in nodes.iter().zip(back.iter_mut()) {
+                if t.is_none() && cloud.registry.get(node).is_some() {
+                    *t = Some(stopped.elapsed());
+                }
+            }
+            if back.iter().all(Option::is_some) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut back: Vec<Duration> = back
+            .into_iter()
+            .collect::<Option<_>>()
+            .context("an edge did not come back")?;
+        back.sort();
+        let asked = [0, 0, 1_000, 2_000].map(Duration::from_millis);
+        for (k, (t, floor)) in back.iter().zip(asked).enumerate() {
+            ensure!(
+                *t >= floor,
+                "edge {k} back after {t:?}, before the {floor:?} the cloud asked (all: {back:?})"
+            );
+        }
+        for e in edges {
+            e.stop().await;
+        }
+        cloud.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_session_replaces_the_first_cleanly() {
     bounded(async {

@@ -140,7 +140,7 @@ impl EdgeHub {
                             shutdown.clone(),
                         );
                         let result = tokio::select! {
-                            r = session => r.map_err(|e| e.to_string()),
+                            r = session => r.map(|_| ()).map_err(|e| e.to_string()),
                             _ = dialer.tls_changed() => Err("certificate renewed".to_owned()),
                         };
                         if shutdown.is_triggered() {

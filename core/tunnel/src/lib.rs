@@ -42,14 +42,14 @@ pub use preauth::{
 pub use registry::{IpLookup, SessionRegistry};
 pub use server_tls::ServerTls;
 pub use session::{
-    Body, BoxError, H2Session, NodeSession, SessionInfo, SessionKind, StreamError, StreamPermit,
-    body_empty, body_from, serve_edge_session,
+    Body, BoxError, EdgeSessionEnd, H2Session, NodeSession, SessionInfo, SessionKind, StreamError,
+    StreamPermit, body_empty, body_from, serve_edge_session,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use splice::splice;
 pub use stall::{STALL_THRESHOLD, StallHook, stall_metered};
 pub use window::{WindowError, WindowGovernor};
-pub use ws::{KillSwitch, WsStream};
+pub use ws::{MAX_RECONNECT_AFTER, WsControl, WsStream};
 
 /// The WebSocket subprotocol naming the protocol version this build speaks.
 pub const PROTOCOL_VERSION: &str = "tether.v1";

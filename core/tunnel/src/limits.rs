@@ -48,6 +48,15 @@ pub struct TunnelLimits {
     /// Deadline for TCP connect, TLS and WebSocket handshakes (default 10 s).
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
+    /// Edges per second a stopping cloud asks back (default 500; 0: no
+    /// pacing). Each session's close tells its edge when to reconnect, so
+    /// the edges of a restarted cloud return at about this rate rather than
+    /// all at once (ADR 0023). Set it near the TLS handshakes a second the
+    /// clouds they return to complete.
+    pub reconnect_rate: u32,
+    /// Edges a stopping cloud asks back at once, before the paced rest
+    /// (default 1000).
+    pub reconnect_burst: u32,
 }
 
 impl Default for TunnelLimits {
@@ -67,6 +76,8 @@ impl Default for TunnelLimits {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            reconnect_rate: 500,
+            reconnect_burst: 1000,
         }
     }
 }
@@ -101,6 +112,19 @@ impl TunnelLimits {
     pub fn effective_send_buf(&self) -> usize {
         let share = (self.session_budget / 2 / self.max_streams.max(1)) as usize;
         share.min(self.max_send_buf).max(16 << 10)
+    }
+
+    /// When the `i`-th edge of a stopping cloud should reconnect
+    /// ([`TunnelLimits::reconnect_rate`]); None without pacing.
+    pub fn reconnect_after(&self, i: usize) -> Option<Duration> {
+        if self.reconnect_rate == 0 {
+            return None;
+        }
+        let paced = i.saturating_sub(self.reconnect_burst as usize) as f64;
+        Some(
+            Duration::from_secs_f64(paced / f64::from(self.reconnect_rate))
+                .min(crate::MAX_RECONNECT_AFTER),
+        )
     }
 
     /// Refuses values that cannot work, naming the field.
@@ -164,5 +188,32 @@ pub(crate) mod secs {
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = f64::deserialize(d)?;
         Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopping_cloud_asks_a_burst_back_at_once_and_paces_the_rest() {
+        let l = TunnelLimits::default();
+        assert_eq!(l.reconnect_after(0), Some(Duration::ZERO));
+        assert_eq!(l.reconnect_after(999), Some(Duration::ZERO));
+        assert_eq!(l.reconnect_after(1_500), Some(Duration::from_secs(1)));
+        // 18,000 edges: the last one 34 s after the stop.
+        assert_eq!(
+            l.reconnect_after(17_999),
+            Some(Duration::from_millis(33_998))
+        );
+        assert_eq!(
+            l.reconnect_after(usize::MAX),
+            Some(crate::MAX_RECONNECT_AFTER)
+        );
+        let off = TunnelLimits {
+            reconnect_rate: 0,
+            ..l
+        };
+        assert_eq!(off.reconnect_after(5_000), None);
     }
 }

@@ -291,7 +291,7 @@ impl TunnelListener {
         // Close the listening socket now: new edges are refused at once and
         // try again (another replica, or this one after its restart).
         drop(tcp);
-        this.registry.close_all();
+        this.registry.close_all(&this.limits);
         let drain = async { while sessions.join_next().await.is_some() {} };
         tokio::select! {
             _ = drain => {}

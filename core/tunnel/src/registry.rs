@@ -141,13 +141,19 @@ impl SessionRegistry {
         inner.nodes.values().cloned().collect()
     }
 
-    /// Closes every session (shutdown).
-    pub fn close_all(&self) {
+    /// Closes every session (shutdown), asking their edges back at the pace
+    /// `limits` set (ADR 0023): the first `reconnect_burst` at once, the
+    /// rest spread at `reconnect_rate` a second, so a restart's reconnect
+    /// storm arrives at the rate a cloud can take it.
+    pub fn close_all(&self, limits: &crate::TunnelLimits) {
         let all: Vec<Session> = {
             let inner = self.inner.lock().expect("registry lock");
             inner.nodes.values().cloned().collect()
         };
-        for s in all {
+        for (i, s) in all.into_iter().enumerate() {
+            if let Some(after) = limits.reconnect_after(i) {
+                s.announce_reconnect(after);
+            }
             s.close();
         }
     }

@@ -135,6 +135,10 @@ pub trait NodeSession: Send + Sync + 'static {
     fn send(&self, req: Request<Body>, target: &str) -> ResponseFuture;
     /// Stops new streams; in-flight ones finish, then the session closes.
     fn close(&self);
+    /// Asks the edge, ahead of the close that follows, to wait `after`
+    /// before it reconnects (ADR 0023). Edges of protocols without the
+    /// announcement reconnect on their own schedule.
+    fn announce_reconnect(&self, _after: std::time::Duration) {}
     /// Ends the session now, failing every stream (revocation).
     fn terminate(&self);
     /// Streams open right now.
@@ -161,7 +165,7 @@ pub struct H2Session {
     settle: std::time::Duration,
     done: watch::Receiver<bool>,
     io_dropped: watch::Receiver<bool>,
-    kill: crate::KillSwitch,
+    control: crate::WsControl,
     failed: Arc<std::sync::atomic::AtomicBool>,
     /// Last measured round trip in microseconds; 0 = not measured yet.
     rtt_micros: Arc<std::sync::atomic::AtomicU64>,
@@ -218,7 +222,7 @@ impl H2Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io_dropped = io.watch_drop();
-        let kill = io.kill_switch();
+        let control = io.control();
         let flow = Flow::new(limits, metrics);
         // The stream window starts at the governor's floor and follows it;
         // the connection window is the whole receive budget, which the
@@ -258,7 +262,7 @@ impl H2Session {
             settle: limits.keepalive_timeout,
             done,
             io_dropped,
-            kill,
+            control,
             failed,
             rtt_micros,
         });
@@ -268,7 +272,7 @@ impl H2Session {
     /// Why the connection ended: `revoked` (terminated), `error` (transport
     /// failure or keepalive timeout) or `closed`.
     pub fn end_reason(&self) -> &'static str {
-        if self.kill.is_killed() {
+        if self.control.is_killed() {
             "revoked"
         } else if self.failed.load(std::sync::atomic::Ordering::Acquire) {
             "error"
@@ -505,7 +509,11 @@ impl NodeSession for H2Session {
 
     fn terminate(&self) {
         self.close();
-        self.kill.kill();
+        self.control.kill();
+    }
+
+    fn announce_reconnect(&self, after: std::time::Duration) {
+        self.control.announce_reconnect(after);
     }
 
     fn open_streams(&self) -> usize {
@@ -530,6 +538,14 @@ impl NodeSession for H2Session {
     }
 }
 
+/// How an edge session ended without a fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdgeSessionEnd {
+    /// The cloud, as it closed the session, asked the edge to wait this long
+    /// before it reconnects (ADR 0023).
+    pub reconnect_after: Option<std::time::Duration>,
+}
+
 /// Edge side: serves tunnel streams with `handler` until the cloud closes the
 /// session, keepalive fails, or shutdown (then GOAWAY and drain).
 pub async fn serve_edge_session<S, F, Fut>(
@@ -537,7 +553,7 @@ pub async fn serve_edge_session<S, F, Fut>(
     limits: TunnelLimits,
     handler: F,
     shutdown: Shutdown,
-) -> Result<(), hyper::Error>
+) -> Result<EdgeSessionEnd, hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
@@ -547,7 +563,7 @@ where
         let handler = handler.clone();
         async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
     });
-    let peer_closed = io.peer_closed();
+    let control = io.control();
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -562,13 +578,19 @@ where
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        r = conn.as_mut() => return closed_by_peer_is_ok(r, peer_closed()),
+        r = conn.as_mut() => {
+            // An announced reconnect says the cloud closes on purpose, even
+            // when its close overtakes the edge's reply (a broken pipe).
+            let ended_by_cloud = control.peer_closed() || control.reconnect_after().is_some();
+            closed_by_peer_is_ok(r, ended_by_cloud)?;
+            return Ok(EdgeSessionEnd { reconnect_after: control.reconnect_after() });
+        }
         _ = shutdown.triggered() => {}
     }
     conn.as_mut().graceful_shutdown();
     tokio::select! {
-        r = conn => r,
-        _ = shutdown.drained() => Ok(()),
+        r = conn => r.map(|()| EdgeSessionEnd::default()),
+        _ = shutdown.drained() => Ok(EdgeSessionEnd::default()),
     }
 }
 

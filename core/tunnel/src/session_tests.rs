@@ -77,7 +77,7 @@ async fn pair_with_edge(
 ) -> (
     Arc<H2Session>,
     crate::ShutdownTrigger,
-    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    tokio::task::JoinHandle<Result<crate::EdgeSessionEnd, hyper::Error>>,
 ) {
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -305,5 +305,38 @@ async fn a_cloud_closing_the_session_is_a_clean_close_for_the_edge() {
         .await
         .expect("the edge's session ends")
         .expect("edge task");
-    assert!(end.is_ok(), "a clean close, got {end:?}");
+    let end = end.expect("a clean close");
+    assert_eq!(end.reconnect_after, None, "nothing was announced");
+}
+
+/// ADR 0023: the delay a stopping cloud announces reaches the edge before
+/// the session ends, whether the session was idle or still had a stream.
+#[tokio::test]
+async fn a_stopping_cloud_tells_the_edge_when_to_come_back() {
+    let limits = TunnelLimits::default();
+    let after = std::time::Duration::from_millis(2_345);
+    for with_stream in [false, true] {
+        let (cloud, _trigger, edge) = pair_with_edge(&limits, Arc::new(AtomicU64::new(0))).await;
+        let stream = if with_stream {
+            let req = Request::connect("127.0.0.1:9").body(body_empty()).unwrap();
+            let mut resp = cloud.send(req, "127.0.0.1:9").await.expect("connect");
+            let io = crate::upgrade::on(&mut resp).await.expect("byte stream");
+            Some((io, resp))
+        } else {
+            None
+        };
+        cloud.announce_reconnect(after);
+        cloud.close();
+        drop(stream);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), edge)
+            .await
+            .expect("the edge's session ends")
+            .expect("edge task")
+            .expect("a clean close");
+        assert_eq!(
+            end.reconnect_after,
+            Some(after),
+            "with_stream={with_stream}"
+        );
+    }
 }

@@ -9,7 +9,9 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
@@ -26,44 +28,80 @@ pub struct WsStream<S> {
     message_cap: usize,
     closed: bool,
     on_drop: Option<tokio::sync::watch::Sender<bool>>,
-    kill: KillSwitch,
-    /// Set when the peer sent its WebSocket close: it ended the session.
-    peer_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    control: WsControl,
 }
 
-/// Aborts a [`WsStream`] from outside: its reads and writes fail at once,
-/// so everything on top of it (h2, every stream) fails fast. Used when a
-/// node's certificate is revoked.
+/// Prefix of the WebSocket Ping by which a stopping cloud tells an edge how
+/// long to wait before it reconnects (ADR 0023). A Ping, because every
+/// WebSocket peer answers and otherwise ignores one, so an edge that does not
+/// know it is unaffected, and because it travels ahead of the h2 GOAWAY that
+/// ends the session, so the edge has it before the session is over.
+const RECONNECT_PING: &[u8] = b"tether-reconnect-after-ms=";
+
+/// The most a reconnect delay the peer announced may ask for; longer is
+/// taken as this.
+pub const MAX_RECONNECT_AFTER: Duration = Duration::from_secs(600);
+
+/// A handle on a [`WsStream`] from outside, shared with it: aborts it (a
+/// revoked node), announces a reconnect delay to the peer, and tells how the
+/// peer closed it.
 #[derive(Clone, Debug, Default)]
-pub struct KillSwitch(std::sync::Arc<KillInner>);
+pub struct WsControl(std::sync::Arc<Shared>);
 
 #[derive(Debug, Default)]
-struct KillInner {
-    killed: std::sync::atomic::AtomicBool,
+struct Shared {
+    killed: AtomicBool,
     reader: std::sync::Mutex<Option<std::task::Waker>>,
+    /// The peer sent its WebSocket close: it ended the session.
+    peer_closed: AtomicBool,
+    /// A reconnect delay to announce before the next bytes sent, in ms + 1
+    /// (0: none).
+    announce: AtomicU64,
+    /// The reconnect delay the peer announced, in ms + 1 (0: none).
+    announced: AtomicU64,
 }
 
-impl KillSwitch {
+impl WsControl {
     /// Fails the stream's I/O from now on and wakes its reader.
     pub fn kill(&self) {
-        self.0
-            .killed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.0.killed.store(true, Ordering::Release);
         if let Some(w) = self.0.reader.lock().expect("kill lock").take() {
             w.wake();
         }
     }
 
-    /// True once [`KillSwitch::kill`] was called.
+    /// True once [`WsControl::kill`] was called.
     pub fn is_killed(&self) -> bool {
-        self.0.killed.load(std::sync::atomic::Ordering::Acquire)
+        self.0.killed.load(Ordering::Acquire)
+    }
+
+    /// Tells the peer, ahead of anything sent from now on (a closing
+    /// session's GOAWAY), to wait `after` before it reconnects.
+    pub fn announce_reconnect(&self, after: Duration) {
+        self.0
+            .announce
+            .store(millis_plus_one(after), Ordering::Release);
+    }
+
+    /// True from when the peer's WebSocket close arrived: the session ended
+    /// by the peer's choice, whatever error the layers above report after.
+    pub fn peer_closed(&self) -> bool {
+        self.0.peer_closed.load(Ordering::Acquire)
+    }
+
+    /// The reconnect delay the peer announced, at most [`MAX_RECONNECT_AFTER`].
+    pub fn reconnect_after(&self) -> Option<Duration> {
+        match self.0.announced.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(Duration::from_millis(n - 1).min(MAX_RECONNECT_AFTER)),
+        }
     }
 
     fn check(&self, cx: Option<&Context<'_>>) -> io::Result<()> {
         if let Some(cx) = cx {
             *self.0.reader.lock().expect("kill lock") = Some(cx.waker().clone());
         }
-        if self.0.killed.load(std::sync::atomic::Ordering::Acquire) {
+        if self.0.killed.load(Ordering::Acquire) {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "session terminated",
@@ -71,6 +109,27 @@ impl KillSwitch {
         }
         Ok(())
     }
+
+    /// Records a Ping's payload if it is a reconnect announcement.
+    fn on_ping(&self, payload: &[u8]) {
+        let ms = payload
+            .strip_prefix(RECONNECT_PING)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(ms) = ms {
+            let after = Duration::from_millis(ms).min(MAX_RECONNECT_AFTER);
+            self.0
+                .announced
+                .store(millis_plus_one(after), Ordering::Release);
+        }
+    }
+}
+
+fn millis_plus_one(d: Duration) -> u64 {
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX - 1)
+        .min(u64::MAX - 1)
+        + 1
 }
 
 impl<S> Drop for WsStream<S> {
@@ -106,21 +165,14 @@ where
             message_cap: message_cap + 64,
             closed: false,
             on_drop: None,
-            kill: KillSwitch::default(),
-            peer_closed: Default::default(),
+            control: WsControl::default(),
         }
     }
 
-    /// True from when the peer's WebSocket close arrives: the session ended
-    /// by the peer's choice, whatever error the layers above report after.
-    pub fn peer_closed(&self) -> impl Fn() -> bool + Send + Sync + 'static {
-        let flag = self.peer_closed.clone();
-        move || flag.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// A handle that aborts this stream.
-    pub fn kill_switch(&self) -> KillSwitch {
-        self.kill.clone()
+    /// The handle that aborts this stream, announces a reconnect delay to
+    /// the peer and tells how the peer closed it.
+    pub fn control(&self) -> WsControl {
+        self.control.clone()
     }
 
     /// Sets `true` on the returned channel when the stream is dropped, i.e.
@@ -137,6 +189,7 @@ where
     }
 
     fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_announcement(cx))?;
         if self.write_buf.is_empty() {
             return Poll::Ready(Ok(()));
         }
@@ -145,6 +198,25 @@ where
         // full message allocated for the life of an idle session.
         let msg = Message::Binary(std::mem::take(&mut self.write_buf).freeze());
         Pin::new(&mut self.ws).start_send(msg).map_err(ws_io)?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends the reconnect announcement, if one is pending, ahead of the
+    /// buffered bytes.
+    fn poll_send_announcement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.control.0.announce.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_io)?;
+        let ms = self.control.0.announce.swap(0, Ordering::AcqRel);
+        if ms == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut payload = RECONNECT_PING.to_vec();
+        payload.extend_from_slice((ms - 1).to_string().as_bytes());
+        Pin::new(&mut self.ws)
+            .start_send(Message::Ping(payload.into()))
+            .map_err(ws_io)?;
         Poll::Ready(Ok(()))
     }
 
@@ -190,7 +262,7 @@ where
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.kill.check(Some(cx))?;
+        this.control.check(Some(cx))?;
         loop {
             if !this.read_buf.is_empty() {
                 let n = this.read_buf.len().min(buf.remaining());
@@ -203,7 +275,8 @@ where
             }
             match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
                 Some(Ok(Message::Binary(b))) => this.read_buf = b,
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Ping(p))) => this.control.on_ping(&p),
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -211,8 +284,7 @@ where
                     )));
                 }
                 Some(Ok(Message::Close(_))) => {
-                    this.peer_closed
-                        .store(true, std::sync::atomic::Ordering::Release);
+                    this.control.0.peer_closed.store(true, Ordering::Release);
                     this.read_eof = true
                 }
                 None => this.read_eof = true,
@@ -243,7 +315,7 @@ where
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.kill.check(None)?;
+        this.control.check(None)?;
         if this.closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -312,6 +384,47 @@ mod tests {
         b.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();
         assert_eq!(got, expect);
+    }
+
+    #[tokio::test]
+    async fn an_announced_reconnect_arrives_ahead_of_the_next_bytes() {
+        let (mut a, mut b) = pair(1024).await;
+        assert_eq!(b.control().reconnect_after(), None);
+        a.control().announce_reconnect(Duration::from_millis(1_500));
+        a.write_all(b"goaway").await.unwrap();
+        a.flush().await.unwrap();
+        let mut buf = [0u8; 6];
+        b.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"goaway");
+        assert_eq!(
+            b.control().reconnect_after(),
+            Some(Duration::from_millis(1_500))
+        );
+    }
+
+    #[tokio::test]
+    async fn other_pings_are_ignored_and_a_huge_delay_is_capped() {
+        use futures_util::SinkExt;
+        let (a, b) = tokio::io::duplex(4096);
+        let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        let mut b = WsStream::new(b, 1024);
+        let mut buf = [0u8; 1];
+        for ping in [
+            &b"hello"[..],
+            b"tether-reconnect-after-ms=",
+            b"tether-reconnect-after-ms=-5",
+        ] {
+            raw.send(Message::Ping(ping.to_vec().into())).await.unwrap();
+            raw.send(Message::binary(&b"x"[..])).await.unwrap();
+            b.read_exact(&mut buf).await.unwrap();
+            assert_eq!(b.control().reconnect_after(), None, "{ping:?}");
+        }
+        let huge = b"tether-reconnect-after-ms=99999999999999999".to_vec();
+        raw.send(Message::Ping(huge.into())).await.unwrap();
+        raw.send(Message::binary(&b"x"[..])).await.unwrap();
+        b.read_exact(&mut buf).await.unwrap();
+        assert_eq!(b.control().reconnect_after(), Some(MAX_RECONNECT_AFTER));
     }
 
     #[tokio::test]
