@@ -710,6 +710,56 @@ async fn a_stopping_cloud_spreads_its_edges_return() {
     .await;
 }
 
+/// ADR 0023: a close the cloud announced resets the edge's backoff, even
+/// for a session younger than the 10 s that counts as healthy. The edge
+/// first fails against a port nobody listens on until its backoff has grown
+/// to 6.4 to 12.8 s, connects, and the cloud stops at once (asking it back
+/// at once): it must be back within 3 s of the next cloud listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_close_resets_the_edges_backoff() {
+    bounded(async {
+        let pki = Pki::generate()?;
+        let fixture = FixtureKubelet::start(None).await?;
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut spec = EdgeSpec::new(NODE, fixture.addr);
+        spec.backoff = Some((Duration::from_millis(200), Duration::from_secs(60)));
+        let edge = EdgeHandle::start(&pki, addr, spec)?;
+        // Five refusals: 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 and 1.6-3.2 s.
+        tokio::time::sleep(Duration::from_millis(6_300)).await;
+        let at = CloudSpec {
+            tunnel_addr: Some(addr),
+            ..CloudSpec::default()
+        };
+        let cloud = CloudHandle::start(&pki, at).await?;
+        cloud
+            .registry
+            .wait_for_node(NODE, None, Duration::from_secs(15))
+            .await
+            .context("edge never connected")?;
+        cloud.stop().await;
+        let at = CloudSpec {
+            tunnel_addr: Some(addr),
+            ..CloudSpec::default()
+        };
+        let cloud = CloudHandle::start(&pki, at).await?;
+        let listening = std::time::Instant::now();
+        cloud
+            .registry
+            .wait_for_node(NODE, None, Duration::from_secs(3))
+            .await
+            .with_context(|| {
+                format!(
+                    "edge not back {:?} after the cloud listened again: its grown backoff was kept",
+                    listening.elapsed()
+                )
+            })?;
+        edge.stop().await;
+        cloud.stop().await;
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_session_replaces_the_first_cleanly() {
     bounded(async {

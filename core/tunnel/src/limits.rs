@@ -48,7 +48,7 @@ pub struct TunnelLimits {
     /// Deadline for TCP connect, TLS and WebSocket handshakes (default 10 s).
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
-    /// Edges per second a stopping cloud asks back (default 500; 0: no
+    /// Edges per second a stopping cloud asks back (default 400; 0: no
     /// pacing). Each session's close tells its edge when to reconnect, so
     /// the edges of a restarted cloud return at about this rate rather than
     /// all at once (ADR 0023). Set it near the TLS handshakes a second the
@@ -76,7 +76,7 @@ impl Default for TunnelLimits {
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            reconnect_rate: 500,
+            reconnect_rate: 400,
             reconnect_burst: 1000,
         }
     }
@@ -200,12 +200,9 @@ mod tests {
         let l = TunnelLimits::default();
         assert_eq!(l.reconnect_after(0), Some(Duration::ZERO));
         assert_eq!(l.reconnect_after(999), Some(Duration::ZERO));
-        assert_eq!(l.reconnect_after(1_500), Some(Duration::from_secs(1)));
-        // 18,000 edges: the last one 34 s after the stop.
-        assert_eq!(
-            l.reconnect_after(17_999),
-            Some(Duration::from_millis(33_998))
-        );
+        assert_eq!(l.reconnect_after(1_400), Some(Duration::from_secs(1)));
+        // 18,000 edges: the last ones about 42.5 s after the stop.
+        assert_eq!(l.reconnect_after(17_000), Some(Duration::from_secs(40)));
         assert_eq!(
             l.reconnect_after(usize::MAX),
             Some(crate::MAX_RECONNECT_AFTER)

@@ -94,6 +94,9 @@ async fn start_cloud(
             tunnel_addr: at,
             limits: Some(limits.clone()),
             hub: Some(hub.clone()),
+            // `tether cloud`'s default drain deadline: within it a stopping
+            // cloud closes every session itself, announcing when to return.
+            drain: Some(Duration::from_secs(10)),
             ..CloudSpec::default()
         },
     )
