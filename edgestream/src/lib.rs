@@ -164,9 +164,13 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                     let delay = backoff.next_delay() + asked.unwrap_or_default();
                     status.backoff(
                         delay,
-                        Some(match &result {
-                            Ok(_) => "tunnel closed by the cloud".to_owned(),
-                            Err(e) => format!("tunnel lost: {}", error_chain(e)),
+                        Some(match (&result, asked) {
+                            (Ok(_), Some(after)) => format!(
+                                "tunnel closed by the cloud, which asked for {:.1} s before reconnecting",
+                                after.as_secs_f64()
+                            ),
+                            (Ok(_), None) => "tunnel closed by the cloud".to_owned(),
+                            (Err(e), _) => format!("tunnel lost: {}", error_chain(e)),
                         }),
                     );
                     match result {

@@ -117,6 +117,7 @@ impl EdgeHub {
     pub async fn run(&self, mut dialer: TunnelDialer, mut backoff: Backoff, shutdown: Shutdown) {
         let span = info_span!("edgehub", node = %dialer.node(), cloud = %dialer.addr());
         async move {
+            let mut asked = None;
             loop {
                 let dialed = tokio::select! {
                     r = dialer.dial() => r,
@@ -140,23 +141,26 @@ impl EdgeHub {
                             shutdown.clone(),
                         );
                         let result = tokio::select! {
-                            r = session => r.map(|_| ()).map_err(|e| e.to_string()),
+                            r = session => r.map_err(|e| e.to_string()),
                             _ = dialer.tls_changed() => Err("certificate renewed".to_owned()),
                         };
                         if shutdown.is_triggered() {
                             return;
                         }
-                        if started.elapsed() >= Duration::from_secs(10) {
+                        // As the agent's tunnel does (ADR 0023): a stopping
+                        // cloud's delay comes on top of a reset backoff.
+                        asked = result.as_ref().ok().and_then(|end| end.reconnect_after);
+                        if started.elapsed() >= Duration::from_secs(10) || asked.is_some() {
                             backoff.reset();
                         }
                         match result {
-                            Ok(()) => info!("hub session closed by the cloud"),
+                            Ok(_) => info!(cloud_asked = ?asked, "hub session closed by the cloud"),
                             Err(e) => info!(reason = %e, "hub session ended"),
                         }
                     }
                     Err(e) => warn!(error = %e, "hub dial failed"),
                 }
-                let delay = backoff.next_delay();
+                let delay = backoff.next_delay() + asked.take().unwrap_or_default();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.triggered() => return,
