@@ -291,7 +291,13 @@ impl TunnelListener {
         // Close the listening socket now: new edges are refused at once and
         // try again (another replica, or this one after its restart).
         drop(tcp);
-        this.registry.close_all(&this.limits);
+        let closed = this.registry.close_all(&this.limits);
+        if closed > 0 {
+            let last = closed
+                .checked_sub(1)
+                .and_then(|i| this.limits.reconnect_after(i));
+            info!(sessions = closed, edges_back_within = ?last, "closing every session; edges are asked back at limits.reconnect_rate");
+        }
         let drain = async { while sessions.join_next().await.is_some() {} };
         tokio::select! {
             _ = drain => {}

@@ -145,17 +145,20 @@ impl SessionRegistry {
     /// `limits` set (ADR 0023): the first `reconnect_burst` at once, the
     /// rest spread at `reconnect_rate` a second, so a restart's reconnect
     /// storm arrives at the rate a cloud can take it.
-    pub fn close_all(&self, limits: &crate::TunnelLimits) {
+    /// Returns how many sessions it closed.
+    pub fn close_all(&self, limits: &crate::TunnelLimits) -> usize {
         let all: Vec<Session> = {
             let inner = self.inner.lock().expect("registry lock");
             inner.nodes.values().cloned().collect()
         };
+        let n = all.len();
         for (i, s) in all.into_iter().enumerate() {
             if let Some(after) = limits.reconnect_after(i) {
                 s.announce_reconnect(after);
             }
             s.close();
         }
+        n
     }
 
     /// Waits until `pred` holds for the registry, or the timeout passes.
