@@ -293,9 +293,7 @@ impl TunnelListener {
         drop(tcp);
         let closed = this.registry.close_all(&this.limits);
         if closed > 0 {
-            let last = closed
-                .checked_sub(1)
-                .and_then(|i| this.limits.reconnect_after(i));
+            let last = this.limits.reconnect_after(closed - 1);
             info!(sessions = closed, edges_back_within = ?last, "closing every session; edges are asked back at limits.reconnect_rate");
         }
         let drain = async { while sessions.join_next().await.is_some() {} };
