@@ -21,6 +21,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 
 use tether_edgestream::KubeletTimeouts;
+use tether_tests::bounded;
 use tether_tests::fixture::FixtureKubelet;
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -34,13 +35,6 @@ fn cycles(ci: usize, soak: usize) -> usize {
     } else {
         ci
     }
-}
-
-async fn bounded(limit: Duration, f: impl Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(limit, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
 }
 
 fn host() -> String {

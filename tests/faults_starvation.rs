@@ -23,6 +23,7 @@ use anyhow::{Context, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use tether_tests::bounded;
 use tether_tests::fixture::FixtureKubelet;
 use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -46,13 +47,6 @@ fn cycles(ci: usize, soak: usize) -> usize {
 
 fn attacker() -> IpAddr {
     ATTACKER.parse().expect("literal")
-}
-
-async fn bounded(limit: Duration, f: impl Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(limit, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
 }
 
 /// The p99 (here: the second-largest of 40, rounded up) of `samples`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use process::{Role, field, ok, run, write};
+use tether_tests::bounded;
 use tether_tests::harness::Pki;
 
 const NODE_IP: &str = "10.0.0.5";
@@ -312,12 +313,8 @@ fn iptables(backend: &str) -> &'static str {
     }
 }
 
-async fn bounded(f: impl std::future::Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(Duration::from_secs(120), f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
+/// Each network-namespace test, set-up and teardown included.
+const NETNS_TEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 async fn dnat_through_real_stack(backend: &str, v6: bool) -> anyhow::Result<()> {
     let (node_ip, node_cidr, replica) = if v6 {
@@ -382,19 +379,23 @@ async fn dnat_through_real_stack(backend: &str, v6: bool) -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_iptables_legacy() {
     require_root!();
-    bounded(dnat_through_real_stack("legacy", false)).await;
+    bounded(NETNS_TEST_TIMEOUT, dnat_through_real_stack("legacy", false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_iptables_nft() {
     require_root!();
-    bounded(dnat_through_real_stack("nft", false)).await;
+    bounded(NETNS_TEST_TIMEOUT, dnat_through_real_stack("nft", false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_nftables() {
     require_root!();
-    bounded(dnat_through_real_stack("nftables", false)).await;
+    bounded(
+        NETNS_TEST_TIMEOUT,
+        dnat_through_real_stack("nftables", false),
+    )
+    .await;
 }
 
 /// A long-running manager inside `ns`.
@@ -502,19 +503,19 @@ async fn process_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_update_loses_no_connection_iptables_legacy() {
     require_root!();
-    bounded(hot_update("legacy")).await;
+    bounded(NETNS_TEST_TIMEOUT, hot_update("legacy")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_update_loses_no_connection_iptables_nft() {
     require_root!();
-    bounded(hot_update("nft")).await;
+    bounded(NETNS_TEST_TIMEOUT, hot_update("nft")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_update_loses_no_connection_nftables() {
     require_root!();
-    bounded(hot_update("nftables")).await;
+    bounded(NETNS_TEST_TIMEOUT, hot_update("nftables")).await;
 }
 
 /// Polls `check` (bounded) until it holds.
@@ -650,19 +651,19 @@ async fn drift_repair(backend: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_and_foreign_rules_kept_iptables_legacy() {
     require_root!();
-    bounded(drift_repair("legacy")).await;
+    bounded(NETNS_TEST_TIMEOUT, drift_repair("legacy")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_and_foreign_rules_kept_iptables_nft() {
     require_root!();
-    bounded(drift_repair("nft")).await;
+    bounded(NETNS_TEST_TIMEOUT, drift_repair("nft")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_and_foreign_rules_kept_nftables() {
     require_root!();
-    bounded(drift_repair("nftables")).await;
+    bounded(NETNS_TEST_TIMEOUT, drift_repair("nftables")).await;
 }
 
 async fn cleanup_restores_tables(backend: &str) -> anyhow::Result<()> {
@@ -745,19 +746,19 @@ async fn cleanup_restores_tables(backend: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_leaves_tables_as_before_iptables_legacy() {
     require_root!();
-    bounded(cleanup_restores_tables("legacy")).await;
+    bounded(NETNS_TEST_TIMEOUT, cleanup_restores_tables("legacy")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_leaves_tables_as_before_iptables_nft() {
     require_root!();
-    bounded(cleanup_restores_tables("nft")).await;
+    bounded(NETNS_TEST_TIMEOUT, cleanup_restores_tables("nft")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_leaves_tables_as_before_nftables() {
     require_root!();
-    bounded(cleanup_restores_tables("nftables")).await;
+    bounded(NETNS_TEST_TIMEOUT, cleanup_restores_tables("nftables")).await;
 }
 
 async fn bad_input_keeps_rules(backend: &str) -> anyhow::Result<()> {
@@ -836,25 +837,25 @@ async fn bad_input_keeps_rules(backend: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_keeps_last_good_rules_iptables_legacy() {
     require_root!();
-    bounded(bad_input_keeps_rules("legacy")).await;
+    bounded(NETNS_TEST_TIMEOUT, bad_input_keeps_rules("legacy")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_keeps_last_good_rules_iptables_nft() {
     require_root!();
-    bounded(bad_input_keeps_rules("nft")).await;
+    bounded(NETNS_TEST_TIMEOUT, bad_input_keeps_rules("nft")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_keeps_last_good_rules_nftables() {
     require_root!();
-    bounded(bad_input_keeps_rules("nftables")).await;
+    bounded(NETNS_TEST_TIMEOUT, bad_input_keeps_rules("nftables")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_backend_follows_the_rules_the_host_has() {
     require_root!();
-    bounded(async {
+    bounded(NETNS_TEST_TIMEOUT, async {
         let ns = Netns::new().await?;
         // The host's rules live in iptables-legacy, so auto must pick it.
         ns.ok(&[
@@ -890,17 +891,21 @@ async fn auto_backend_follows_the_rules_the_host_has() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_ipv6_iptables_legacy() {
     require_root!();
-    bounded(dnat_through_real_stack("legacy", true)).await;
+    bounded(NETNS_TEST_TIMEOUT, dnat_through_real_stack("legacy", true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_ipv6_iptables_nft() {
     require_root!();
-    bounded(dnat_through_real_stack("nft", true)).await;
+    bounded(NETNS_TEST_TIMEOUT, dnat_through_real_stack("nft", true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dnat_through_real_stack_ipv6_nftables() {
     require_root!();
-    bounded(dnat_through_real_stack("nftables", true)).await;
+    bounded(
+        NETNS_TEST_TIMEOUT,
+        dnat_through_real_stack("nftables", true),
+    )
+    .await;
 }

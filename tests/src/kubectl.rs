@@ -610,6 +610,22 @@ where
     Ok((parts, read_body(body).await?))
 }
 
+/// Reads a fixture log stream into `verifier` until it has checked `limit`
+/// bytes or the body ends.
+pub async fn read_log(
+    body: &mut Incoming,
+    verifier: &mut crate::fixture::LogVerifier,
+    limit: u64,
+) -> anyhow::Result<()> {
+    while verifier.offset() < limit {
+        let Some(chunk) = next_chunk(body).await? else {
+            break;
+        };
+        verifier.update(&chunk)?;
+    }
+    Ok(())
+}
+
 /// The next data chunk of `body`, or `None` at its end.
 pub async fn next_chunk(body: &mut Incoming) -> anyhow::Result<Option<Bytes>> {
     loop {

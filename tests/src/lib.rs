@@ -12,3 +12,16 @@ pub mod replicas;
 pub mod slowloris;
 pub mod spdy;
 pub mod wan;
+
+/// Runs a test's body within `limit`: a hung test fails with "test timed
+/// out" instead of holding CI until its own deadline, and an error fails it
+/// with the error's whole chain.
+pub async fn bounded(
+    limit: std::time::Duration,
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) {
+    tokio::time::timeout(limit, body)
+        .await
+        .expect("test timed out")
+        .expect("test failed");
+}

@@ -13,6 +13,7 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use rustls_pki_types::ServerName;
 use tether_pki::Ca;
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier};
 use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -35,13 +36,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Go's `http.DefaultMaxHeaderBytes`: the apiserver reads at most this much
 /// of the proxy's answer.
 const MAX_CONNECT_HEAD: usize = 1 << 20;
-
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
 
 async fn io<T>(what: &str, f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
     tokio::time::timeout(IO_TIMEOUT, f)
@@ -234,7 +228,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_node_ip_reaches_allow_listed_tls_server_end_to_end() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let echo_ca = Ca::generate("edge-local-services-ca")?;
         // Bound on the node IP, like a node-local service.
         let echo = TlsEcho::start(&echo_ca, node_ip()).await?;
@@ -272,7 +266,7 @@ async fn connect_to_node_ip_reaches_allow_listed_tls_server_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_node_ip_is_refused_for_unlisted_ports_and_unknown_nodes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let echo_ca = Ca::generate("edge-local-services-ca")?;
         let echo = TlsEcho::start(&echo_ca, node_ip()).await?;
         // Listening but not allow-listed: the edge must not dial it.
@@ -323,7 +317,7 @@ async fn connect_to_node_ip_is_refused_for_unlisted_ports_and_unknown_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_node_ip_kubelet_port_is_raw_tcp_to_an_https_kubelet() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         // The kubelet's own PKI: a serving CA (the apiserver's
         // --kubelet-certificate-authority) and the CA of its client
         // certificates. Tether holds neither key.
@@ -387,7 +381,7 @@ async fn connect_to_node_ip_kubelet_port_is_raw_tcp_to_an_https_kubelet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_to_a_passthrough_network_is_dialled_from_the_cloud() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         // A "webhook" in the cluster network (127.0.0.50), with its own CA.
         let webhook_ca = Ca::generate("webhook-ca")?;
         let webhook = TlsEcho::start(&webhook_ca, "127.0.0.50".parse()?).await?;

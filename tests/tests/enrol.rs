@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tether_edgehub::{CertManager, EnrolError};
 use tether_pki::{BootstrapToken, Identity};
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier};
 use tether_tests::harness::{CLOUD_NAME, CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -21,13 +22,6 @@ fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("temp dir");
     d
-}
-
-async fn bounded(secs: u64, f: impl std::future::Future<Output = anyhow::Result<()>>) {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
 }
 
 async fn cloud_with_hub(
@@ -107,7 +101,7 @@ fn enrol_body(node: &str, csr: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_edge_with_a_token_ends_up_serving_logs() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = cloud_with_hub(&pki, "fresh", None).await?;
@@ -168,7 +162,7 @@ async fn fresh_edge_with_a_token_ends_up_serving_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bootstrap_refuses_bad_requests() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let cloud = cloud_with_hub(&pki, "refuse", None).await?;
         let (csr_a, _) = tether_pki::node_csr("edge-a")?;
@@ -273,7 +267,7 @@ async fn bootstrap_refuses_bad_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_csr_gets_a_plain_client_cert_for_the_token_node() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let cloud = cloud_with_hub(&pki, "greedy", None).await?;
         let t = token(
@@ -341,7 +335,7 @@ async fn greedy_csr_gets_a_plain_client_cert_for_the_token_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_refuses_a_cloud_with_another_ca() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let cloud = cloud_with_hub(&pki, "mitm", None).await?;
         // A token made for a different CA: the cloud the edge reaches is not
@@ -364,7 +358,7 @@ async fn edge_refuses_a_cloud_with_another_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_a_follow_stream_and_switches_certificates() {
-    bounded(120, async {
+    bounded(Duration::from_secs(120), async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = cloud_with_hub(&pki, "rotate", Some(Duration::from_secs(60))).await?;
@@ -438,7 +432,7 @@ async fn rotation_keeps_a_follow_stream_and_switches_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_node_is_cut_off_within_5s_and_cannot_reconnect() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = cloud_with_hub(&pki, "revoke", None).await?;
@@ -534,7 +528,7 @@ fn count(metrics: &str, event: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_presents_a_serving_certificate_for_the_node_dialled() {
-    bounded(60, async {
+    bounded(Duration::from_secs(60), async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = CloudHandle::start(

@@ -1,9 +1,9 @@
 //! Exercises the fixture kubelet directly, without Tether in between, so tunnel tests
 //! can trust that any difference they see comes from the tunnel.
 
-use std::future::Future;
 use std::time::Duration;
 
+use tether_tests::bounded;
 use tether_tests::fixture::{
     self, FixtureKubelet, LOG_LINE_LEN, LogVerifier, MetricsKind, log_bytes, log_pattern_byte,
 };
@@ -12,13 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn bounded<F: Future<Output = anyhow::Result<()>>>(test: F) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
 
 async fn connect(kubelet: &FixtureKubelet) -> TcpStream {
     TcpStream::connect(kubelet.addr)
@@ -41,7 +34,7 @@ fn noise(len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn log_of_one_mib_is_byte_exact() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let path = "/containerLogs/default/web-0/nginx?bytes=1048576";
@@ -77,7 +70,7 @@ async fn log_of_one_mib_is_byte_exact() {
 
 #[tokio::test]
 async fn log_honours_tail_lines_and_limit_bytes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
 
@@ -104,7 +97,7 @@ async fn log_honours_tail_lines_and_limit_bytes() {
 
 #[tokio::test]
 async fn follow_disconnect_is_counted_within_a_second() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let path = "/containerLogs/default/web-0/nginx?follow=true&bytes=100";
@@ -148,7 +141,7 @@ async fn follow_disconnect_is_counted_within_a_second() {
 
 #[tokio::test]
 async fn exec_over_websocket_relays_stdio_and_exit_code() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let script = "read x; echo out-$x; echo err >&2; exit 3";
@@ -186,7 +179,7 @@ async fn exec_over_websocket_relays_stdio_and_exit_code() {
 
 #[tokio::test]
 async fn port_forward_over_websocket_echoes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let payload = noise(1 << 20);
@@ -201,7 +194,7 @@ async fn port_forward_over_websocket_echoes() {
 
 #[tokio::test]
 async fn exec_over_spdy_relays_stdio_and_exit_code() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let script = "read x; echo out-$x; echo err >&2; exit 3";
@@ -248,7 +241,7 @@ async fn exec_over_spdy_relays_stdio_and_exit_code() {
 
 #[tokio::test]
 async fn spdy_exec_refuses_protocols_it_does_not_serve() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let path = kubectl::exec_path("default", "web-0", "nginx", &["true"], false);
@@ -305,7 +298,7 @@ async fn goaway_then_eof(
 
 #[tokio::test]
 async fn bad_spdy_input_ends_the_session_with_a_protocol_error() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         // A data frame claiming 16 MiB - 1: refused from its head alone.
         let (mut reader, mut writer) = spdy_session(&kubelet).await?;
@@ -353,7 +346,7 @@ async fn bad_spdy_input_ends_the_session_with_a_protocol_error() {
 
 #[tokio::test]
 async fn spdy_port_forward_upgrade_echoes_raw_bytes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let headers = [("X-Stream-Protocol-Version", "portforward.k8s.io")];
@@ -389,7 +382,7 @@ async fn spdy_port_forward_upgrade_echoes_raw_bytes() {
 
 #[tokio::test]
 async fn metrics_bodies_are_intact() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
 
@@ -420,7 +413,7 @@ async fn metrics_bodies_are_intact() {
 
 #[tokio::test]
 async fn small_endpoints_and_errors() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let host = kubelet.addr.to_string();
         let before = kubelet.requests();
@@ -457,7 +450,7 @@ async fn small_endpoints_and_errors() {
 
 #[tokio::test]
 async fn serves_https_with_a_self_signed_cert() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (server, cert) = fixture::self_signed_tls()?;
         let kubelet = FixtureKubelet::start(Some(server)).await?;
         let host = kubelet.addr.to_string();
@@ -498,7 +491,7 @@ async fn serves_https_with_a_self_signed_cert() {
 
 #[tokio::test]
 async fn websocket_without_a_supported_protocol_is_refused() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let mut tcp = connect(&kubelet).await;
         let request = format!(
@@ -516,7 +509,7 @@ async fn websocket_without_a_supported_protocol_is_refused() {
 
 #[tokio::test]
 async fn drop_stops_the_fixture() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let addr = kubelet.addr;
         drop(kubelet);
@@ -686,7 +679,7 @@ async fn kubectl_exec(
 
 #[tokio::test]
 async fn real_kubectl_execs_over_spdy_against_the_fixture() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let kubelet = FixtureKubelet::start(None).await?;
         let server = apiserver_front(&kubelet).await?;
         let script = "read x; echo out-$x; echo err >&2; exit 3";

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier, MetricsKind, metrics_body};
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, KubeEdgeCloud, Pki};
 use tether_tests::kubectl;
@@ -155,30 +156,9 @@ fn metric_value(text: &str, needle: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
-
-async fn read_log(
-    body: &mut hyper::body::Incoming,
-    verifier: &mut LogVerifier,
-    limit: u64,
-) -> anyhow::Result<()> {
-    while verifier.offset() < limit {
-        let Some(chunk) = kubectl::next_chunk(body).await? else {
-            break;
-        };
-        verifier.update(&chunk)?;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_64mib_arrive_byte_exact_with_the_kubelets_head() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         const N: u64 = 64 << 20;
         let resp = kubectl::get_streaming(
@@ -228,7 +208,7 @@ async fn logs_64mib_arrive_byte_exact_with_the_kubelets_head() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_streams_and_client_disconnect_reaches_the_kubelet() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let before = env.fixture.follow_disconnects();
         let resp = kubectl::get_streaming(
@@ -240,7 +220,7 @@ async fn follow_streams_and_client_disconnect_reaches_the_kubelet() {
         ensure!(resp.status() == 200);
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, 1024 + 3 * 64).await?;
+        kubectl::read_log(&mut body, &mut v, 1024 + 3 * 64).await?;
         drop(body);
         ensure!(
             env.fixture
@@ -263,7 +243,7 @@ async fn follow_streams_and_client_disconnect_reaches_the_kubelet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_5mib_and_a_single_5mib_line_arrive_unchanged() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let (parts, body) = env.get("/metrics/single-line").await?;
         ensure!(parts.status == 200);
@@ -297,7 +277,7 @@ async fn metrics_of_5mib_and_a_single_5mib_line_arrive_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let path = kubectl::exec_path(
             "default",
@@ -377,7 +357,7 @@ async fn exec_over_websocket_and_spdy_and_a_clear_error_for_port_forward() {
 /// and 1 MiB through `cat` byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_spdy_round_trips_stdio_exit_status_and_one_mib() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let path = kubectl::exec_path(
             "default",
@@ -448,7 +428,7 @@ async fn exec_over_spdy_round_trips_stdio_exit_status_and_one_mib() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_naming_another_node_and_legacy_certs_are_refused() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start_with(|s| s, false).await?;
         // A header that disagrees with the certificate: CLOSE_CONNECT 403.
         let cert = env.ke_ca.issue_edge(NODE, &[])?;
@@ -504,7 +484,7 @@ async fn header_naming_another_node_and_legacy_certs_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_certs_with_opt_in_and_header_ip_with_opt_in() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start_with(
             |mut s| {
                 if let Some(k) = s.kubeedge.as_mut() {
@@ -542,7 +522,7 @@ async fn legacy_certs_with_opt_in_and_header_ip_with_opt_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_certificate_is_refused_and_its_live_session_cut() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let dir = temp_dir("revoked");
         let env = Env::start_with(
             |mut s| {
@@ -639,7 +619,7 @@ async fn log_rate(env: &Env, pod: &str) -> anyhow::Result<f64> {
     .await?;
     let mut body = resp.into_body();
     let mut v = LogVerifier::new(0);
-    read_log(&mut body, &mut v, u64::MAX).await?;
+    kubectl::read_log(&mut body, &mut v, u64::MAX).await?;
     ensure!(v.offset() == N, "got {} bytes", v.offset());
     Ok(N as f64 / started.elapsed().as_secs_f64())
 }
@@ -660,7 +640,7 @@ async fn small_window_conn(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_is_closed_at_its_bound_and_spares_the_other_stream() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start_with(
             |mut s| {
                 if let Some(k) = s.kubeedge.as_mut() {
@@ -753,7 +733,7 @@ async fn inject(edge: &KubeEdgeEdge, fault: Fault) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_ends_only_the_bad_stream_or_session() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let edge = env.edge.as_ref().context("edge")?;
         // DATA for connection ids that never existed, and an unknown type
@@ -834,7 +814,7 @@ async fn bad_input_ends_only_the_bad_stream_or_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_fleet_tether_and_kubeedge_edges_on_one_cloud() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let tether_edge = EdgeHandle::start(
             &env.pki,
@@ -896,7 +876,7 @@ async fn mixed_fleet_tether_and_kubeedge_edges_on_one_cloud() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_forwards_to_the_replica_holding_the_kubeedge_session() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         use tether_tests::ownership::OwnershipBoard;
         let pki = Pki::generate()?;
         let ke_ca = KubeEdgeCa::generate()?;
@@ -952,7 +932,7 @@ async fn ha_forwards_to_the_replica_holding_the_kubeedge_session() {
         ensure!(resp.status() == 200, "status {}", resp.status());
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, u64::MAX).await?;
+        kubectl::read_log(&mut body, &mut v, u64::MAX).await?;
         ensure!(v.offset() == N, "got {} bytes", v.offset());
         let out = kubectl::exec_ws(
             b.front_conn(pki.apiserver_tls()?).await?,

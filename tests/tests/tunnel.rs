@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bytes::Bytes;
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier, MetricsKind, metrics_body};
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -56,30 +57,9 @@ impl Env {
     }
 }
 
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
-
-async fn read_log(
-    body: &mut hyper::body::Incoming,
-    verifier: &mut LogVerifier,
-    limit: u64,
-) -> anyhow::Result<()> {
-    while verifier.offset() < limit {
-        let Some(chunk) = kubectl::next_chunk(body).await? else {
-            break;
-        };
-        verifier.update(&chunk)?;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_64mib_arrive_byte_exact() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         const N: u64 = 64 << 20;
         let resp = kubectl::get_streaming(
@@ -95,7 +75,7 @@ async fn logs_64mib_arrive_byte_exact() {
         );
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, u64::MAX).await?;
+        kubectl::read_log(&mut body, &mut v, u64::MAX).await?;
         ensure!(v.offset() == N, "got {} bytes", v.offset());
         Ok(())
     })
@@ -104,7 +84,7 @@ async fn logs_64mib_arrive_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_streams_and_client_disconnect_reaches_kubelet() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let before = env.fixture.follow_disconnects();
         let resp = kubectl::get_streaming(
@@ -117,7 +97,7 @@ async fn follow_streams_and_client_disconnect_reaches_kubelet() {
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
         // Initial bytes plus at least three follow ticks.
-        read_log(&mut body, &mut v, 1024 + 3 * 64).await?;
+        kubectl::read_log(&mut body, &mut v, 1024 + 3 * 64).await?;
         drop(body);
         ensure!(
             env.fixture
@@ -132,7 +112,7 @@ async fn follow_streams_and_client_disconnect_reaches_kubelet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_round_trips_stdin_stdout_stderr_and_exit_status() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let path = kubectl::exec_path(
             "default",
@@ -175,7 +155,7 @@ async fn exec_round_trips_stdin_stdout_stderr_and_exit_status() {
 /// the WebSocket exec's checks, and 1 MiB through `cat` byte-exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_spdy_round_trips_stdin_stdout_stderr_and_exit_status() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let path = kubectl::exec_path(
             "default",
@@ -223,7 +203,7 @@ async fn exec_over_spdy_round_trips_stdin_stdout_stderr_and_exit_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_and_spdy_upgrade_are_byte_transparent() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let payload: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -266,7 +246,7 @@ async fn port_forward_and_spdy_upgrade_are_byte_transparent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_metrics_and_kubelet_errors_arrive_unchanged() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let (parts, body) = env.get(NODE, "/metrics/single-line").await?;
         ensure!(parts.status == 200);
@@ -299,7 +279,7 @@ async fn big_metrics_and_kubelet_errors_arrive_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_by_host_ip_name_and_forwarded_uri_and_unknown_node() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let (p, _) = env.get("10.200.0.5:10250", "/healthz").await?;
         ensure!(p.status == 200, "by ip: {}", p.status);
@@ -346,7 +326,7 @@ async fn routing_by_host_ip_name_and_forwarded_uri_and_unknown_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_refuses_missing_foreign_and_unauthorized_client_certs() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         // No certificate: TLS 1.3 reports the refusal on the first read.
         for tls in [
@@ -383,7 +363,7 @@ async fn front_refuses_missing_foreign_and_unauthorized_client_certs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_claiming_another_node_is_refused_at_the_tunnel() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = CloudHandle::start(&pki, CloudSpec::default()).await?;
@@ -409,7 +389,7 @@ async fn edge_claiming_another_node_is_refused_at_the_tunnel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_reaches_only_allow_listed_ports() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let extra = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let extra_addr: SocketAddr = extra.local_addr()?;
         tokio::spawn(async move {
@@ -477,7 +457,7 @@ async fn connect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_does_not_stall_another_stream() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         // Stream A: a huge log nobody reads.
         let stalled = kubectl::get_streaming(
@@ -497,7 +477,7 @@ async fn stalled_reader_does_not_stall_another_stream() {
         .await?;
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, u64::MAX).await?;
+        kubectl::read_log(&mut body, &mut v, u64::MAX).await?;
         ensure!(v.offset() == N);
         drop(stalled);
         Ok(())
@@ -532,7 +512,7 @@ async fn a_window_shrink_beside_a_stalled_reader_never_deadlocks_the_other_strea
             .await?;
             let mut body = resp.into_body();
             let mut v = LogVerifier::new(0);
-            read_log(&mut body, &mut v, u64::MAX)
+            kubectl::read_log(&mut body, &mut v, u64::MAX)
                 .await
                 .with_context(|| {
                     format!("run {run}: the other stream stopped at {}", v.offset())
@@ -548,7 +528,7 @@ async fn a_window_shrink_beside_a_stalled_reader_never_deadlocks_the_other_strea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_edge_fails_streams_promptly_and_leaves_the_registry() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let mut env = Env::start().await?;
         let resp = kubectl::get_streaming(
             env.conn().await?,
@@ -558,7 +538,7 @@ async fn killed_edge_fails_streams_promptly_and_leaves_the_registry() {
         .await?;
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, 1 << 20).await?;
+        kubectl::read_log(&mut body, &mut v, 1 << 20).await?;
         env.edge.take().expect("edge").kill();
         let started = std::time::Instant::now();
         let r = async {
@@ -594,7 +574,7 @@ async fn killed_edge_fails_streams_promptly_and_leaves_the_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_reconnects_after_cloud_restart() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let Env {
             pki,
@@ -636,7 +616,7 @@ async fn edge_reconnects_after_cloud_restart() {
 /// their 50 ms to 1 s backoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_cloud_spreads_its_edges_return() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let limits = tether_tunnel::TunnelLimits {
@@ -717,7 +697,7 @@ async fn a_stopping_cloud_spreads_its_edges_return() {
 /// at once): it must be back within 3 s of the next cloud listening.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announced_close_resets_the_edges_backoff() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -762,7 +742,7 @@ async fn an_announced_close_resets_the_edges_backoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_session_replaces_the_first_cleanly() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let first = env
             .cloud
@@ -781,7 +761,7 @@ async fn second_session_replaces_the_first_cleanly() {
         .await?;
         let mut body = resp.into_body();
         let mut v = LogVerifier::new(0);
-        read_log(&mut body, &mut v, 1 << 20).await?;
+        kubectl::read_log(&mut body, &mut v, 1 << 20).await?;
         // ...then the same node connects again (e.g. the agent restarted).
         let second_edge = EdgeHandle::start(
             &env.pki,
@@ -796,7 +776,7 @@ async fn second_session_replaces_the_first_cleanly() {
             .context("no replacement")?;
         ensure!(second.info().id != first);
         // The old stream finishes intact on the old session.
-        read_log(&mut body, &mut v, u64::MAX).await?;
+        kubectl::read_log(&mut body, &mut v, u64::MAX).await?;
         ensure!(v.offset() == N, "in-flight stream cut at {}", v.offset());
         // Two live agents for one node keep replacing each other (the newest
         // wins). Stop the first; the second then holds the node, possibly after
@@ -842,7 +822,7 @@ async fn second_session_replaces_the_first_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_fails_only_its_own_connection() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         // Front: a header flood.
         let mut conn = env.conn().await?;
@@ -920,7 +900,7 @@ fn huge_ws_frame() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_and_refuses_new_requests() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let env = Env::start().await?;
         let Env {
             pki,
@@ -960,7 +940,7 @@ async fn shutdown_drains_in_flight_and_refuses_new_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_kubelet_with_client_certificate() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         // A real kubelet on :10250 serves HTTPS and requires a client certificate.
         let kubelet_ca = tether_pki::Ca::generate("kubelet-ca")?;
@@ -1015,7 +995,7 @@ async fn https_kubelet_with_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_limit_gives_busy_error_and_spares_other_nodes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let limits = tether_tunnel::TunnelLimits {
@@ -1090,7 +1070,7 @@ async fn stream_limit_gives_busy_error_and_spares_other_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_edge_is_dropped_by_keepalive() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let limits = tether_tunnel::TunnelLimits {
             keepalive_interval: Duration::from_millis(200),

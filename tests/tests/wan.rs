@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier};
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -19,13 +20,6 @@ use tokio::net::{TcpListener, TcpStream};
 const NODE: &str = "wan-edge";
 const RTT: Duration = Duration::from_millis(50);
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
 
 /// A TCP echo server on port 0.
 async fn echo_server() -> anyhow::Result<SocketAddr> {
@@ -45,7 +39,7 @@ async fn echo_server() -> anyhow::Result<SocketAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_adds_the_round_trip_and_carries_bytes_intact() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let echo = echo_server().await?;
         let link = WanLink::start(echo, WanSpec::new(RTT, 50_000_000)).await?;
         let mut s = TcpStream::connect(link.addr()).await?;
@@ -92,7 +86,7 @@ async fn relay_adds_the_round_trip_and_carries_bytes_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_across_a_long_link_keeps_a_stream_going_beside_a_stalled_one() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let pki = Pki::generate()?;
         let fixture = FixtureKubelet::start(None).await?;
         let cloud = CloudHandle::start(&pki, CloudSpec::default()).await?;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use tether_tests::bounded;
 use tether_tests::fixture::{FixtureKubelet, LogVerifier};
 use tether_tests::harness::{CloudHandle, CloudSpec, EdgeHandle, EdgeSpec, Pki};
 use tether_tests::kubectl;
@@ -27,13 +28,6 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(90);
 const FIXED_SHARE: i64 = 64 << 10;
 /// "Well past the fixed share".
 const GROWN: i64 = 16 * FIXED_SHARE;
-
-async fn bounded<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test timed out")
-        .expect("test failed");
-}
 
 /// One sample of the cloud's `tether_cloud_<name>` metric.
 fn metric(cloud: &CloudHandle, name: &str) -> anyhow::Result<i64> {
@@ -121,7 +115,7 @@ async fn read_all(mut body: hyper::body::Incoming) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_grows_past_the_fixed_share_across_the_long_link() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let rig = Rig::start().await?;
         let limits = TunnelLimits::default();
         let floor = i64::from(limits.window_floor());
@@ -159,7 +153,7 @@ async fn window_grows_past_the_fixed_share_across_the_long_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_shrinks_the_window_and_another_stream_completes() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let rig = Rig::start().await?;
         let limits = TunnelLimits::default();
         let floor = i64::from(limits.window_floor());
