@@ -404,6 +404,11 @@ async fn item8_check_config_refuses_every_unusable_limit() {
                 "hub.keepalive_timeout_secs",
             ),
             ("drain_timeout_secs: 100000\n", "drain_timeout_secs"),
+            (
+                "limits:\n  reconnect_rate: 2000000\n",
+                "limits.reconnect_rate",
+            ),
+            ("limits:\n  reconnect_burst: -1\n", "limits.reconnect_burst"),
         ];
         for (i, (yaml, field)) in cases.iter().enumerate() {
             let path = process::write(&dir, &format!("c{i}.yaml"), yaml)?;
