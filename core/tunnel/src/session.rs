@@ -598,17 +598,17 @@ where
 /// failed, or as a broken pipe when the edge's own GOAWAY found the
 /// transport already closed. That is how a cloud closes its sessions when it
 /// stops (a rolling update): a clean close, not a lost tunnel to warn about.
-/// `ws_closed`: the cloud's WebSocket close arrived.
-fn closed_by_peer_is_ok(r: Result<(), hyper::Error>, ws_closed: bool) -> Result<(), hyper::Error> {
+/// `by_cloud`: the cloud's WebSocket close or its reconnect announcement arrived.
+fn closed_by_peer_is_ok(r: Result<(), hyper::Error>, by_cloud: bool) -> Result<(), hyper::Error> {
     use std::error::Error as _;
     let Err(e) = r else { return r };
     let h2 = e.source().and_then(|s| s.downcast_ref::<h2::Error>());
     let clean = match h2.and_then(h2::Error::reason) {
         // A GOAWAY or reset with an error code is a fault, whoever sent it.
         Some(reason) if reason != h2::Reason::NO_ERROR => false,
-        Some(_) => h2.is_some_and(|h| h.is_go_away() && h.is_remote()) || ws_closed,
+        Some(_) => h2.is_some_and(|h| h.is_go_away() && h.is_remote()) || by_cloud,
         // An I/O error (the edge's GOAWAY after the cloud's close).
-        None => ws_closed,
+        None => by_cloud,
     };
     if clean { Ok(()) } else { Err(e) }
 }
