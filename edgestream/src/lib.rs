@@ -53,9 +53,6 @@ pub struct HubStream {
     >,
 }
 
-/// A session that lasted this long counts as healthy and resets the backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-
 /// The reconnecting client, as a state machine advanced by [`run`].
 enum State {
     Connecting,
@@ -151,17 +148,8 @@ pub async fn run(opts: EdgeOptions, shutdown: Shutdown) {
                         "lost"
                     });
                     metrics.set_state("backoff");
-                    // A stopping cloud spreads its edges' return (ADR 0023):
-                    // its delay comes on top of the backoff, never instead.
-                    // A close it announced also resets the backoff, as a
-                    // healthy session does: failures before this session
-                    // (a connect storm) say nothing about when to return,
-                    // and the cloud just said it.
                     let asked = result.as_ref().ok().and_then(|end| end.reconnect_after);
-                    if started.elapsed() >= HEALTHY_SESSION || asked.is_some() {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay() + asked.unwrap_or_default();
+                    let delay = backoff.after_session(started.elapsed(), asked);
                     status.backoff(
                         delay,
                         Some(match (&result, asked) {

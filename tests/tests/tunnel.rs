@@ -704,24 +704,20 @@ async fn an_announced_close_resets_the_edges_backoff() {
         let mut spec = EdgeSpec::new(NODE, fixture.addr);
         spec.backoff = Some((Duration::from_millis(200), Duration::from_secs(60)));
         let edge = EdgeHandle::start(&pki, addr, spec)?;
-        // Five refusals: 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 and 1.6-3.2 s.
-        tokio::time::sleep(Duration::from_millis(6_300)).await;
-        let at = CloudSpec {
+        let at = || CloudSpec {
             tunnel_addr: Some(addr),
             ..CloudSpec::default()
         };
-        let cloud = CloudHandle::start(&pki, at).await?;
+        // Five refusals: 0.1-0.2, 0.2-0.4, 0.4-0.8, 0.8-1.6 and 1.6-3.2 s.
+        tokio::time::sleep(Duration::from_millis(6_300)).await;
+        let cloud = CloudHandle::start(&pki, at()).await?;
         cloud
             .registry
             .wait_for_node(NODE, None, Duration::from_secs(15))
             .await
             .context("edge never connected")?;
         cloud.stop().await;
-        let at = CloudSpec {
-            tunnel_addr: Some(addr),
-            ..CloudSpec::default()
-        };
-        let cloud = CloudHandle::start(&pki, at).await?;
+        let cloud = CloudHandle::start(&pki, at()).await?;
         let listening = std::time::Instant::now();
         cloud
             .registry

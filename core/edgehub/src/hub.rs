@@ -117,13 +117,12 @@ impl EdgeHub {
     pub async fn run(&self, mut dialer: TunnelDialer, mut backoff: Backoff, shutdown: Shutdown) {
         let span = info_span!("edgehub", node = %dialer.node(), cloud = %dialer.addr());
         async move {
-            let mut asked = None;
             loop {
                 let dialed = tokio::select! {
                     r = dialer.dial() => r,
                     _ = shutdown.triggered() => return,
                 };
-                match dialed {
+                let delay = match dialed {
                     Ok(transport) => {
                         let started = tokio::time::Instant::now();
                         let hub = self.clone();
@@ -147,20 +146,19 @@ impl EdgeHub {
                         if shutdown.is_triggered() {
                             return;
                         }
-                        // As the agent's tunnel does (ADR 0023): a stopping
-                        // cloud's delay comes on top of a reset backoff.
-                        asked = result.as_ref().ok().and_then(|end| end.reconnect_after);
-                        if started.elapsed() >= Duration::from_secs(10) || asked.is_some() {
-                            backoff.reset();
-                        }
+                        // As the agent's tunnel does (ADR 0023).
+                        let asked = result.as_ref().ok().and_then(|end| end.reconnect_after);
                         match result {
                             Ok(_) => info!(cloud_asked = ?asked, "hub session closed by the cloud"),
                             Err(e) => info!(reason = %e, "hub session ended"),
                         }
+                        backoff.after_session(started.elapsed(), asked)
                     }
-                    Err(e) => warn!(error = %e, "hub dial failed"),
-                }
-                let delay = backoff.next_delay() + asked.take().unwrap_or_default();
+                    Err(e) => {
+                        warn!(error = %e, "hub dial failed");
+                        backoff.next_delay()
+                    }
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.triggered() => return,

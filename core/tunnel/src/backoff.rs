@@ -43,7 +43,23 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// The delay before reconnecting after a session that lasted `lasted`
+    /// and that the cloud, closing it, asked to wait `cloud_asked` after
+    /// (ADR 0023). A healthy session ([`HEALTHY_SESSION`]) or an announced
+    /// close resets the backoff: failures before the session (a connect
+    /// storm) say nothing about when to return, and the cloud just said it.
+    /// The cloud's delay comes on top of the backoff, never instead of it.
+    pub fn after_session(&mut self, lasted: Duration, cloud_asked: Option<Duration>) -> Duration {
+        if lasted >= HEALTHY_SESSION || cloud_asked.is_some() {
+            self.reset();
+        }
+        self.next_delay() + cloud_asked.unwrap_or_default()
+    }
 }
+
+/// A session that lasted this long counts as healthy and resets the backoff.
+pub(crate) const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -61,5 +77,27 @@ mod tests {
         assert!(d[9] >= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn an_announced_close_or_a_healthy_session_resets_and_the_cloud_delay_adds() {
+        let grown = || {
+            let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(60));
+            for _ in 0..8 {
+                b.next_delay();
+            }
+            b
+        };
+        let short = Duration::from_secs(1);
+        // A short session the cloud ended without a word keeps the growth.
+        assert!(grown().after_session(short, None) >= Duration::from_secs(12));
+        // A healthy one resets it.
+        assert!(grown().after_session(HEALTHY_SESSION, None) <= Duration::from_millis(100));
+        // An announced close resets it, and the cloud's delay comes on top.
+        let d = grown().after_session(short, Some(Duration::from_secs(5)));
+        assert!(
+            d > Duration::from_secs(5) && d <= Duration::from_millis(5_100),
+            "{d:?}"
+        );
     }
 }

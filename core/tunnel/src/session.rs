@@ -581,9 +581,9 @@ where
         r = conn.as_mut() => {
             // An announced reconnect says the cloud closes on purpose, even
             // when its close overtakes the edge's reply (a broken pipe).
-            let ended_by_cloud = control.peer_closed() || control.reconnect_after().is_some();
-            closed_by_peer_is_ok(r, ended_by_cloud)?;
-            return Ok(EdgeSessionEnd { reconnect_after: control.reconnect_after() });
+            let reconnect_after = control.reconnect_after();
+            closed_by_peer_is_ok(r, control.peer_closed() || reconnect_after.is_some())?;
+            return Ok(EdgeSessionEnd { reconnect_after });
         }
         _ = shutdown.triggered() => {}
     }

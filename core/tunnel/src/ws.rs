@@ -402,13 +402,22 @@ mod tests {
         );
     }
 
+    /// A plain WebSocket client facing a tunnel stream, to send what a
+    /// tunnel peer would not.
+    async fn raw_and_tunnel() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WsStream<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(4096);
+        let raw = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (raw, WsStream::new(b, 1024))
+    }
+
     #[tokio::test]
     async fn other_pings_are_ignored_and_a_huge_delay_is_capped() {
         use futures_util::SinkExt;
-        let (a, b) = tokio::io::duplex(4096);
-        let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-        let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        let mut b = WsStream::new(b, 1024);
+        let (mut raw, mut b) = raw_and_tunnel().await;
         let mut buf = [0u8; 1];
         let cases = [
             (&b"hello"[..], None),
@@ -430,10 +439,7 @@ mod tests {
     #[tokio::test]
     async fn text_message_is_an_error() {
         use futures_util::SinkExt;
-        let (a, b) = tokio::io::duplex(4096);
-        let mut raw = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
-        let b = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
-        let mut b = WsStream::new(b, 1024);
+        let (mut raw, mut b) = raw_and_tunnel().await;
         raw.send(Message::text("hello")).await.unwrap();
         let mut buf = [0u8; 16];
         let err = b.read(&mut buf).await.unwrap_err();
